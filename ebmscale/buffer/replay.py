@@ -1,0 +1,121 @@
+"""The replay buffer of persistent Langevin chains, as a plain NumPy class.
+
+No torch and no Ray here, so the same class can be unit-tested alone and hosted unchanged inside
+Ray actors (which then need not import torch). The trainer converts to and from tensors.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_DTYPES = {"fp32": np.float32, "fp16": np.float16, "uint8": np.uint8}
+
+
+class ReplayBuffer:
+    """A fixed-capacity store of chain states, pre-filled with uniform noise over ``bounds``.
+
+    * ``sample(n)`` draws slots uniformly; each start is independently replaced by fresh uniform
+      noise with probability ``reinit_prob`` (IGEBM/JEM: 5%). Returns the slot indices so the
+      caller can write the evolved chains back to the same slots (``write``).
+    * Class-conditional chains (``num_classes`` > 0): the capacity is split into equal per-class
+      parts (JEM's partition) and every slot carries its label; ``sample(n, labels=y)`` draws,
+      for each requested label, a slot from that label's part. Unlabelled draws return the slot
+      labels alongside.
+    * ``storage``: 'fp32', 'fp16', or 'uint8' (IGEBM: the data range quantised to 256 levels).
+    * ``state_dict()`` holds contents, labels and the RNG state, so a resumed run draws exactly
+      what an uninterrupted one would.
+    """
+
+    def __init__(self, capacity: int, shape: tuple[int, ...], bounds: tuple[float, float] = (0.0, 1.0),
+                 reinit_prob: float = 0.05, storage: str = "fp32", num_classes: int = 0, seed: int = 0):
+        if storage not in _DTYPES:
+            raise ValueError(f"unknown buffer storage '{storage}' (known: {', '.join(_DTYPES)})")
+        if num_classes and capacity < num_classes:
+            raise ValueError(f"buffer capacity {capacity} is smaller than num_classes {num_classes}")
+        self.capacity, self.shape = int(capacity), tuple(int(s) for s in shape)
+        self.bounds = (float(bounds[0]), float(bounds[1]))
+        self.reinit_prob, self.storage, self.num_classes = float(reinit_prob), storage, int(num_classes)
+        self.rng = np.random.default_rng(seed)
+        if self.num_classes:
+            # Equal parts per class (the remainder slots go to the first classes).
+            self.labels = (np.arange(self.capacity) % self.num_classes).astype(np.int64)
+            self._slots_of = [np.flatnonzero(self.labels == c) for c in range(self.num_classes)]
+        else:
+            self.labels = None
+        self.data = self._encode(self.noise(self.capacity, self.rng))
+
+    # ------------------------------------------------------------------ encoding
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        lo, hi = self.bounds
+        if self.storage == "uint8":
+            q = np.rint((np.clip(x, lo, hi) - lo) * (255.0 / (hi - lo)))
+            return q.astype(np.uint8)
+        return x.astype(_DTYPES[self.storage], copy=False)
+
+    def _decode(self, q: np.ndarray) -> np.ndarray:
+        lo, hi = self.bounds
+        if self.storage == "uint8":
+            return q.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
+        return q.astype(np.float32)
+
+    def noise(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        lo, hi = self.bounds
+        return (rng.random((n, *self.shape), dtype=np.float32) * (hi - lo) + lo).astype(np.float32)
+
+    # ------------------------------------------------------------------ draw / write back
+    def sample(self, n: int, labels: np.ndarray | None = None, rng: np.random.Generator | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+        """Draw ``n`` chain starts: ``(x float32 [n, *shape], slot indices, labels or None,
+        reinit mask)``. Re-initialised starts still own their slot, so the write-back replaces
+        that slot's chain with the new one."""
+        rng = self.rng if rng is None else rng
+        if labels is not None:
+            if not self.num_classes:
+                raise ValueError("labels given to an unlabelled replay buffer")
+            labels = np.asarray(labels, dtype=np.int64)
+            idx = np.empty(len(labels), dtype=np.int64)
+            for c in np.unique(labels):
+                where = np.flatnonzero(labels == c)
+                slots = self._slots_of[int(c)]
+                idx[where] = slots[rng.integers(0, len(slots), size=len(where))]
+        else:
+            idx = rng.integers(0, self.capacity, size=n).astype(np.int64)
+        x = self._decode(self.data[idx])
+        reinit = rng.random(len(idx)) < self.reinit_prob
+        if reinit.any():
+            x[reinit] = self.noise(int(reinit.sum()), rng)
+        out_labels = None if self.labels is None else self.labels[idx].copy()
+        return x, idx, out_labels, reinit
+
+    def write(self, idx: np.ndarray, x: np.ndarray) -> None:
+        """Store evolved chains back into their slots."""
+        self.data[np.asarray(idx, dtype=np.int64)] = self._encode(np.asarray(x, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return self.capacity
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Contents, labels, RNG state and settings (NumPy arrays and plain Python values)."""
+        return {"data": self.data.copy(), "labels": None if self.labels is None else self.labels.copy(),
+                "rng": self.rng.bit_generator.state, "storage": self.storage, "bounds": list(self.bounds),
+                "reinit_prob": self.reinit_prob, "num_classes": self.num_classes}
+
+    def load_state_dict(self, state: dict) -> None:
+        data = np.asarray(state["data"])
+        if data.shape[1:] != self.shape:
+            raise ValueError(f"buffer state holds chains of shape {data.shape[1:]}, expected {self.shape}")
+        if state["storage"] != self.storage:
+            data = self._encode(ReplayBuffer._decode_with(data, state["storage"], tuple(state["bounds"])))
+        self.data = data.astype(_DTYPES[self.storage], copy=True)
+        self.capacity = len(self.data)
+        if state.get("labels") is not None:
+            self.labels = np.asarray(state["labels"], dtype=np.int64).copy()
+            self._slots_of = [np.flatnonzero(self.labels == c) for c in range(self.num_classes)]
+        self.rng.bit_generator.state = state["rng"]
+
+    @staticmethod
+    def _decode_with(q: np.ndarray, storage: str, bounds: tuple[float, float]) -> np.ndarray:
+        lo, hi = bounds
+        if storage == "uint8":
+            return q.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
+        return q.astype(np.float32)

@@ -1,0 +1,307 @@
+"""Typed configuration: a dataclass tree, YAML recipes, dotted command-line overrides.
+
+Every field has a default and a one-line help text (``metadata["help"]``). Values are checked
+for type, choice and range when loaded, and cross-field rules are checked by :func:`validate`,
+so a bad config fails before any work starts with one line naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; its message is one line that names the offending key."""
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+       max: float | None = None, min_exclusive: bool = False) -> Any:
+    """A dataclass field with a help text and optional value checks."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+TOY_DATASETS = ("8gaussians", "rings", "checkerboard", "moons")
+IMAGE_DATASETS = ("mnist", "digits", "shards", "folder", "cifar10", "cifar100", "npz")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("mnist", "training set: a built-in one, 'shards' (webdataset) or a user source",
+                      choices=TOY_DATASETS + IMAGE_DATASETS)
+    path: str = _f("", "path of the user's data (shard pattern, folder, archive); unused for built-in sets")
+    resolution: int = _f(0, "image side in pixels; 0 = the dataset's native resolution", min=0)
+    range: str = _f("symmetric", "pixel range the model sees: 'unit' = [0,1] (IGEBM), 'symmetric' = [-1,1] (JEM)",
+                    choices=("unit", "symmetric"))
+    batch_size: int = _f(64, "positive examples per rank per step", min=1)
+    num_workers: int = _f(0, "data loader worker processes per rank", min=0)
+    flip: bool = _f(False, "random horizontal flip of training images")
+    noise_std: float = _f(0.0, "std of Gaussian noise added to training inputs (JEM: 0.03)", min=0.0)
+    holdout: int = _f(0, "training examples held out for validation (JEM: 5000)", min=0)
+    toy_train_size: int = _f(50000, "size of the fixed training set drawn from a 2-D toy density", min=10)
+    cache_dir: str = _f(".cache/ebmscale", "where built-in data and derived files are cached (never $HOME)")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _f("resnet", "energy network: mlp (2-D), resnet (small conv), igebm, wrn",
+                   choices=("mlp", "resnet", "igebm", "wrn"))
+    variant: str = _f("", "igebm: resnet32 | resnet32large | resnet32wider | resnet128 ('' = by resolution)",
+                      choices=("", "resnet32", "resnet32large", "resnet32wider", "resnet128"))
+    width: int = _f(32, "mlp: hidden units; resnet/igebm: base filters (0 = variant's); wrn: widen factor", min=0)
+    depth: int = _f(2, "mlp: hidden layers; resnet: blocks per stage; igebm: blocks per stage (0 = variant's); "
+                       "wrn: total depth (6n+4)", min=0)
+    dropout: float = _f(0.0, "dropout rate inside residual blocks (JEM: 0)", min=0.0, max=1.0)
+    activation: str = _f("swish", "nonlinearity", choices=("swish", "leaky_relu", "relu", "elu", "softplus"))
+    leaky_slope: float = _f(0.2, "negative slope of leaky_relu", min=0.0, max=1.0)
+    spectral_norm: bool = _f(False, "spectral normalisation on every layer but the final linear one")
+    num_classes: int = _f(0, "classes for conditional / JEM energies; 0 = unconditional", min=0)
+    conditional: bool = _f(False, "label-conditioned energy E(x, y) (needs num_classes)")
+
+
+@dataclass
+class SamplerConfig:
+    kind: str = _f("sgld", "'sgld' = x - step*grad + noise_std*N (IGEBM/JEM); 'langevin' = x - eps^2/2*grad + eps*N",
+                   choices=("sgld", "langevin"))
+    steps: int = _f(20, "Langevin steps per training step (K)", min=0)
+    step_size: float = _f(1.0, "sgld: gradient step; langevin: eps (gradient weight eps^2/2, noise eps)", min=0.0)
+    noise_std: float = _f(0.01, "sgld only: std of the noise added each step", min=0.0)
+    grad_clip: float = _f(0.0, "per-step L-inf clip of the energy gradient (IGEBM: 0.01); 0 = off", min=0.0)
+    clamp: bool = _f(True, "clamp chains to the data range after every step")
+    init: str = _f("buffer", "'buffer' = persistent chains (PCD); 'noise' = short-run chains from fresh noise",
+                   choices=("buffer", "noise"))
+
+
+@dataclass
+class BufferConfig:
+    capacity: int = _f(10000, "replay buffer size per rank (global buffers split it across shards)", min=1)
+    reinit_prob: float = _f(0.05, "fraction of chain starts drawn from uniform noise instead of the buffer",
+                            min=0.0, max=1.0)
+    storage: str = _f("fp32", "dtype the buffer stores chains in", choices=("fp32", "fp16", "uint8"))
+    backend: str = _f("local", "'local' = in-process buffer", choices=("local",))
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = _f("pcd", "training objective", choices=("pcd",))
+    alpha: float = _f(1.0, "energy regularisation weight: alpha * (E(x+)^2 + E(x-)^2)", min=0.0)
+
+
+@dataclass
+class OptimConfig:
+    name: str = _f("adam", "optimizer", choices=("adam", "adamw", "sgd"))
+    lr: float = _f(1e-4, "learning rate", min=0.0, min_exclusive=True)
+    betas: list = _f([0.0, 0.999], "Adam betas (IGEBM: [0, 0.999])")
+    weight_decay: float = _f(0.0, "weight decay", min=0.0)
+    momentum: float = _f(0.9, "sgd momentum", min=0.0, max=1.0)
+    grad_clip_norm: float = _f(0.0, "clip the parameter-gradient norm; 0 = off", min=0.0)
+    warmup_steps: int = _f(0, "linear learning-rate warm-up steps", min=0)
+    decay_steps: list = _f([], "steps at which the learning rate is multiplied by decay_factor")
+    decay_factor: float = _f(0.3, "learning-rate step-decay factor", min=0.0, max=1.0)
+    ema: float = _f(0.0, "EMA decay of the weights kept for sampling/eval; 0 = off", min=0.0, max=1.0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(1500, "training steps", min=0)
+    seed: int = _f(0, "global seed: model init; per-rank streams derive from (seed, rank, step)", min=0)
+    device: str = _f("auto", "'auto' = cuda if available else cpu, or an explicit torch device")
+    run_dir: str = _f("runs/default", "run directory (config, metrics, samples, checkpoints)")
+    log_every: int = _f(50, "steps between metric reductions/log lines", min=1)
+    sample_every: int = _f(500, "steps between sample grids; 0 = only at the end", min=0)
+    checkpoint_every: int = _f(500, "steps between checkpoints; 0 = only at the end", min=0)
+    progress: bool = _f(True, "show a progress bar")
+    tensorboard: bool = _f(True, "also write TensorBoard scalars")
+    max_abs_energy: float = _f(1e6, "divergence: stop when |E| of positives or negatives exceeds this",
+                               min=0.0, min_exclusive=True)
+    max_grad_norm: float = _f(1e8, "divergence: stop when the parameter-gradient norm exceeds this",
+                              min=0.0, min_exclusive=True)
+    threads: int = _f(0, "torch intra-op threads; 0 = torch's default", min=0)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
+    """Type-check (with int->float widening) and range-check one value; return it normalised."""
+    typ = f.type if not isinstance(f.type, str) else eval(f.type, {"list": list})  # noqa: S307 - own annotations
+    meta = f.metadata
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    elif typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        value = float(value)
+    elif typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    elif typ is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"config key '{key}' must be a list of numbers, got {value!r}")
+        value = list(value)
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
+            op = ">" if meta.get("min_exclusive") else ">="
+            raise ConfigError(f"config key '{key}' must be {op} {lo}, got {value!r}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"config key '{key}' must be <= {hi}, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    """Recursively set fields of dataclass ``obj`` from a nested dict, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{key}' (known here: {known})")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, key + ".")
+        else:
+            setattr(obj, name, _check_value(key, fields[name], value))
+
+
+def _set_dotted(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    obj: Any = cfg
+    for i, p in enumerate(parts[:-1]):
+        if not dataclasses.is_dataclass(obj) or p not in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(f"unknown config key '{'.'.join(parts[:i + 1])}'")
+        obj = getattr(obj, p)
+    nested: dict = value
+    for p in reversed(parts[1:]):
+        nested = {p: nested}
+    _apply(cfg, {parts[0]: nested} if len(parts) > 1 else {parts[0]: value})
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b=value`` and parse the value as YAML (so 1e-4, true, [0, 0.9] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and raw.strip():
+        # YAML reads '1e-4' as a string; accept scientific notation without a dot.
+        try:
+            value = float(raw) if any(c in raw.lower() for c in ".e") else int(raw)
+        except ValueError:
+            value = raw
+    return key, value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a validated :class:`Config` from an optional YAML file and dotted overrides."""
+    cfg = Config()
+    if path is not None:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            with open(path) as fh:
+                data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+        _apply(cfg, data)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; each failure names the key to change."""
+    d, m, s = cfg.data, cfg.model, cfg.sampler
+    toy = d.dataset in TOY_DATASETS
+    if toy and m.arch != "mlp":
+        raise ConfigError(f"model.arch '{m.arch}' cannot model 2-D dataset '{d.dataset}'; set model.arch=mlp")
+    if not toy and m.arch == "mlp":
+        raise ConfigError(f"model.arch 'mlp' is for the 2-D toy sets; dataset '{d.dataset}' needs a conv arch")
+    if m.conditional and m.num_classes < 2:
+        raise ConfigError("model.conditional needs model.num_classes >= 2")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
+    if any(int(x) != x or x <= 0 for x in cfg.optim.decay_steps):
+        raise ConfigError(f"optim.decay_steps must be positive integers, got {cfg.optim.decay_steps}")
+    if s.kind == "langevin" and s.noise_std not in (0.0, SamplerConfig.noise_std):
+        raise ConfigError("sampler.noise_std is only used by kind=sgld; langevin's noise is step_size itself")
+    if d.dataset in ("shards", "folder", "cifar10", "cifar100", "npz") and not d.path:
+        raise ConfigError(f"data.path is required for dataset '{d.dataset}'")
+    if s.init == "buffer" and cfg.buffer.capacity < d.batch_size:
+        raise ConfigError(f"buffer.capacity ({cfg.buffer.capacity}) must be >= data.batch_size ({d.batch_size})")
+
+
+# --------------------------------------------------------------------------- dumping
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild and validate a Config from :func:`to_dict` output (e.g. a checkpoint's copy)."""
+    cfg = Config()
+    _apply(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, sections in declaration order."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every leaf field: used by docs and ``ebmscale info``."""
+    rows: list[tuple[str, Any, str]] = []
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        val = getattr(inst, f.name)
+        if dataclasses.is_dataclass(val):
+            rows += describe(type(val), f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", val, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,58 @@
+"""Pieces shared by every energy network: activations, spectral norm, the energy interface.
+
+An energy network is a plain ``nn.Module`` whose ``forward(x, y=None)`` returns one energy per
+sample (shape ``(N,)``), lower meaning more likely. Networks that are classifiers underneath
+(JEM) also expose ``logits(x)``. Models know nothing about distributed training.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+
+class Swish(nn.Module):
+    """x * sigmoid(x) (SiLU); IGEBM's ResNet128 uses it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(x)
+
+
+def make_activation(name: str, leaky_slope: float = 0.2) -> nn.Module:
+    """Build a fresh activation module by config name."""
+    if name == "swish":
+        return Swish()
+    if name == "leaky_relu":
+        return nn.LeakyReLU(leaky_slope)
+    if name == "relu":
+        return nn.ReLU()
+    if name == "elu":
+        return nn.ELU()
+    if name == "softplus":
+        return nn.Softplus()
+    raise ValueError(f"unknown activation '{name}'")
+
+
+def apply_spectral_norm(module: nn.Module, exclude: tuple[nn.Module, ...] = ()) -> nn.Module:
+    """Put torch's spectral-norm parametrization (one power iteration) on every Conv/Linear
+    layer of ``module`` except those in ``exclude`` (normally the final linear layer).
+
+    The power iteration only advances in training mode, so samplers that switch the module to
+    eval mode (see :func:`ebmscale.sampling.langevin.sampling_mode`) leave its state untouched.
+    """
+    skip = {id(m) for m in exclude}
+    for sub in list(module.modules()):
+        if id(sub) in skip:
+            continue
+        if isinstance(sub, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)) and not parametrizations_present(sub):
+            parametrizations.spectral_norm(sub, n_power_iterations=1)
+    return module
+
+
+def parametrizations_present(m: nn.Module) -> bool:
+    return hasattr(m, "parametrizations") and "weight" in m.parametrizations
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable scalars (spectral-norm u/v vectors are buffers, so not counted)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

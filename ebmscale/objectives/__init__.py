@@ -1,0 +1,5 @@
+"""Training objectives. Each takes energies (already computed through the wrapped model) and
+returns a scalar loss plus a dict of detached statistics to report."""
+from ebmscale.objectives.pcd import pcd_loss
+
+__all__ = ["pcd_loss"]

@@ -1,0 +1,322 @@
+"""The training loop: ``train(cfg)``, ``Trainer.train_step()``, ``Trainer.state_dict()``.
+
+One step of maximum-likelihood training with persistent chains:
+
+1. take this rank's batch of positives x+ (uint8 from the stream, converted on the device);
+2. draw chain starts from the replay buffer (or fresh noise for short-run sampling);
+3. run K Langevin steps on the *unwrapped* module in sampling mode (no parameter gradients, no
+   spectral-norm power iteration, no communication), write the chains back to the buffer;
+4. one forward of [x+, x-] through the model, the PCD loss, backward, optimizer step, EMA.
+
+All randomness of a step comes from streams derived from (seed, rank, step), so a resumed run
+repeats exactly what an uninterrupted one would have done.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ebmscale import dist
+from ebmscale.buffer import ReplayBuffer
+from ebmscale.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from ebmscale.config import TOY_DATASETS, Config, dump_yaml, to_dict
+from ebmscale.data import build_train_stream, data_shape
+from ebmscale.data.transforms import data_bounds, to_model_input
+from ebmscale.metrics import MetricLogger
+from ebmscale.models import build_model
+from ebmscale.objectives import pcd_loss
+from ebmscale.sampling import LangevinSettings, langevin, sampling_mode, uniform_noise
+
+
+class DivergenceError(RuntimeError):
+    """Training diverged; the message names the step and the metric that tripped."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    run_dir: str
+    last_metrics: dict
+    checkpoint: str | None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def lr_factor(step: int, warmup: int, decay_steps: list, decay_factor: float) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then x ``decay_factor`` at each decay step."""
+    f = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return f * decay_factor ** sum(step >= s for s in decay_steps)
+
+
+def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+class Trainer:
+    """Owns model, optimizer, buffer, stream and counters for one rank."""
+
+    def __init__(self, cfg: Config, run_dir: str | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir or cfg.train.run_dir
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.toy = cfg.data.dataset in TOY_DATASETS
+        self.shape = data_shape(cfg)
+        self.bounds = (-math.inf, math.inf) if self.toy else data_bounds(cfg.data.range)
+        self.init_bounds = self._init_bounds()
+        # Model init from the global seed only: identical on every rank.
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model, self.shape).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.optim.ema > 0 else None
+        self.optimizer = build_optimizer(cfg, self.model.parameters())
+        o = cfg.optim
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, o.warmup_steps, o.decay_steps, o.decay_factor))
+        self.stream = build_train_stream(cfg, self.rank, self.world)
+        self.conditional = cfg.model.conditional
+        self.buffer = ReplayBuffer(cfg.buffer.capacity, self.shape, self.init_bounds, cfg.buffer.reinit_prob,
+                                   cfg.buffer.storage, cfg.model.num_classes if self.conditional else 0,
+                                   seed=dist.derive_seed(cfg.train.seed, self.rank, 0, "buffer"))
+        self.settings = LangevinSettings.from_config(cfg.sampler, None if self.toy else self.bounds)
+        self.step = 0
+        self.metrics = MetricLogger(self.run_dir if dist.is_main() else None, tensorboard=cfg.train.tensorboard)
+        self.last_negatives: torch.Tensor | None = None
+
+    def _init_bounds(self) -> tuple[float, float]:
+        """Range of uniform chain initialisation: the data range for images, the quadrature
+        box for toy sets."""
+        if not self.toy:
+            return data_bounds(self.cfg.data.range)
+        from ebmscale.data.toy import get_toy
+
+        return tuple(get_toy(self.cfg.data.dataset).bounds)
+
+    # ------------------------------------------------------------------ one step
+    def _positives(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x, y = batch
+        x = x.to(self.device, non_blocking=True)
+        y = None if y is None else y.to(self.device)
+        if self.toy:
+            return x.float(), y
+        g = dist.torch_generator(self.cfg.train.seed, self.rank, self.step, "augment", self.device)
+        d = self.cfg.data
+        return to_model_input(x, d.range, flip=d.flip, noise_std=d.noise_std, generator=g), y
+
+    def _negatives(self, n: int, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Chain starts -> K Langevin steps -> write back. Returns (x-, labels of x-)."""
+        cfg, seed = self.cfg, self.cfg.train.seed
+        labels = y if self.conditional else None
+        if cfg.sampler.init == "buffer":
+            rng = dist.numpy_rng(seed, self.rank, self.step, "buffer")
+            x0_np, idx, slot_labels, _ = self.buffer.sample(
+                n, labels=None if labels is None else labels.cpu().numpy(), rng=rng)
+            x0 = torch.from_numpy(x0_np).to(self.device)
+            if self.conditional:
+                labels = torch.from_numpy(slot_labels).to(self.device)
+        else:
+            g0 = dist.torch_generator(seed, self.rank, self.step, "init", self.device)
+            x0 = uniform_noise(n, self.shape, self.init_bounds, g0, self.device)
+            idx = None
+        g = dist.torch_generator(seed, self.rank, self.step, "langevin", self.device)
+        with sampling_mode(self.model) as m:
+            fn = (lambda x: m(x, labels)) if self.conditional else m
+            x_neg = langevin(fn, x0, self.settings, g)
+        if idx is not None:
+            self.buffer.write(idx, x_neg.cpu().numpy())
+        return x_neg, labels
+
+    def train_step(self) -> dict[str, float]:
+        """One optimisation step; returns this rank's (unreduced) statistics."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        x_pos, y = self._positives(next(self.stream))
+        n = x_pos.shape[0]
+        t1 = time.perf_counter()
+        x_neg, y_neg = self._negatives(n, y)
+        t2 = time.perf_counter()
+        self.model.train()
+        x_all = torch.cat([x_pos, x_neg])
+        # One forward over [x+, x-]: one spectral-norm power iteration per step.
+        if self.conditional:
+            e_all = self.model(x_all, torch.cat([y, y_neg]))
+        else:
+            e_all = self.model(x_all)
+        e_pos, e_neg = e_all[:n], e_all[n:]
+        loss, stats = pcd_loss(e_pos, e_neg, cfg.objective.alpha)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self._check_divergence(stats, grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self._update_ema()
+        self.step += 1
+        self.last_negatives = x_neg
+        t3 = time.perf_counter()
+        out = {k: float(v) for k, v in stats.items()}
+        out.update(grad_norm=float(grad_norm), sampler_time=t2 - t1, data_time=t1 - t0, step_time=t3 - t0,
+                   samples_per_s=n / (t3 - t0), lr=self.optimizer.param_groups[0]["lr"])
+        return out
+
+    def _check_divergence(self, stats: dict, grad_norm: torch.Tensor) -> None:
+        t = self.cfg.train
+        checks = [("loss", float(stats["loss"]), math.inf), ("e_pos", float(stats["e_pos"]), t.max_abs_energy),
+                  ("e_neg", float(stats["e_neg"]), t.max_abs_energy), ("grad_norm", float(grad_norm), t.max_grad_norm)]
+        for name, value, limit in checks:
+            if not math.isfinite(value) or abs(value) > limit:
+                raise DivergenceError(f"training diverged at step {self.step}: {name}={value:.4g} "
+                                      f"(limit {limit:.4g}; see train.max_abs_energy / train.max_grad_norm)")
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        d = self.cfg.optim.ema
+        for pe, p in zip(self.ema.parameters(), self.model.parameters()):
+            pe.lerp_(p.detach(), 1.0 - d)
+        for be, b in zip(self.ema.buffers(), self.model.buffers()):
+            be.copy_(b)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "config": to_dict(self.cfg),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "stream": self.stream.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.buffer.load_state_dict({k: (v.numpy() if isinstance(v, torch.Tensor) else v)
+                                     for k, v in state["buffer"].items()})
+        self.stream.load_state_dict(state["stream"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+
+    def save(self) -> str:
+        path = os.path.join(self.run_dir, CHECKPOINT_NAME)
+        if dist.is_main():
+            save_checkpoint(path, self.state_dict())
+        dist.barrier()
+        return path
+
+    def sampling_model(self) -> nn.Module:
+        """The weights to sample and evaluate with: EMA when kept, else the live model."""
+        return self.ema if self.ema is not None else self.model
+
+    # ------------------------------------------------------------------ outputs
+    def save_samples(self, tag: str) -> str | None:
+        """Rank 0 writes a PNG of the latest negatives (grid for images, scatter for 2-D)."""
+        if not dist.is_main() or self.last_negatives is None:
+            return None
+        out_dir = os.path.join(self.run_dir, "samples")
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"{tag}.png")
+        x = self.last_negatives.detach().cpu()
+        if self.toy:
+            save_scatter(x.numpy(), path)
+        else:
+            save_grid(x[:64], path, self.cfg.data.range)
+        return path
+
+
+def save_grid(x: torch.Tensor, path: str, range_name: str, nrow: int = 8) -> None:
+    """Save images (model range, NCHW) as one PNG grid."""
+    from torchvision.utils import save_image
+
+    lo, hi = data_bounds(range_name)
+    save_image(((x.float() - lo) / (hi - lo)).clamp(0, 1), path, nrow=nrow, padding=2)
+
+
+def save_scatter(points: np.ndarray, path: str) -> None:
+    """Save 2-D samples as a scatter plot PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5)
+    ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
+          max_steps: int | None = None) -> TrainResult:
+    """Train for ``cfg.train.steps`` steps (optionally resuming from a checkpoint path, or
+    'auto' for the run directory's own checkpoint) and return where everything went."""
+    run_dir = run_dir or cfg.train.run_dir
+    if dist.is_main():
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
+            fh.write(dump_yaml(cfg))
+    trainer = Trainer(cfg, run_dir)
+    if resume:
+        path = os.path.join(run_dir, CHECKPOINT_NAME) if resume == "auto" else resume
+        if resume != "auto" or os.path.isfile(path):
+            trainer.load_state_dict(load_checkpoint(path))
+            dist.print0(f"resumed from {path} at step {trainer.step}")
+    t = cfg.train
+    end = t.steps if max_steps is None else min(t.steps, max_steps)
+    bar = None
+    if t.progress and dist.is_main():
+        from tqdm import tqdm
+
+        bar = tqdm(total=end, initial=trainer.step, desc="train", dynamic_ncols=True, mininterval=1.0)
+    last: dict = {}
+    ckpt = None
+    try:
+        while trainer.step < end:
+            stats = trainer.train_step()
+            for k, v in stats.items():
+                trainer.metrics.report(k, v)
+            s = trainer.step
+            if s % t.log_every == 0 or s == end:
+                last = trainer.metrics.flush(s)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", gap=f"{last['energy_gap']:.3f}",
+                                    sps=f"{last['samples_per_s']:.0f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if t.sample_every and s % t.sample_every == 0 and s != end:
+                trainer.save_samples(f"step-{s:07d}")
+            if t.checkpoint_every and s % t.checkpoint_every == 0 and s != end:
+                ckpt = trainer.save()
+        if trainer.step == end and end > 0:
+            trainer.save_samples(f"step-{end:07d}")
+            trainer.save_samples("final")
+        ckpt = trainer.save()
+    finally:
+        if bar is not None:
+            bar.close()
+        trainer.metrics.close()
+    return TrainResult(steps=trainer.step, run_dir=run_dir, last_metrics=last, checkpoint=ckpt)
