@@ -51,12 +51,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = _f("resnet", "energy network: mlp (2-D), resnet (small conv), igebm, wrn",
-                   choices=("mlp", "resnet", "igebm", "wrn"))
+    arch: str = _f("cnn", "energy network: mlp (2-D), cnn (strided, cheapest), resnet (small), igebm, wrn",
+                   choices=("mlp", "cnn", "resnet", "igebm", "wrn"))
     variant: str = _f("", "igebm: resnet32 | resnet32large | resnet32wider | resnet128 ('' = by resolution)",
                       choices=("", "resnet32", "resnet32large", "resnet32wider", "resnet128"))
-    width: int = _f(32, "mlp: hidden units; resnet/igebm: base filters (0 = variant's); wrn: widen factor", min=0)
-    depth: int = _f(2, "mlp: hidden layers; resnet: blocks per stage; igebm: blocks per stage (0 = variant's); "
+    width: int = _f(16, "mlp: hidden units; cnn/resnet/igebm: base filters (0 = variant's); wrn: widen factor", min=0)
+    depth: int = _f(4, "mlp: hidden layers; cnn: stride-2 conv layers; resnet: blocks per stage; igebm: blocks per stage (0 = variant's); "
                        "wrn: total depth (6n+4)", min=0)
     dropout: float = _f(0.0, "dropout rate inside residual blocks (JEM: 0)", min=0.0, max=1.0)
     activation: str = _f("swish", "nonlinearity", choices=("swish", "leaky_relu", "relu", "elu", "softplus"))
@@ -90,8 +90,12 @@ class BufferConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: str = _f("pcd", "training objective", choices=("pcd",))
-    alpha: float = _f(1.0, "energy regularisation weight: alpha * (E(x+)^2 + E(x-)^2)", min=0.0)
+    kind: str = _f("pcd", "training objective: pcd (maximum likelihood, IGEBM) or jem (hybrid classifier + PCD)",
+                   choices=("pcd", "jem"))
+    alpha: float = _f(0.1, "energy regularisation weight: alpha * (E(x+)^2 + E(x-)^2) (IGEBM: 1, JEM: 0)", min=0.0)
+    clf_weight: float = _f(1.0, "jem: weight of the cross-entropy term log p(y|x)", min=0.0)
+    px_weight: float = _f(1.0, "jem: weight of the PCD term for p(x), E(x) = -logsumexp f(x)", min=0.0)
+    pxy_weight: float = _f(0.0, "jem: weight of the PCD term for p(x, y), E(x, y) = -f(x)[y]", min=0.0)
 
 
 @dataclass
@@ -124,6 +128,7 @@ class TrainConfig:
     max_grad_norm: float = _f(1e8, "divergence: stop when the parameter-gradient norm exceeds this",
                               min=0.0, min_exclusive=True)
     threads: int = _f(0, "torch intra-op threads; 0 = torch's default", min=0)
+    channels_last: bool = _f(True, "channels_last memory format for conv energies (faster convs, same results)")
 
 
 @dataclass
@@ -260,6 +265,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.arch '{m.arch}' cannot model 2-D dataset '{d.dataset}'; set model.arch=mlp")
     if not toy and m.arch == "mlp":
         raise ConfigError(f"model.arch 'mlp' is for the 2-D toy sets; dataset '{d.dataset}' needs a conv arch")
+    if cfg.objective.kind == "jem" and m.num_classes < 2:
+        raise ConfigError("objective.kind=jem needs model.num_classes >= 2 (the classifier's logits)")
+    if cfg.objective.kind == "jem" and m.conditional:
+        raise ConfigError("objective.kind=jem uses the logits head directly; set model.conditional=false")
     if m.conditional and m.num_classes < 2:
         raise ConfigError("model.conditional needs model.num_classes >= 2")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):

@@ -16,6 +16,11 @@ def build_model(cfg, data_shape: tuple[int, ...]) -> nn.Module:
         return MLPEnergy(in_dim=data_shape[0], width=cfg.width, depth=cfg.depth, activation=cfg.activation,
                          leaky_slope=cfg.leaky_slope, spectral_norm=cfg.spectral_norm,
                          num_classes=cfg.num_classes if cfg.conditional else 0)
+    if cfg.arch == "cnn":
+        from ebmscale.models.convnet import ConvNetEnergy
+        return ConvNetEnergy(in_channels=data_shape[0], resolution=data_shape[-1], width=cfg.width, depth=cfg.depth,
+                             activation=cfg.activation, leaky_slope=cfg.leaky_slope, spectral_norm=cfg.spectral_norm,
+                             num_classes=cfg.num_classes)
     if cfg.arch == "resnet":
         from ebmscale.models.resnet import SmallResNetEnergy
         return SmallResNetEnergy(in_channels=data_shape[0], resolution=data_shape[-1], width=cfg.width,

@@ -1,0 +1,41 @@
+"""JEM's hybrid objective (Grathwohl et al. 2020): a classifier f whose logits define an energy.
+
+    log p(y | x) = log softmax(f(x))[y]          cross-entropy on labelled data
+    E(x)    = -logsumexp_y f(x)[y]               p(x) term, trained by PCD
+    E(x, y) = -f(x)[y]                           optional p(x, y) term, PCD with class-conditional chains
+
+L = w_clf * CE(f(x+), y) + w_px * [mean E(x+) - mean E(x-)] + w_pxy * [mean E(x+, y) - mean E(x-_y, y-)]
+  + alpha * (energy regulariser of the PCD terms, 0 in JEM).
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from ebmscale.objectives.pcd import pcd_loss
+
+
+def jem_loss(logits_pos: torch.Tensor, y: torch.Tensor, logits_neg: torch.Tensor | None,
+             logits_neg_y: torch.Tensor | None, y_neg: torch.Tensor | None, *, clf_weight: float,
+             px_weight: float, pxy_weight: float, alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The hybrid loss from logits of positives, unconditional negatives and class-conditional
+    negatives (either negative set may be None when its weight is 0)."""
+    logits_pos = logits_pos.float()
+    ce = F.cross_entropy(logits_pos, y)
+    loss = clf_weight * ce
+    acc = (logits_pos.argmax(1) == y).float().mean()
+    stats: dict[str, torch.Tensor] = {"ce": ce.detach(), "train_acc": acc.detach()}
+    if px_weight > 0 and logits_neg is not None:
+        e_pos = -torch.logsumexp(logits_pos, 1)
+        e_neg = -torch.logsumexp(logits_neg.float(), 1)
+        px, s = pcd_loss(e_pos, e_neg, alpha)
+        loss = loss + px_weight * px
+        stats.update(e_pos=s["e_pos"], e_neg=s["e_neg"], energy_gap=s["energy_gap"], reg=s["reg"])
+    if pxy_weight > 0 and logits_neg_y is not None:
+        e_pos_y = -logits_pos.gather(1, y.view(-1, 1)).squeeze(1)
+        e_neg_y = -logits_neg_y.float().gather(1, y_neg.view(-1, 1)).squeeze(1)
+        pxy, s = pcd_loss(e_pos_y, e_neg_y, alpha)
+        loss = loss + pxy_weight * pxy
+        stats.update(e_pos_y=s["e_pos"], e_neg_y=s["e_neg"], energy_gap_y=s["energy_gap"])
+    stats["loss"] = loss.detach()
+    return loss, stats

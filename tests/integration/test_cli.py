@@ -1,0 +1,73 @@
+"""End-to-end CLI runs in subprocesses (real entry point, real files)."""
+import json
+import os
+
+import pytest
+
+from tests.conftest import run_cli
+
+TINY = ["model.width=4", "model.depth=1", "data.batch_size=8", "sampler.steps=3", "buffer.capacity=64",
+        "train.log_every=5", "train.sample_every=10", "train.checkpoint_every=10", "train.progress=false"]
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_train_20_steps_end_to_end_then_resume(tmp_path, cli_env):
+    run = tmp_path / "run"
+    r = run_cli(["train", "--run-dir", str(run), "train.steps=20", *TINY], cli_env, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = _last_json(r.stdout)
+    assert summary["steps"] == 20
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in lines] == [5, 10, 15, 20]
+    for key in ("loss", "e_pos", "e_neg", "energy_gap", "grad_norm", "sampler_time", "samples_per_s"):
+        assert key in lines[-1]
+    assert (run / "samples" / "final.png").stat().st_size > 100
+    assert (run / "samples" / "step-0000010.png").exists()
+    assert (run / "checkpoint.pt").exists() and (run / "config.yaml").exists()
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
+    # Resume continues from step 20 to 30 and appends, nothing repeated.
+    r = run_cli(["train", "--run-dir", str(run), "--resume", "auto", "train.steps=30", *TINY], cli_env, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20, 25, 30]
+
+
+def test_dry_run_prints_resolved_config(tmp_path, cli_env):
+    r = run_cli(["train", "--dry-run", "sampler.steps=7", "optim.lr=2e-4"], cli_env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "steps: 7" in r.stdout and "lr: 0.0002" in r.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--config", "missing.yaml"], "missing.yaml"),
+    (["train", "model.nonsense=1"], "model.nonsense"),
+    (["train", "data.dataset=npz", "data.path=/no/such/data.npz"], "/no/such/data.npz"),
+    (["eval", "toy-nll", "--checkpoint", "/no/such/ckpt.pt"], "/no/such/ckpt.pt"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, cli_env, args, needle):
+    r = run_cli(args, cli_env, tmp_path)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ebmscale: error:") and needle in err[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_config_keeps_existing_run_dir(tmp_path, cli_env):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    r = run_cli(["train", "--run-dir", str(run), "sampler.steps=-3"], cli_env, tmp_path)
+    assert r.returncode == 2 and "sampler.steps" in r.stderr
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_info_prints_parameter_count(tmp_path, cli_env):
+    r = run_cli(["info", "model.width=8"], cli_env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    info = _last_json(r.stdout)
+    assert info["parameters"] > 1000 and info["input_shape"] == [1, 28, 28]
