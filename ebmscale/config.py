@@ -53,8 +53,8 @@ class DataConfig:
 class ModelConfig:
     arch: str = _f("cnn", "energy network: mlp (2-D), cnn (strided, cheapest), resnet (small), igebm, wrn",
                    choices=("mlp", "cnn", "resnet", "igebm", "wrn"))
-    variant: str = _f("", "igebm: resnet32 | resnet32large | resnet32wider | resnet128 ('' = by resolution)",
-                      choices=("", "resnet32", "resnet32large", "resnet32wider", "resnet128"))
+    variant: str = _f("", "igebm: resnet32 | resnet32large | resnet32wider | resnet64 | resnet128 ('' = by resolution)",
+                      choices=("", "resnet32", "resnet32large", "resnet32wider", "resnet64", "resnet128"))
     width: int = _f(16, "mlp: hidden units; cnn/resnet/igebm: base filters (0 = variant's); wrn: widen factor", min=0)
     depth: int = _f(4, "mlp: hidden layers; cnn: stride-2 conv layers; resnet: blocks per stage; igebm: blocks per stage (0 = variant's); "
                        "wrn: total depth (6n+4)", min=0)
@@ -71,9 +71,9 @@ class SamplerConfig:
     kind: str = _f("sgld", "'sgld' = x - step*grad + noise_std*N (IGEBM/JEM); 'langevin' = x - eps^2/2*grad + eps*N",
                    choices=("sgld", "langevin"))
     steps: int = _f(20, "Langevin steps per training step (K)", min=0)
-    step_size: float = _f(1.0, "sgld: gradient step; langevin: eps (gradient weight eps^2/2, noise eps)", min=0.0)
-    noise_std: float = _f(0.01, "sgld only: std of the noise added each step", min=0.0)
-    grad_clip: float = _f(0.0, "per-step L-inf clip of the energy gradient (IGEBM: 0.01); 0 = off", min=0.0)
+    step_size: float = _f(10.0, "sgld: gradient step; langevin: eps (gradient weight eps^2/2, noise eps)", min=0.0)
+    noise_std: float = _f(0.005, "sgld only: std of the noise added each step", min=0.0)
+    grad_clip: float = _f(0.03, "per-step L-inf clip of the energy gradient (IGEBM: 0.01); 0 = off", min=0.0)
     clamp: bool = _f(True, "clamp chains to the data range after every step")
     init: str = _f("buffer", "'buffer' = persistent chains (PCD); 'noise' = short-run chains from fresh noise",
                    choices=("buffer", "noise"))
