@@ -59,6 +59,8 @@ class ModelConfig:
     depth: int = _f(4, "mlp: hidden layers; cnn: stride-2 conv layers; resnet: blocks per stage; igebm: blocks per stage (0 = variant's); "
                        "wrn: total depth (6n+4)", min=0)
     dropout: float = _f(0.0, "dropout rate inside residual blocks (JEM: 0)", min=0.0, max=1.0)
+    norm: str = _f("none", "wrn: normalisation layers; 'none' as in JEM (batch norm couples the samples of a batch)",
+                   choices=("none", "batch"))
     activation: str = _f("swish", "nonlinearity", choices=("swish", "leaky_relu", "relu", "elu", "softplus"))
     leaky_slope: float = _f(0.2, "negative slope of leaky_relu", min=0.0, max=1.0)
     spectral_norm: bool = _f(False, "spectral normalisation on every layer but the final linear one")
@@ -265,6 +267,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.arch '{m.arch}' cannot model 2-D dataset '{d.dataset}'; set model.arch=mlp")
     if not toy and m.arch == "mlp":
         raise ConfigError(f"model.arch 'mlp' is for the 2-D toy sets; dataset '{d.dataset}' needs a conv arch")
+    if m.arch == "wrn" and (m.depth < 10 or (m.depth - 4) % 6 != 0):
+        raise ConfigError(f"model.depth for arch wrn is the total depth 6n+4 (JEM: 28), got {m.depth}")
+    if m.arch in ("wrn", "mlp", "cnn", "resnet") and m.width < 1:
+        raise ConfigError(f"model.width must be >= 1 for arch {m.arch}, got {m.width}")
     if cfg.objective.kind == "jem" and m.num_classes < 2:
         raise ConfigError("objective.kind=jem needs model.num_classes >= 2 (the classifier's logits)")
     if cfg.objective.kind == "jem" and m.conditional:

@@ -100,7 +100,7 @@ def build_wrn(cfg, data_shape: tuple[int, ...]) -> ClassifierEnergy:
         raise ValueError(f"model.depth for arch wrn is the total depth 6n+4 (JEM: 28), got {cfg.depth}")
     if cfg.width < 1:
         raise ValueError(f"model.width for arch wrn is the widen factor (JEM: 10), got {cfg.width}")
-    backbone = WideResNet(cfg.depth, cfg.width, in_channels=data_shape[0], norm="none",
+    backbone = WideResNet(cfg.depth, cfg.width, in_channels=data_shape[0], norm=getattr(cfg, "norm", "none"),
                           activation=cfg.activation, leaky_slope=cfg.leaky_slope, dropout=cfg.dropout)
     model = ClassifierEnergy(backbone, backbone.out_dim, cfg.num_classes)
     if cfg.spectral_norm:
