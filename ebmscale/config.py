@@ -47,6 +47,11 @@ class DataConfig:
     holdout: int = _f(0, "training examples held out for validation (JEM: 5000)", min=0)
     toy_train_size: int = _f(50000, "size of the fixed training set drawn from a 2-D toy density", min=10)
     cache_dir: str = _f(".cache/ebmscale", "where built-in data and derived files are cached (never $HOME)")
+    shuffle_buffer: int = _f(1000, "raw samples in each loader worker's shuffle buffer; 0 = shard shuffle only",
+                             min=0)
+    manifest: str = _f("", "shards only: their manifest.json; '' = the one beside the shards (set it for remote URLs)")
+    convert_processes: int = _f(0, "processes converting a non-shard source into cached shards on first use; "
+                                   "0 = all cores", min=0)
 
 
 @dataclass
@@ -117,6 +122,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = _f(1500, "training steps", min=0)
+    max_minutes: float = _f(0.0, "wall-clock budget: stop (and checkpoint) after this many minutes; 0 = none",
+                            min=0.0)
     seed: int = _f(0, "global seed: model init; per-rank streams derive from (seed, rank, step)", min=0)
     device: str = _f("auto", "'auto' = cuda if available else cpu, or an explicit torch device")
     run_dir: str = _f("runs/default", "run directory (config, metrics, samples, checkpoints)")
@@ -285,6 +292,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("sampler.noise_std is only used by kind=sgld; langevin's noise is step_size itself")
     if d.dataset in ("shards", "folder", "cifar10", "cifar100", "npz") and not d.path:
         raise ConfigError(f"data.path is required for dataset '{d.dataset}'")
+    if d.dataset == "folder" and not d.resolution:
+        raise ConfigError("data.resolution is required for dataset 'folder' "
+                          "(images are resized and centre-cropped to it)")
+    if d.manifest and d.dataset != "shards":
+        raise ConfigError(f"data.manifest is only read for dataset 'shards', not '{d.dataset}'")
     if s.init == "buffer" and cfg.buffer.capacity < d.batch_size:
         raise ConfigError(f"buffer.capacity ({cfg.buffer.capacity}) must be >= data.batch_size ({d.batch_size})")
 

@@ -47,6 +47,11 @@ class MetricLogger:
         entry[0] += float(value) * weight
         entry[1] += weight
 
+    @property
+    def pending(self) -> bool:
+        """Whether values were reported since the last flush."""
+        return bool(self._sums)
+
     def reduce(self) -> dict[str, float]:
         """Global values of everything reported since the last flush (collective call)."""
         names = list(self._sums)

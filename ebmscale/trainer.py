@@ -292,6 +292,17 @@ def save_scatter(points: np.ndarray, path: str) -> None:
     plt.close(fig)
 
 
+def _out_of_time(t_start: float, budget_s: float) -> bool:
+    """True once the wall-clock budget is spent (decided on rank 0, broadcast, so that every
+    rank stops at the same step)."""
+    over = torch.tensor([float(time.perf_counter() - t_start > budget_s)])
+    if dist.is_initialized() and dist.world_size() > 1:
+        import torch.distributed as tdist
+
+        tdist.broadcast(over, src=0)
+    return bool(over.item())
+
+
 def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
           max_steps: int | None = None) -> TrainResult:
     """Train for ``cfg.train.steps`` steps (optionally resuming from a checkpoint path, or
@@ -316,8 +327,15 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
         bar = tqdm(total=end, initial=trainer.step, desc="train", dynamic_ncols=True, mininterval=1.0)
     last: dict = {}
     ckpt = None
+    t_start = time.perf_counter()
+    budget_s = t.max_minutes * 60.0
     try:
         while trainer.step < end:
+            if budget_s and trainer.step > 0 and _out_of_time(t_start, budget_s):
+                end = trainer.step
+                if trainer.metrics.pending:
+                    last = trainer.metrics.flush(end)
+                break
             stats = trainer.train_step()
             for k, v in stats.items():
                 trainer.metrics.report(k, v)

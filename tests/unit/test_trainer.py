@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import torch
+
+from ebmscale.config import load_config
+from ebmscale.trainer import DivergenceError, Trainer, lr_factor
+
+TINY = ["data.dataset=digits", "model.width=4", "model.depth=2", "data.batch_size=16", "sampler.steps=3",
+        "buffer.capacity=64", "train.progress=false", "train.tensorboard=false"]
+
+
+def make(tmp_path, *extra):
+    return Trainer(load_config(None, [*TINY, *extra]), str(tmp_path / "run"))
+
+
+def test_lr_schedule_warmup_and_step_decay():
+    assert lr_factor(0, 10, [], 0.3) == pytest.approx(0.1)
+    assert lr_factor(9, 10, [], 0.3) == 1.0
+    assert lr_factor(99, 0, [100, 200], 0.3) == 1.0
+    assert lr_factor(100, 0, [100, 200], 0.3) == pytest.approx(0.3)
+    assert lr_factor(250, 0, [100, 200], 0.3) == pytest.approx(0.09)
+
+
+def test_divergence_stops_with_step_and_metric(tmp_path):
+    tr = make(tmp_path)
+    tr.train_step()
+    with torch.no_grad():
+        next(tr.model.parameters()).fill_(float("nan"))
+    with pytest.raises(DivergenceError, match=r"step 1: (loss|e_pos|e_neg|grad_norm)=nan"):
+        tr.train_step()
+
+
+def test_energy_threshold_trips(tmp_path):
+    tr = make(tmp_path, "train.max_abs_energy=1e-9")
+    with pytest.raises(DivergenceError, match=r"step 0: e_pos=.*limit 1e-09"):
+        tr.train_step()
+
+
+def test_resume_in_process_is_bitwise_identical(tmp_path):
+    a = make(tmp_path, "train.seed=3")
+    for _ in range(6):
+        a.train_step()
+    b = make(tmp_path, "train.seed=3")
+    for _ in range(3):
+        b.train_step()
+    state = b.state_dict()
+    c = make(tmp_path, "train.seed=3")
+    c.load_state_dict(state)
+    for _ in range(3):
+        c.train_step()
+    for (n, p), q in zip(a.model.named_parameters(), c.model.parameters()):
+        assert torch.equal(p, q), n
+    assert (a.buffer.data == c.buffer.data).all()
+
+
+def test_sampler_does_not_advance_spectral_norm(tmp_path):
+    tr = make(tmp_path, "model.spectral_norm=true")
+    conv = tr.model.body[0]
+    u0 = conv.parametrizations.weight[0]._u.clone()
+    rng = __import__("numpy").random.default_rng(0)
+    tr._negatives(4, None, rng, torch.Generator().manual_seed(0))
+    assert torch.equal(conv.parametrizations.weight[0]._u, u0)
+    tr.train_step()  # the training forward advances it exactly once
+    assert not torch.equal(conv.parametrizations.weight[0]._u, u0)
+
+
+def test_jem_and_conditional_steps(tmp_path):
+    tr = make(tmp_path, "objective.kind=jem", "model.num_classes=10", "objective.pxy_weight=1.0",
+              "data.noise_std=0.03")
+    stats = tr.train_step()
+    for k in ("ce", "train_acc", "e_pos", "e_neg", "e_pos_y", "e_neg_y", "loss"):
+        assert k in stats and math.isfinite(stats[k])
+    assert tr.buffer.num_classes == 10
+    tr2 = make(tmp_path, "model.conditional=true", "model.num_classes=10", "sampler.init=noise")
+    stats = tr2.train_step()
+    assert math.isfinite(stats["loss"])
+
+
+def test_short_run_mode_leaves_buffer_untouched(tmp_path):
+    tr = make(tmp_path, "sampler.init=noise")
+    before = tr.buffer.data.copy()
+    tr.train_step()
+    assert (tr.buffer.data == before).all()
