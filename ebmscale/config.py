@@ -108,7 +108,7 @@ class ObjectiveConfig:
 @dataclass
 class OptimConfig:
     name: str = _f("adam", "optimizer", choices=("adam", "adamw", "sgd"))
-    lr: float = _f(1e-4, "learning rate", min=0.0, min_exclusive=True)
+    lr: float = _f(3e-4, "learning rate", min=0.0, min_exclusive=True)
     betas: list = _f([0.0, 0.999], "Adam betas (IGEBM: [0, 0.999])")
     weight_decay: float = _f(0.0, "weight decay", min=0.0)
     momentum: float = _f(0.9, "sgd momentum", min=0.0, max=1.0)
@@ -121,7 +121,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(1500, "training steps", min=0)
+    steps: int = _f(2000, "training steps", min=0)
     max_minutes: float = _f(0.0, "wall-clock budget: stop (and checkpoint) after this many minutes; 0 = none",
                             min=0.0)
     seed: int = _f(0, "global seed: model init; per-rank streams derive from (seed, rank, step)", min=0)
@@ -138,6 +138,18 @@ class TrainConfig:
                               min=0.0, min_exclusive=True)
     threads: int = _f(0, "torch intra-op threads; 0 = torch's default", min=0)
     channels_last: bool = _f(True, "channels_last memory format for conv energies (faster convs, same results)")
+    precision: str = _f("fp32", "energy evaluations (sampler and loss) under autocast: fp32 | bf16 | fp16 (GPUs; "
+                                "chains, losses and the optimizer's master weights stay fp32)",
+                        choices=("fp32", "bf16", "fp16"))
+    distributed: str = _f("auto", "data-parallel wrapper of the loss forward/backward: ddp | deepspeed | auto "
+                                  "(deepspeed when launched with a DeepSpeed accelerate config, else ddp)",
+                          choices=("auto", "ddp", "deepspeed"))
+    zero_stage: int = _f(0, "deepspeed: ZeRO stage 1 or 2; 0 = the DeepSpeed JSON's own stage (built-in: 2)",
+                         choices=(0, 1, 2))
+    deepspeed_config: str = _f("", "deepspeed: JSON template; '' = the launcher's (accelerate config) or the "
+                                   "built-in ZeRO-2 one")
+    sampler_checkpointing: bool = _f(False, "activation checkpointing of the energy network inside the sampler "
+                                            "(less memory per chain at high resolution, ~1 extra forward per step)")
 
 
 @dataclass
@@ -299,6 +311,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.manifest is only read for dataset 'shards', not '{d.dataset}'")
     if s.init == "buffer" and cfg.buffer.capacity < d.batch_size:
         raise ConfigError(f"buffer.capacity ({cfg.buffer.capacity}) must be >= data.batch_size ({d.batch_size})")
+    t = cfg.train
+    if t.distributed == "ddp" and (t.zero_stage or t.deepspeed_config):
+        key = "train.zero_stage" if t.zero_stage else "train.deepspeed_config"
+        raise ConfigError(f"{key} is only read with train.distributed=deepspeed (or auto under a DeepSpeed launcher)")
+    if t.deepspeed_config and not os.path.isfile(t.deepspeed_config):
+        raise ConfigError(f"train.deepspeed_config '{t.deepspeed_config}' does not exist")
 
 
 # --------------------------------------------------------------------------- dumping

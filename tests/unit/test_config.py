@@ -72,3 +72,13 @@ def test_shipped_configs_load():
     assert files
     for f in files:
         load_config(f)
+
+
+def test_mnist_recipe_is_the_default_job():
+    import os
+
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    recipe = to_dict(load_config(os.path.join(here, "configs", "mnist_pcd.yaml")))
+    default = to_dict(load_config())
+    recipe["train"].pop("run_dir"), default["train"].pop("run_dir")
+    assert recipe == default

@@ -1,0 +1,673 @@
+"""The resumable webdataset stream: exact per-epoch coverage across ranks and loader workers.
+
+What one epoch is (every process computes the same plan from the manifest alone):
+
+1. The training samples are the manifest's shards in manifest order, minus the last ``holdout``
+   samples; each shard is a *segment* ``(url, begin, end)`` of sample positions in its tar.
+2. Shard shuffle: the segments are permuted by a generator seeded with ``(seed, epoch)`` --
+   the same on every rank, which is what makes the split below a partition.
+3. Split by node: the permuted segments are concatenated and cut into ``world`` contiguous
+   ranges of ``N // world`` samples; rank ``r`` takes range ``r``. The last ``N % world``
+   samples of the permuted order (fewer than ``world``, and a different shard's tail each epoch)
+   sit the epoch out, so every rank consumes exactly the same number of samples per epoch and
+   ranks never drift apart. Shards are never split up physically: a range that starts inside a
+   shard reads past that shard's first samples without decoding them.
+4. Split by worker: the rank's range is cut the same way into ``S = max(1, num_workers)``
+   near-equal contiguous splits, one per DataLoader worker.
+5. Sample shuffle: each split streams its segments (webdataset's ``gopen`` and key grouping over
+   a fast tar reader, :func:`iter_tar`) through webdataset's shuffle buffer of ``shuffle_buffer``
+   raw (undecoded) samples, seeded with ``(seed, rank, epoch, split)``.
+6. Each split emits exactly ``K`` chunks per epoch (``K`` = chunks of the largest split, so
+   all splits emit the same number); a chunk is the next ``chunk_size`` raw samples, decoded to
+   uint8 in the worker, minus the bad ones. The rank's stream is the chunks in round-robin order
+   (chunk ``k`` of an epoch comes from split ``k % S``), which is also the order in which
+   PyTorch's DataLoader returns the outputs of its workers; the main process cuts that sample
+   sequence into batches, which may straddle epochs. Epochs follow each other endlessly.
+
+So with R ranks each sample is seen exactly once per epoch (N divisible by R; otherwise at most
+once, with fewer than R left out), and the sequence of samples a rank sees is a pure function of
+(shards, holdout, seed, rank, world, num_workers, shuffle_buffer, chunk_size) -- not of the batch
+size, nor of timing.
+
+Resume: the position is (epoch, chunk index within the epoch, samples already taken from that
+chunk). A resumed stream restarts its workers at that chunk: each worker replays its epoch's tar
+reading and shuffle buffer up to there without decoding (the buffer's state depends on all it has
+seen), then continues, so the resumed batches are bitwise identical to the uninterrupted ones.
+
+Bad input mid-run (a corrupt tar member, a truncated or unreadable shard, an undecodable image,
+a wrong-sized image, a bad label) is skipped and counted, never raised. Counts travel with the
+chunks to the main process, where ``stream.skipped`` holds this rank's total, so the trainer can
+report it as a metric. A rank that skips samples reaches its epoch's end a few samples early;
+batches stay full and ranks stay in step. Problems visible before reading -- a pattern matching
+nothing, a missing manifest or shard, a local shard whose size differs from its manifest --
+fail at start instead (:func:`open_shard_set`).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import itertools
+import logging
+import math
+import os
+import random
+import re
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from ebmscale.data.builtin import DataError
+from ebmscale.data.shards import MANIFEST_NAME, read_manifest
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 64          # samples per worker -> main-process message; part of the stream's definition
+_IMAGE_EXTS = ("png", "jpg", "jpeg", "ppm", "bmp", "webp")
+_SHARD_ORDER_TAG = 0x5A4D5301
+_SAMPLE_ORDER_TAG = 0x5A4D5302
+
+
+# --------------------------------------------------------------------------- shard sets
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples ``begin`` to ``end - 1`` (positions in tar order) of the shard at ``url``."""
+
+    url: str
+    begin: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass
+class ShardSet:
+    """The shards a stream reads, with what the manifest says about them."""
+
+    manifest_path: str
+    segments: list[Segment]        # the training samples, manifest order
+    heldout: list[Segment]         # the last ``holdout`` samples (validation)
+    shape: tuple[int, int, int]    # (C, H, W)
+    num_classes: int
+    classes: list[str]
+    fingerprint: str               # identifies the shards' content (from their checksums)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(s) for s in self.segments)
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """Shard URLs of a pattern with brace ranges (``shard-{000000..000099}.tar``) and, for local
+    paths, glob wildcards. Remote URLs (``pipe:``, ``s3://``...) are only brace-expanded."""
+    import braceexpand
+
+    out: list[str] = []
+    for p in braceexpand.braceexpand(pattern):
+        if _is_remote(p):
+            out.append(p)
+        elif any(ch in p for ch in "*?["):
+            out += sorted(glob.glob(p))
+        elif os.path.isfile(p):
+            out.append(p)
+    return list(dict.fromkeys(out))
+
+
+def _manifest_entry(url: str, by_name: dict[str, dict]) -> dict | None:
+    """The manifest entry of a shard URL: by file name, or for a remote URL such as
+    ``pipe:aws s3 cp s3://b/shard-000001.tar -`` by the shard name it contains."""
+    name = os.path.basename(url)
+    if name in by_name or not _is_remote(url):
+        return by_name.get(name)
+    hits = [n for n in by_name if n in url]
+    return by_name[max(hits, key=len)] if hits else None
+
+
+def _check_local_shard(url: str, entry: dict) -> None:
+    """A local shard must exist and have its recorded size: a missing or truncated file fails at
+    start (damage that keeps the size -- or a remote shard -- is found, skipped and counted mid-run)."""
+    if _is_remote(url):
+        return
+    path = url[len("file:"):] if url.startswith("file:") else url
+    if not os.path.isfile(path):
+        raise DataError(f"shard '{path}' listed in the manifest does not exist")
+    size = os.path.getsize(path)
+    if "bytes" in entry and size != entry["bytes"]:
+        raise DataError(f"shard '{path}' is {size} bytes, its manifest says {entry['bytes']}: a partial copy? "
+                        f"(`ebmscale data shards verify -i <folder>` checks all checksums)")
+
+
+def open_shard_set(path: str, manifest: str = "", holdout: int = 0) -> ShardSet:
+    """Resolve ``path`` -- a shard folder, its ``manifest.json``, or a shard pattern (brace ranges,
+    globs; remote URLs with ``manifest`` given) -- into a :class:`ShardSet`. Fails at start, with
+    one line, on a pattern that matches nothing, a missing manifest, a shard the manifest does not
+    list, a missing or wrongly sized local shard, or a holdout as large as the data."""
+    if not path:
+        raise DataError("no shard path given (data.path)")
+    if os.path.isdir(path) or (path.endswith(".json") and os.path.isfile(path)):
+        mpath = manifest or (path if path.endswith(".json") else os.path.join(path, MANIFEST_NAME))
+        m = read_manifest(mpath)
+        root = os.path.dirname(os.path.abspath(mpath))
+        pairs = [(os.path.join(root, e["name"]), e) for e in m["shards"]]
+    else:
+        matched = expand_pattern(path)
+        if not matched:
+            raise DataError(f"shard pattern '{path}' matches no files")
+        if manifest:
+            mpath = manifest
+        elif _is_remote(matched[0]):
+            raise DataError(f"remote shards '{path}' need data.manifest: the manifest.json written with them")
+        else:
+            mpath = os.path.join(os.path.dirname(matched[0]), MANIFEST_NAME)
+        m = read_manifest(mpath)
+        by_name = {e["name"]: e for e in m["shards"]}
+        found: dict[str, str] = {}
+        for url in matched:
+            entry = _manifest_entry(url, by_name)
+            if entry is None:
+                raise DataError(f"shard '{url}' is not listed in manifest '{mpath}'")
+            found[entry["name"]] = url
+        # Manifest order, whatever order the pattern lists them in.
+        pairs = [(found[e["name"]], e) for e in m["shards"] if e["name"] in found]
+    for url, entry in pairs:
+        _check_local_shard(url, entry)
+    shape = tuple(int(v) for v in m["shape"])
+    if len(shape) != 3:
+        raise DataError(f"manifest '{mpath}' has shape {m['shape']}, expected [C, H, W]")
+    segments = [Segment(url, 0, int(e["count"])) for url, e in pairs if int(e["count"]) > 0]
+    total = sum(len(seg) for seg in segments)
+    if holdout < 0 or holdout >= total:
+        raise DataError(f"data.holdout={holdout} must be less than the {total} samples of '{path}'")
+    train = _take(segments, 0, total - holdout)
+    heldout = _take(segments, total - holdout, total)
+    # Identifies the data for resume checks: the shards' names, counts and checksums, and the holdout.
+    digest = hashlib.sha256("\n".join(f"{e['name']} {e['count']} {e.get('sha256', '')}"
+                                       for _, e in pairs).encode()).hexdigest()[:16]
+    return ShardSet(mpath, train, heldout, shape, int(m.get("num_classes", 0)), list(m.get("classes", [])),
+                    f"{digest}-h{holdout}")
+
+
+# --------------------------------------------------------------------------- epoch plan
+
+def _take(segments: Sequence[Segment], start: int, stop: int) -> list[Segment]:
+    """The sub-segments covering samples ``[start, stop)`` of the concatenation of ``segments``."""
+    out, pos = [], 0
+    for s in segments:
+        lo, hi = max(start, pos), min(stop, pos + len(s))
+        if lo < hi:
+            out.append(Segment(s.url, s.begin + lo - pos, s.begin + hi - pos))
+        pos += len(s)
+        if pos >= stop:
+            break
+    return out
+
+
+def _even_bounds(n: int, parts: int, i: int) -> tuple[int, int]:
+    """Bounds of part ``i`` when ``n`` items are cut into ``parts`` contiguous near-equal parts."""
+    q, r = divmod(n, parts)
+    start = i * q + min(i, r)
+    return start, start + q + (1 if i < r else 0)
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Everything that defines a rank's sample sequence; picklable, sent to loader workers."""
+
+    segments: tuple[Segment, ...]
+    shape: tuple[int, int, int]
+    num_classes: int
+    seed: int
+    rank: int
+    world: int
+    splits: int
+    chunk_size: int
+    shuffle_buffer: int
+
+    @property
+    def per_rank(self) -> int:
+        """Samples each rank reads per epoch."""
+        return sum(len(s) for s in self.segments) // self.world
+
+    @property
+    def chunks_per_split(self) -> int:
+        """K: chunks every split emits per epoch (enough for the largest split)."""
+        return max(1, math.ceil(math.ceil(self.per_rank / self.splits) / self.chunk_size))
+
+    @property
+    def chunks_per_epoch(self) -> int:
+        return self.chunks_per_split * self.splits
+
+    def split_segments(self, epoch: int, split: int) -> list[Segment]:
+        """The segments split ``split`` of this rank reads in ``epoch`` (shard shuffle + node/worker split)."""
+        order = np.random.default_rng([self.seed, epoch, _SHARD_ORDER_TAG]).permutation(len(self.segments))
+        permuted = [self.segments[i] for i in order]
+        r0 = self.rank * self.per_rank
+        s0, s1 = _even_bounds(self.per_rank, self.splits, split)
+        return _take(permuted, r0 + s0, r0 + s1)
+
+    def chunks(self, split: int, epoch: int, first_chunk: int) -> Iterator["Chunk"]:
+        """Endless chunks of one split, from chunk ``first_chunk`` of ``epoch`` on."""
+        import webdataset as wds
+
+        k_per_split = self.chunks_per_split
+        while True:
+            reader = _SegmentReader()
+            raw: Iterator[dict] = reader.samples(self.split_segments(epoch, split))
+            if self.shuffle_buffer > 1:
+                rng = random.Random(_seed(self.seed, self.rank, epoch, split, _SAMPLE_ORDER_TAG))
+                raw = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(raw)
+            for j in range(k_per_split):
+                k = j * self.splits + split
+                items = list(itertools.islice(raw, self.chunk_size))
+                if j == k_per_split - 1:
+                    # Run the reader to its end so that losses found at a shard's tail are counted
+                    # in this epoch; K chunks always hold the whole split, so nothing is left.
+                    leftover = next(raw, None)
+                    assert leftover is None, "internal: a split holds more samples than its K chunks"
+                lost, reader.lost = reader.lost, 0
+                if k < first_chunk:  # only in the start epoch: first_chunk is 0 afterwards
+                    continue  # resume fast-forward: read for the shuffle buffer's state, not decoded or sent
+                yield self._decode(items, epoch, k, lost)
+            epoch += 1
+            first_chunk = 0
+
+    def _decode(self, items: list[dict], epoch: int, k: int, lost: int) -> "Chunk":
+        xs, ys = [], []
+        bad = 0
+        for sample in items:
+            out = decode_sample(sample, self.shape, self.num_classes)
+            if out is None:
+                bad += 1
+                continue
+            xs.append(out[0])
+            ys.append(out[1])
+        x = to_nchw(xs, self.shape)
+        y = torch.tensor(ys, dtype=torch.int64) if self.num_classes else None
+        return Chunk(x, y, epoch, k, bad + lost)
+
+
+class Chunk(NamedTuple):
+    """What a loader worker sends: decoded uint8 images, labels, where they sit, and how many
+    samples of this stretch were skipped as bad."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    epoch: int
+    index: int
+    skipped: int
+
+
+# --------------------------------------------------------------------------- reading and decoding
+
+class TarFormatError(Exception):
+    """A tar stream that is damaged (bad header checksum, cut short)."""
+
+
+class _Prefixed:
+    """A read-only stream: ``head`` bytes, then the rest of ``fh`` (to un-read a peeked block)."""
+
+    def __init__(self, head: bytes, fh) -> None:
+        self.head, self.fh = head, fh
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.fh.read(n)
+        if n is None or n < 0:
+            out, self.head = self.head + self.fh.read(), b""
+            return out
+        out, self.head = self.head[:n], self.head[n:]
+        return out + (self.fh.read(n - len(out)) if len(out) < n else b"")
+
+
+_META_NAME = re.compile(r"__[^/]*__($|/)")
+
+
+def _tar_number(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256 for values that do not fit in octal
+        return int.from_bytes(field[1:], "big")
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def iter_tar(fh, errors: list[Exception]) -> Iterator[dict]:
+    """``{"fname", "data"}`` of the regular files of a tar stream, in order (what webdataset's
+    ``tar_file_iterator`` yields, with its meta-file skipping).
+
+    A direct reader of the POSIX/ustar, PAX and GNU long-name headers that shard writers produce:
+    python's tarfile, behind webdataset's iterator, spends about 60 us parsing each member header,
+    as long as decoding a 32x32 PNG. Gzip-compressed tars are read too. Damage (a bad header
+    checksum, a cut-short file) ends the iteration and is recorded in ``errors``, so the caller
+    can still deliver and count what came before it.
+    """
+    head = fh.read(512)
+    if head[:2] == b"\x1f\x8b":
+        import gzip
+
+        fh = gzip.GzipFile(fileobj=_Prefixed(head, fh))
+        head = fh.read(512)
+    pax: dict[str, str] = {}
+    long_name = None
+    offset = 0
+    try:
+        while True:
+            h = head if offset == 0 else fh.read(512)
+            if len(h) == 0 or (len(h) == 512 and not any(h)):
+                return  # end of archive (two zero blocks, or a file ending at a member boundary)
+            if len(h) < 512:
+                raise TarFormatError(f"tar cut short in a header at byte {offset}")
+            stored = _tar_number(h[148:156])
+            # The checksum counts its own field as 8 spaces; old writers summed signed bytes.
+            if stored != sum(h[:148]) + 256 + sum(h[156:]) and \
+                    stored != sum(b - 256 if b > 127 else b for b in h[:148] + h[156:]) + 256:
+                raise TarFormatError(f"bad tar header checksum at byte {offset}")
+            name = h[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            if h[257:262] == b"ustar" and h[345]:
+                name = h[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+            size = _tar_number(h[124:136])
+            kind = h[156:157]
+            if kind not in (b"x", b"g", b"L") and "size" in pax:
+                size = int(pax["size"])  # a PAX record overrides the header's size (files over 8 GiB)
+            data = fh.read(size)
+            if len(data) < size:
+                raise TarFormatError(f"tar cut short in the data of '{name}' at byte {offset}")
+            pad = -size % 512
+            if pad:
+                fh.read(pad)
+            offset += 512 + size + pad
+            if kind == b"x":
+                pax = _pax_records(data)
+                continue
+            if kind == b"L":
+                long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+                continue
+            if kind == b"g":
+                continue
+            if "path" in pax or long_name is not None:
+                name = pax.get("path", long_name)
+            pax, long_name = {}, None
+            if kind not in (b"0", b"\0", b"7") or _META_NAME.match(name):
+                continue  # directories, links, webdataset's __meta__ files
+            yield {"fname": name, "data": data}
+    except (TarFormatError, OSError, EOFError, ValueError) as exc:
+        errors.append(exc)
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """The ``key=value`` records of a PAX extended header (``"<len> key=value\\n"`` each)."""
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "replace")
+        pos += length
+    return out
+
+
+def _tar_samples(url: str, errors: list[Exception]) -> Iterator[dict]:
+    """Samples of one tar in file order: webdataset's ``gopen`` and key grouping over
+    :func:`iter_tar`. Damage ends the shard through ``errors`` rather than an exception, so that
+    the sample grouped just before it is still delivered."""
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys
+
+    def stop(exn: Exception) -> bool:
+        errors.append(exn)
+        return False
+
+    stream = wds.gopen(url, "rb")
+    try:
+        files = ({**f, "__url__": url} for f in iter_tar(stream, errors))
+        yield from group_by_keys(files, handler=stop)
+    finally:
+        stream.close()
+
+
+class _SegmentReader:
+    """Reads segments, counting (in ``lost``) the planned samples a broken shard did not deliver."""
+
+    def __init__(self) -> None:
+        self.lost = 0
+
+    def samples(self, segments: Sequence[Segment]) -> Iterator[dict]:
+        for seg in segments:
+            got = 0
+            errors: list[Exception] = []
+            try:
+                for i, sample in enumerate(_tar_samples(seg.url, errors)):
+                    if i < seg.begin:
+                        continue  # before this range: read past, never decoded
+                    if i >= seg.end:
+                        break
+                    got += 1
+                    yield sample
+            except Exception as exc:  # noqa: BLE001 - any read failure of a shard: skip the rest of it, counted
+                errors.append(exc)
+            if got < len(seg):  # an error above, or tarfile ending quietly at a damaged header
+                why = f" ({type(errors[0]).__name__}: {errors[0]})" if errors else ""
+                log.warning("shard %s ended after %d of its samples %d..%d%s; the rest are skipped",
+                            seg.url, got, seg.begin, seg.end - 1, why)
+            self.lost += len(seg) - got
+
+
+def decode_image_hwc(data: bytes, channels: int) -> np.ndarray:
+    """uint8 (H, W, C) of an encoded image (PNG, JPEG, ...), C = 1 (grey) or 3 (RGB).
+
+    Pillow, not torchvision's decoder: torchvision's is 1.2-2.5x faster per image but deprecated
+    since 0.29, and importing torchvision costs 3-7 s in every process that decodes; Pillow also
+    keeps JPEG pixels identical whichever process decodes them.
+    """
+    from PIL import Image
+
+    mode = "L" if channels == 1 else "RGB"
+    with Image.open(io.BytesIO(data)) as img:
+        a = np.asarray(img if img.mode == mode else img.convert(mode))
+    return a[..., None] if a.ndim == 2 else a
+
+
+def decode_sample(sample: dict, shape: tuple[int, int, int], num_classes: int) -> tuple[np.ndarray, int] | None:
+    """(uint8 HWC image, label or -1) of a raw sample, or None when it is unusable: no image,
+    undecodable, not of ``shape`` (C, H, W), or (labelled sets) a missing or out-of-range label."""
+    data = next((sample[e] for e in _IMAGE_EXTS if e in sample), None)
+    if data is None:
+        log.warning("sample %s in %s has no image", sample.get("__key__"), sample.get("__url__"))
+        return None
+    try:
+        img = decode_image_hwc(data, shape[0])
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means a bad image
+        log.warning("undecodable image %s in %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
+        return None
+    if img.shape != (shape[1], shape[2], shape[0]):
+        log.warning("image %s in %s is %dx%d, the manifest says %dx%d", sample.get("__key__"),
+                    sample.get("__url__"), img.shape[0], img.shape[1], shape[1], shape[2])
+        return None
+    label = -1
+    if num_classes:
+        try:
+            label = int(sample["cls"])
+        except (KeyError, ValueError):
+            log.warning("sample %s in %s has no valid label", sample.get("__key__"), sample.get("__url__"))
+            return None
+        if not 0 <= label < num_classes:
+            log.warning("sample %s in %s has label %d outside 0..%d", sample.get("__key__"), sample.get("__url__"),
+                        label, num_classes - 1)
+            return None
+    return img, label
+
+
+def to_nchw(images: Sequence[np.ndarray], shape: tuple[int, int, int]) -> torch.Tensor:
+    """HWC uint8 images -> one contiguous NCHW uint8 tensor, in NumPy: stacking per-image CHW
+    views in torch would give channels-last strides, and torch's multi-threaded copy of small
+    tensors costs milliseconds when the cores are busy (as they are, with the sampler running)."""
+    if not images:
+        return torch.empty((0, *shape), dtype=torch.uint8)
+    return torch.from_numpy(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)))
+
+
+def read_samples(segments: Sequence[Segment], shape: tuple[int, int, int],
+                 num_classes: int) -> Iterator[tuple[torch.Tensor, int]]:
+    """Decoded ``(uint8 CHW image, label or -1)`` of segments in file order, bad samples left out
+    (e.g. to read a held-out split or check a conversion)."""
+    for sample in _SegmentReader().samples(segments):
+        out = decode_sample(sample, shape, num_classes)
+        if out is not None:
+            yield to_nchw([out[0]], shape)[0], out[1]
+
+
+# --------------------------------------------------------------------------- the stream
+
+class _SplitDataset(torch.utils.data.IterableDataset):
+    """Runs in each DataLoader worker: the chunks of the split this worker serves."""
+
+    def __init__(self, plan: StreamPlan, epoch: int, first_chunk: int):
+        super().__init__()
+        self.plan, self.epoch, self.first_chunk = plan, epoch, first_chunk
+
+    def __iter__(self) -> Iterator[Chunk]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.plan.splits:
+            raise RuntimeError(f"stream planned for {self.plan.splits} workers runs in {workers}")
+        # The DataLoader asks worker 0 first; on resume the next chunk may belong to another split,
+        # so worker i serves split (i + first_chunk) mod S and the round robin lines up again.
+        split = (worker + self.first_chunk) % workers
+        return self.plan.chunks(split, self.epoch, self.first_chunk)
+
+
+class ShardStream:
+    """Endless, resumable batches ``(x uint8 NCHW, y int64 or None)`` of exactly ``batch_size``
+    from webdataset shards, for one rank (see the module docstring for the exact semantics).
+
+    ``skipped`` counts this rank's bad samples so far; ``samples`` the samples it has consumed;
+    ``epoch`` is the epoch of the next sample.
+    """
+
+    def __init__(self, shards: ShardSet, batch_size: int, *, seed: int = 0, rank: int = 0, world: int = 1,
+                 num_workers: int = 0, shuffle_buffer: int = 1000, chunk_size: int = CHUNK_SIZE):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in 0..{world - 1}")
+        if batch_size < 1 or chunk_size < 1 or num_workers < 0 or shuffle_buffer < 0:
+            raise ValueError("batch_size and chunk_size must be >= 1, num_workers and shuffle_buffer >= 0")
+        if shards.num_samples < world:
+            raise DataError(f"'{shards.manifest_path}' has {shards.num_samples} training samples, "
+                            f"fewer than the {world} ranks")
+        self.shards = shards
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.plan = StreamPlan(tuple(shards.segments), shards.shape, shards.num_classes, int(seed), rank, world,
+                               max(1, num_workers), chunk_size, shuffle_buffer)
+        self.epoch, self.chunk, self.offset = 0, 0, 0
+        self.samples, self.skipped = 0, 0
+        self._it: Iterator[Chunk] | None = None
+        self._loader = None
+        self._current: Chunk | None = None
+        self._count_next_chunk = True
+
+    # ------------------------------------------------------------------ iteration
+    def _start(self) -> Iterator[Chunk]:
+        ds = _SplitDataset(self.plan, self.epoch, self.chunk)
+        if self.num_workers == 0:
+            return iter(ds)
+        # Import the reader and decoder here, once: forked workers inherit them instead of each
+        # importing them again on every (re)start.
+        import PIL.Image  # noqa: F401
+        import PIL.PngImagePlugin  # noqa: F401
+        import webdataset  # noqa: F401
+        # Our own generator: creating the iterator must not draw from the global torch RNG (that
+        # would shift the trainer's random stream depending on when the loader starts).
+        self._loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                                   generator=torch.Generator().manual_seed(0))
+        return iter(self._loader)
+
+    def _next_chunk(self) -> Chunk:
+        if self._it is None:
+            self._it = self._start()
+        c = next(self._it)
+        if (c.epoch, c.index) != (self.epoch, self.chunk):
+            raise RuntimeError(f"data stream out of order: got chunk {c.index} of epoch {c.epoch}, "
+                               f"expected {self.chunk} of {self.epoch}")
+        if self._count_next_chunk:
+            self.skipped += c.skipped
+        self._count_next_chunk = True
+        return c
+
+    def __iter__(self) -> "ShardStream":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        xs, ys = [], []
+        need = self.batch_size
+        while need:
+            if self._current is None:
+                self._current = self._next_chunk()
+            c = self._current
+            take = min(need, len(c.x) - self.offset)
+            if take > 0:
+                xs.append(c.x[self.offset:self.offset + take])
+                if c.y is not None:
+                    ys.append(c.y[self.offset:self.offset + take])
+                self.offset += take
+                need -= take
+            if self.offset >= len(c.x):  # chunk used up (or empty): move to the next one
+                self._current, self.offset = None, 0
+                self.chunk += 1
+                if self.chunk == self.plan.chunks_per_epoch:
+                    self.epoch, self.chunk = self.epoch + 1, 0
+        self.samples += self.batch_size
+        # Joined in NumPy (see to_nchw), always copied: the batch owns its memory, not a view of a chunk.
+        x = torch.from_numpy(np.concatenate([p.numpy() for p in xs]))
+        y = torch.from_numpy(np.concatenate([p.numpy() for p in ys])) if ys else None
+        return x, y
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """This rank's position; with :meth:`load_state_dict` a resumed stream continues exactly."""
+        p = self.plan
+        return {"epoch": self.epoch, "chunk": self.chunk, "offset": self.offset, "samples": self.samples,
+                "skipped": self.skipped, "seed": p.seed, "rank": p.rank, "world": p.world, "splits": p.splits,
+                "chunk_size": p.chunk_size, "shuffle_buffer": p.shuffle_buffer,
+                "shards": self.shards.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``. Everything that defines the sample order must be unchanged;
+        a mismatch raises DataError naming the setting."""
+        p = self.plan
+        # Not the rank: positions agree across ranks (equal chunk layouts) unless samples were skipped.
+        checks = [("shards", "the shards (or data.holdout)", self.shards.fingerprint),
+                  ("seed", "train.seed", p.seed),
+                  ("world", "the number of ranks", p.world),
+                  ("splits", "data.num_workers (as max(1, n))", p.splits),
+                  ("chunk_size", "the chunk size", p.chunk_size),
+                  ("shuffle_buffer", "data.shuffle_buffer", p.shuffle_buffer)]
+        for key, what, now in checks:
+            if key in state and state[key] != now:
+                raise DataError(f"cannot resume the data stream: {what} was {state[key]!r}, now {now!r}; "
+                                f"the sample order depends on it")
+        epoch, chunk, offset = int(state["epoch"]), int(state["chunk"]), int(state["offset"])
+        if not (epoch >= 0 and 0 <= chunk < p.chunks_per_epoch and 0 <= offset < p.chunk_size):
+            raise DataError(f"data stream state out of range: epoch {epoch}, chunk {chunk}, offset {offset}")
+        self.close()
+        self.epoch, self.chunk, self.offset = epoch, chunk, offset
+        self.samples, self.skipped = int(state.get("samples", 0)), int(state.get("skipped", 0))
+        # A partly used chunk is produced again; its skip count is already in ``skipped``.
+        self._count_next_chunk = offset == 0
+
+    def close(self) -> None:
+        """Stop the loader workers (a new iterator starts on the next batch)."""
+        self._it, self._loader, self._current = None, None, None
+
+    def stats(self) -> dict[str, float]:
+        """Counters for the metrics log."""
+        return {"data_skipped": float(self.skipped), "data_epoch": float(self.epoch),
+                "data_samples": float(self.samples)}
