@@ -63,10 +63,43 @@ def rank0_first() -> Iterator[None]:
         barrier()
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """In-place sum across ranks (no-op in one process); returns ``t``."""
+def comm_device() -> torch.device:
+    """Where a tensor must live to take part in a collective: NCCL only moves CUDA tensors (and
+    accelerate starts NCCL alone on GPUs), gloo only CPU ones."""
+    if is_initialized() and tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if is_initialized() and world_size() > 1:
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        dev = comm_device()
+        if t.device == dev:
+            tdist.all_reduce(t, op=op)
+        else:  # e.g. CPU metric sums under NCCL: reduce a device copy, write the result back
+            buf = t.to(dev)
+            tdist.all_reduce(buf, op=op)
+            t.copy_(buf)
+    return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum across ranks (no-op in one process), whatever device ``t`` is on; returns ``t``."""
+    return _all_reduce(t, tdist.ReduceOp.SUM)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """In-place element-wise max across ranks (no-op in one process); returns ``t``."""
+    return _all_reduce(t, tdist.ReduceOp.MAX)
+
+
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """In-place broadcast from ``src`` (no-op in one process), whatever device ``t`` is on."""
+    if is_initialized() and world_size() > 1:
+        buf = t.to(comm_device())
+        tdist.broadcast(buf, src=src)
+        if buf is not t:
+            t.copy_(buf)
     return t
 
 

@@ -6,7 +6,12 @@ One step of maximum-likelihood training with persistent chains:
 2. draw chain starts from the replay buffer (or fresh noise for short-run sampling);
 3. run K Langevin steps on the *unwrapped* module in sampling mode (no parameter gradients, no
    spectral-norm power iteration, no communication), write the chains back to the buffer;
-4. one forward of [x+, x-] through the model, the PCD loss, backward, optimizer step, EMA.
+4. one forward of [x+, x-] through the data-parallel wrapper (DDP or a DeepSpeed engine, see
+   ``ebmscale.parallel``), the PCD loss, backward (gradients averaged across ranks), clip,
+   optimizer step, EMA.
+
+Mixed precision (``train.precision``) applies to the sampler's energy evaluations and to the loss
+forward; chains, losses and master weights stay fp32.
 
 All randomness of a step comes from streams derived from (seed, rank, step), so a resumed run
 repeats exactly what an uninterrupted one would have done.
@@ -32,7 +37,11 @@ from ebmscale.data.transforms import data_bounds, to_model_input
 from ebmscale.metrics import MetricLogger
 from ebmscale.models import build_model
 from ebmscale.objectives import jem_loss, pcd_loss
-from ebmscale.sampling import LangevinSettings, langevin, sampling_mode, uniform_noise
+from ebmscale.parallel import Parallel, resolve_device  # noqa: F401 (resolve_device: re-exported)
+from ebmscale.sampling import InputGradScaler, LangevinSettings, NoiseFn, langevin, sampling_mode, uniform_noise
+
+# Where a DeepSpeed run keeps its per-rank ZeRO shards, beside checkpoint.pt.
+DEEPSPEED_DIR = "deepspeed"
 
 
 class DivergenceError(RuntimeError):
@@ -45,12 +54,6 @@ class TrainResult:
     run_dir: str
     last_metrics: dict
     checkpoint: str | None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
 
 
 def lr_factor(step: int, warmup: int, decay_steps: list, decay_factor: float) -> float:
@@ -67,14 +70,33 @@ def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
 
+class LogitsForward(nn.Module):
+    """What the data-parallel wrapper runs for JEM: the classifier's logits. DDP and DeepSpeed only
+    hook a module's ``forward``, and JEM's one training forward per step needs ``logits``; the
+    adapter owns no parameters of its own, so wrapping it wraps exactly the model's."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(x)
+
+
 class Trainer:
-    """Owns model, optimizer, buffer, stream and counters for one rank."""
+    """Owns model, optimizer, buffer, stream and counters for one rank.
+
+    ``self.model`` is the plain module (what the sampler, EMA, checkpoints and tests use);
+    ``self.wrapped`` is what the loss forward runs through (the model itself in one process).
+    """
 
     def __init__(self, cfg: Config, run_dir: str | None = None):
         self.cfg = cfg
         self.run_dir = run_dir or cfg.train.run_dir
-        self.rank, self.world = dist.rank(), dist.world_size()
-        self.device = resolve_device(cfg.train.device)
+        # The process group comes up first: rank, world and device come from it.
+        self.parallel = Parallel(cfg)
+        self.rank, self.world = self.parallel.rank, self.parallel.world
+        self.device = self.parallel.device
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.toy = cfg.data.dataset in TOY_DATASETS
@@ -93,6 +115,11 @@ class Trainer:
         o = cfg.optim
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, o.warmup_steps, o.decay_steps, o.decay_factor))
+        # Only the loss forward/backward goes through the wrapper (after the EMA copy, which
+        # stays fp32 even where DeepSpeed casts the module to half precision).
+        forward_module = LogitsForward(self.model) if cfg.objective.kind == "jem" else self.model
+        self.wrapped = self.parallel.prepare(forward_module, self.optimizer)
+        self.input_grad_scaler = InputGradScaler() if cfg.train.precision == "fp16" else None
         self.stream = build_train_stream(cfg, self.rank, self.world)
         self.conditional = cfg.model.conditional
         # Class-partitioned buffer whenever chains are class-conditional (JEM's p(x, y) term too).
@@ -100,7 +127,8 @@ class Trainer:
         self.buffer = ReplayBuffer(cfg.buffer.capacity, self.shape, self.init_bounds, cfg.buffer.reinit_prob,
                                    cfg.buffer.storage, cfg.model.num_classes if partitioned else 0,
                                    seed=dist.derive_seed(cfg.train.seed, self.rank, 0, "buffer"))
-        self.settings = LangevinSettings.from_config(cfg.sampler, None if self.toy else self.bounds)
+        # Toy chains are clamped to the quadrature box: the exact evaluation normalises over it.
+        self.settings = LangevinSettings.from_config(cfg.sampler, self.init_bounds if self.toy else self.bounds)
         self.step = 0
         self.metrics = MetricLogger(self.run_dir if dist.is_main() else None, tensorboard=cfg.train.tensorboard)
         self.last_negatives: torch.Tensor | None = None
@@ -136,16 +164,28 @@ class Trainer:
             x0_np, idx, _, _ = self.buffer.sample(n, labels=None if labels is None else labels.cpu().numpy(), rng=rng)
             x0 = torch.from_numpy(x0_np).to(self.device)
         else:
-            x0 = uniform_noise(n, self.shape, self.init_bounds, gen, self.device)
+            x0 = self._chain_init(n, gen)
             idx = None
         if x0.dim() == 4:
             x0 = x0.contiguous(memory_format=self.memory_format)
-        with sampling_mode(self.model) as m:
+        # The unwrapped module: no gradient all-reduce, no buffer broadcast, no ZeRO collective.
+        with sampling_mode(self.model, checkpointing=cfg.train.sampler_checkpointing) as m:
             fn = (lambda x: m(x, labels)) if labels is not None else m
-            x_neg = langevin(fn, x0, self.settings, gen)
+            x_neg = langevin(fn, x0, self.settings, gen, autocast_dtype=self.parallel.autocast_dtype,
+                             noise_fn=self._noise_fn(n, gen), grad_scaler=self.input_grad_scaler)
         if idx is not None:
             self.buffer.write(idx, x_neg.cpu().numpy())
         return x_neg, labels
+
+    def _chain_init(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """Fresh chain starts for short-run sampling (uniform over the data range, this rank's
+        stream). A seam for tests that feed every world size the same global starts."""
+        return uniform_noise(n, self.shape, self.init_bounds, gen, self.device)
+
+    def _noise_fn(self, n: int, gen: torch.Generator) -> NoiseFn | None:
+        """The sampler's noise source; None = ``torch.randn`` on this rank's generator. A seam like
+        :meth:`_chain_init`."""
+        return None
 
     def train_step(self) -> dict[str, float]:
         """One optimisation step; returns this rank's (unreduced) statistics."""
@@ -166,8 +206,10 @@ class Trainer:
                 x_neg_y, y_neg = self._negatives(n, y, rng, gen)
                 parts.append(x_neg_y)
             t2 = time.perf_counter()
-            # One forward over every batch: one spectral-norm power iteration per step.
-            logits = self.model.logits(torch.cat(parts)).split(n)
+            self.parallel.zero_grad(self.optimizer)
+            # One wrapped forward over every batch: one spectral-norm power iteration per step.
+            with self.parallel.autocast():
+                logits = self.wrapped(self.parallel.cast_input(torch.cat(parts))).split(n)
             it = iter(logits[1:])
             l_neg = next(it) if o.px_weight > 0 else None
             l_neg_y = next(it) if o.pxy_weight > 0 else None
@@ -178,41 +220,62 @@ class Trainer:
         else:
             x_neg, y_neg = self._negatives(n, y if self.conditional else None, rng, gen)
             t2 = time.perf_counter()
-            x_all = torch.cat([x_pos, x_neg])
-            # One forward over [x+, x-]: one spectral-norm power iteration per step.
-            e_all = self.model(x_all, torch.cat([y, y_neg])) if self.conditional else self.model(x_all)
+            x_all = self.parallel.cast_input(torch.cat([x_pos, x_neg]))
+            self.parallel.zero_grad(self.optimizer)
+            # One wrapped forward over [x+, x-]: one spectral-norm power iteration per step.
+            with self.parallel.autocast():
+                e_all = self.wrapped(x_all, torch.cat([y, y_neg])) if self.conditional else self.wrapped(x_all)
             loss, stats = pcd_loss(e_all[:n], e_all[n:], o.alpha)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = cfg.optim.grad_clip_norm if cfg.optim.grad_clip_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self._check_divergence(stats, grad_norm)
-        self.optimizer.step()
+        # Backward averages the gradients across ranks (and under DeepSpeed also steps).
+        self.parallel.backward(loss)
+        grad_norm, overflow = self.parallel.clip_grad_norm(self.optimizer, self.model.parameters(),
+                                                           cfg.optim.grad_clip_norm)
+        self._check_divergence(stats, grad_norm, overflow)
+        self.parallel.step(self.optimizer)
         self.scheduler.step()
         if self.ema is not None:
             self._update_ema()
         self.step += 1
         self.last_negatives = x_neg
         t3 = time.perf_counter()
-        out = {k: float(v) for k, v in stats.items()}
-        out.update(grad_norm=float(grad_norm), sampler_time=t2 - t1, data_time=t1 - t0, step_time=t3 - t0,
+        out: dict[str, float | None] = {k: float(v) for k, v in stats.items()}
+        # None = no value this step (an fp16 overflow, or DeepSpeed not computing the norm).
+        out.update(grad_norm=grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
+                   sampler_time=t2 - t1, data_time=t1 - t0, step_time=t3 - t0,
                    samples_per_s=n / (t3 - t0), lr=self.optimizer.param_groups[0]["lr"])
+        if cfg.train.precision == "fp16":
+            out.update(skipped_step=float(overflow), grad_scale=self.parallel.grad_scale(),
+                       sampler_grad_scale=self.input_grad_scaler.scale)
         return out
 
-    def _check_divergence(self, stats: dict, grad_norm: torch.Tensor) -> None:
+    def _check_divergence(self, stats: dict, grad_norm: float | None, overflow: bool = False) -> None:
+        """Raise :class:`DivergenceError` naming the step and the metric. With several ranks the
+        decision is global (one small all-reduce), because a rank that stopped alone would leave
+        the others waiting in the next collective."""
         t = self.cfg.train
-        checks = [("loss", float(stats["loss"]), math.inf), ("grad_norm", float(grad_norm), t.max_grad_norm)]
+        checks = [("loss", float(stats["loss"]), math.inf)]
+        if grad_norm is not None and not overflow:  # an fp16 overflow is a skipped step, not a divergence
+            checks.append(("grad_norm", float(grad_norm), t.max_grad_norm))
         checks += [(k, float(stats[k]), t.max_abs_energy) for k in ("e_pos", "e_neg", "e_pos_y", "e_neg_y") if k in stats]
+        if self.world > 1:
+            values = [v for _, v, _ in checks]
+            worst = torch.tensor([float(not math.isfinite(v)) for v in values]
+                                 + [abs(v) if math.isfinite(v) else 0.0 for v in values], dtype=torch.float64)
+            dist.all_reduce_max(worst)
+            k = len(values)
+            checks = [(name, math.nan if worst[i] > 0 else float(worst[k + i]), limit)
+                      for i, (name, _, limit) in enumerate(checks)]
         for name, value, limit in checks:
             if not math.isfinite(value) or abs(value) > limit:
-                raise DivergenceError(f"training diverged at step {self.step}: {name}={value:.4g} "
+                where = "" if self.world == 1 else " on some rank"
+                raise DivergenceError(f"training diverged at step {self.step}: {name}={value:.4g}{where} "
                                       f"(limit {limit:.4g}; see train.max_abs_energy / train.max_grad_norm)")
 
     @torch.no_grad()
     def _update_ema(self) -> None:
         d = self.cfg.optim.ema
         for pe, p in zip(self.ema.parameters(), self.model.parameters()):
-            pe.lerp_(p.detach(), 1.0 - d)
+            pe.lerp_(p.detach().to(pe.dtype), 1.0 - d)  # the module may be half precision (DeepSpeed)
         for be, b in zip(self.ema.buffers(), self.model.buffers()):
             be.copy_(b)
 
@@ -223,19 +286,29 @@ class Trainer:
             "step": self.step,
             "model": self.model.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            # Under DeepSpeed the optimizer state is sharded across ranks: it lives in DEEPSPEED_DIR.
+            "optimizer": None if self.parallel.is_deepspeed else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "buffer": self.buffer.state_dict(),
             "stream": self.stream.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "precision": self.parallel.state_dict(),
+            "sampler_grad_scaler": None if self.input_grad_scaler is None else self.input_grad_scaler.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None and not self.parallel.is_deepspeed:
+            self.optimizer.load_state_dict(state["optimizer"])
+        elif state["optimizer"] is None and not self.parallel.is_deepspeed:
+            dist.print0("warning: the checkpoint's optimizer state is in DeepSpeed shards; "
+                        "this DDP run starts the optimizer afresh")
         self.scheduler.load_state_dict(state["scheduler"])
+        self.parallel.load_state_dict(state.get("precision") or {})
+        if self.input_grad_scaler is not None and state.get("sampler_grad_scaler"):
+            self.input_grad_scaler.load_state_dict(state["sampler_grad_scaler"])
         self.buffer.load_state_dict({k: (v.numpy() if isinstance(v, torch.Tensor) else v)
                                      for k, v in state["buffer"].items()})
         self.stream.load_state_dict(state["stream"])
@@ -243,7 +316,10 @@ class Trainer:
         self.step = int(state["step"])
 
     def save(self) -> str:
+        """Write the checkpoint (collective: call on every rank). Rank 0 writes checkpoint.pt;
+        under DeepSpeed every rank first writes its ZeRO shard to ``DEEPSPEED_DIR``."""
         path = os.path.join(self.run_dir, CHECKPOINT_NAME)
+        self.parallel.save_sharded(os.path.join(self.run_dir, DEEPSPEED_DIR))
         if dist.is_main():
             save_checkpoint(path, self.state_dict())
         dist.barrier()
@@ -296,10 +372,7 @@ def _out_of_time(t_start: float, budget_s: float) -> bool:
     """True once the wall-clock budget is spent (decided on rank 0, broadcast, so that every
     rank stops at the same step)."""
     over = torch.tensor([float(time.perf_counter() - t_start > budget_s)])
-    if dist.is_initialized() and dist.world_size() > 1:
-        import torch.distributed as tdist
-
-        tdist.broadcast(over, src=0)
+    dist.broadcast(over, src=0)
     return bool(over.item())
 
 
@@ -317,7 +390,11 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
         path = os.path.join(run_dir, CHECKPOINT_NAME) if resume == "auto" else resume
         if resume != "auto" or os.path.isfile(path):
             trainer.load_state_dict(load_checkpoint(path))
+            if trainer.parallel.is_deepspeed:
+                trainer.parallel.load_sharded(os.path.join(os.path.dirname(os.path.abspath(path)), DEEPSPEED_DIR))
             dist.print0(f"resumed from {path} at step {trainer.step}")
+    if trainer.parallel.distributed:
+        dist.print0(f"data parallel: {trainer.parallel.describe()}")
     t = cfg.train
     end = t.steps if max_steps is None else min(t.steps, max_steps)
     bar = None
@@ -338,7 +415,8 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
                 break
             stats = trainer.train_step()
             for k, v in stats.items():
-                trainer.metrics.report(k, v)
+                # Weight 0 keeps the name (every rank reports the same set) without a value.
+                trainer.metrics.report(k, 0.0 if v is None else v, weight=0.0 if v is None else 1.0)
             s = trainer.step
             if s % t.log_every == 0 or s == end:
                 last = trainer.metrics.flush(s)

@@ -1,0 +1,342 @@
+"""Data parallelism and mixed precision: the only module that imports accelerate and deepspeed.
+
+:class:`Parallel` is built once per process from the config and owns
+
+* the ``accelerate.Accelerator`` (gloo on CPU through ``InitProcessGroupKwargs``, NCCL on GPUs;
+  a plain single process needs no launcher at all);
+* the wrapper of the *loss* forward/backward: DDP, or a DeepSpeed ZeRO-1/2 engine that also owns
+  the optimizer step. Gradients are averaged across ranks by the wrapper's backward;
+* mixed precision. With DDP the loss forward runs under ``torch.autocast`` on fp32 weights (fp16
+  adds a ``GradScaler``). DeepSpeed keeps its own scheme -- half-precision module weights, fp32
+  master weights in the ZeRO optimizer, its own fp16 loss scaler -- and its engine switches off an
+  outer autocast on GPUs, so the loss inputs are cast to the module's dtype instead.
+
+The Langevin sampler never sees any of this: it runs on the unwrapped module (the model object
+the trainer built; ZeRO-1/2 leave its parameters whole on every rank, so no gather is needed),
+so its K steps cost no gradient all-reduce, no DDP buffer broadcast and no ZeRO collective.
+
+accelerate's own ``--mixed_precision`` is not read: ``train.precision`` decides, so that one
+config file means the same run under any launcher.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ebmscale import dist
+from ebmscale.config import Config, ConfigError
+
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+# The built-in DeepSpeed template, identical to launch/deepspeed/zero2.json (a test keeps the two
+# equal). "auto" entries are filled from the ebmscale config by :func:`deepspeed_config`; the rest
+# are ZeRO tuning knobs a cluster may want to change in its own copy of the JSON.
+DEFAULT_DEEPSPEED_CONFIG: dict = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "train_batch_size": "auto",
+    "gradient_accumulation_steps": 1,
+    "gradient_clipping": "auto",
+    "zero_optimization": {
+        "stage": 2,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_scatter": True,
+        "reduce_bucket_size": 200000000,
+        "allgather_bucket_size": 200000000,
+    },
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "zero_allow_untested_optimizer": True,
+    "wall_clock_breakdown": False,
+}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def launched_with_deepspeed() -> bool:
+    """Whether ``accelerate launch`` was given a DeepSpeed config (it exports this variable)."""
+    return _flag("ACCELERATE_USE_DEEPSPEED")
+
+
+def resolve_backend(requested: str) -> str:
+    """``train.distributed`` -> 'ddp' or 'deepspeed' (auto follows the launcher)."""
+    if requested == "auto":
+        return "deepspeed" if launched_with_deepspeed() else "ddp"
+    if requested == "ddp" and launched_with_deepspeed():
+        # accelerate would build a DeepSpeed engine from the launcher's environment regardless.
+        raise ConfigError("launched with a DeepSpeed accelerate config but train.distributed=ddp; "
+                          "set train.distributed=deepspeed (or auto), or launch with a DDP config")
+    return requested
+
+
+def _load_template(cfg: Config) -> tuple[dict, str]:
+    """The DeepSpeed JSON to start from and where it came from."""
+    path = cfg.train.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if path and path != "none":
+        if not os.path.isfile(path):
+            raise ConfigError(f"DeepSpeed config '{path}' does not exist (train.deepspeed_config or the "
+                              "accelerate config's deepspeed_config_file)")
+        with open(path) as fh:
+            try:
+                return json.load(fh), path
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON (line {exc.lineno})") from None
+    return copy.deepcopy(DEFAULT_DEEPSPEED_CONFIG), "built-in"
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict:
+    """The DeepSpeed config for this run: the template with the training semantics -- micro
+    batch, global batch, clipping, precision, ZeRO stage -- taken from the ebmscale config, so the
+    JSON only carries tuning knobs and can never silently change what is trained."""
+    ds, origin = _load_template(cfg)
+    zero = ds.setdefault("zero_optimization", {})
+    stage = cfg.train.zero_stage or zero.get("stage", 2)
+    if stage == "auto":
+        stage = 2
+    if stage not in (1, 2):
+        # ZeRO-3 partitions the parameters themselves: the sampler would need a gather per
+        # Langevin step, which is exactly the communication this design keeps out of the sampler.
+        raise ConfigError(f"ZeRO stage {stage} from {origin} is not supported: use 1 or 2 (train.zero_stage)")
+    zero["stage"] = int(stage)
+    if zero.get("offload_param", {}).get("device", "none") not in ("none", None):
+        raise ConfigError(f"{origin}: zero_optimization.offload_param moves parameters off the device the "
+                          "sampler runs on; remove it")
+    gas = ds.get("gradient_accumulation_steps", 1)
+    if gas not in (1, "auto"):
+        raise ConfigError(f"{origin}: gradient_accumulation_steps must be 1 (one optimizer step per train step)")
+    batch = cfg.data.batch_size
+    ds.update(train_micro_batch_size_per_gpu=batch, train_batch_size=batch * world, gradient_accumulation_steps=1,
+              gradient_clipping=float(cfg.optim.grad_clip_norm))
+    p = cfg.train.precision
+    ds["bf16"] = {**{k: v for k, v in ds.get("bf16", {}).items() if k != "enabled"}, "enabled": p == "bf16"}
+    fp16 = {k: v for k, v in ds.get("fp16", {}).items() if k not in ("enabled", "auto_cast")}
+    # auto_cast off: the trainer casts the loss inputs itself, for bf16 and fp16 alike.
+    ds["fp16"] = {**fp16, "enabled": p == "fp16", "auto_cast": False}
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds["steps_per_print"] = 2 ** 62  # DeepSpeed's own step logging stays off; MetricLogger reports
+    return ds
+
+
+class Parallel:
+    """The distributed and precision context of one training process (see the module docstring).
+
+    Usage by the trainer, in this order: ``prepare(forward_module, optimizer)`` once; per step
+    ``zero_grad``, the loss forward inside ``autocast()`` on ``cast_input(x)``, ``backward(loss)``,
+    ``clip_grad_norm(...)``, ``step(optimizer)``.
+    """
+
+    def __init__(self, cfg: Config):
+        t = cfg.train
+        self.cfg = cfg
+        self.precision = t.precision
+        self.autocast_dtype = AUTOCAST_DTYPES[t.precision]
+        self.backend = resolve_backend(t.distributed)
+        launcher_mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+        if launcher_mp not in ("no", _ACCELERATE_PRECISION[t.precision]):
+            raise ConfigError(f"accelerate launch --mixed_precision {launcher_mp} is not read by ebmscale; set "
+                              f"train.precision={launcher_mp} and leave the launcher's mixed_precision at 'no'")
+        device = resolve_device(t.device)
+        cpu = device.type == "cpu"
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        # gloo on CPU; alone (no launcher) there is no process group to configure, and naming a
+        # backend would make accelerate look for one.
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and (launched or self.backend == "deepspeed") else []
+        if self.backend == "deepspeed":
+            if cpu:
+                if t.precision == "fp16":
+                    raise ConfigError("DeepSpeed has no fp16 on CPU; use train.precision=bf16 (or fp32), or "
+                                      "train.distributed=ddp")
+                if _flag("ACCELERATE_USE_CPU"):
+                    # accelerate silently drops DeepSpeed when ACCELERATE_USE_CPU is set.
+                    raise ConfigError("train.distributed=deepspeed cannot run with ACCELERATE_USE_CPU=1 (accelerate "
+                                      "then ignores DeepSpeed); unset it and export DS_ACCELERATOR=cpu")
+                # Read when deepspeed is first imported (inside Accelerator); without it DeepSpeed
+                # looks for CUDA.
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            if "LOCAL_RANK" not in os.environ:
+                _single_process_rendezvous()
+            os.environ.setdefault("TORCH_EXTENSIONS_DIR",  # DeepSpeed's JIT-built ops: never in $HOME
+                                  os.path.abspath(os.path.join(cfg.data.cache_dir, "torch_extensions")))
+            from accelerate.utils import DeepSpeedPlugin
+
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            self.ds_config = deepspeed_config(cfg, world)
+            plugin = DeepSpeedPlugin(hf_ds_config=self.ds_config, zero_stage=self.ds_config["zero_optimization"]["stage"],
+                                     gradient_accumulation_steps=1,
+                                     gradient_clipping=self.ds_config["gradient_clipping"])
+            self.accelerator = Accelerator(mixed_precision=_ACCELERATE_PRECISION[t.precision], deepspeed_plugin=plugin,
+                                           kwargs_handlers=handlers, device_placement=False)
+        else:
+            self.ds_config = None
+            # cpu=True selects accelerate's gloo (MULTI_CPU) path; in a single process it must stay
+            # False so that every Trainer in one process agrees with accelerate's process-wide state.
+            self.accelerator = Accelerator(mixed_precision="no", cpu=cpu and launched, kwargs_handlers=handlers,
+                                           device_placement=False)
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.distributed = self.world > 1 or self.backend == "deepspeed"
+        # Under a launcher the accelerator knows the local device (cuda:LOCAL_RANK); alone, the
+        # config's explicit device is honoured.
+        self.device = acc.device if self.distributed else device
+        self.scaler = (torch.amp.GradScaler(self.device.type)
+                       if self.precision == "fp16" and self.backend == "ddp" else None)
+        self.engine = None
+        self.wrapped: nn.Module | None = None
+        self._skipped_before = 0
+
+    # ------------------------------------------------------------------ wrapping
+    @property
+    def is_deepspeed(self) -> bool:
+        return self.backend == "deepspeed"
+
+    def prepare(self, forward_module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        """Wrap ``forward_module`` (the model, or an adapter sharing its parameters) for the loss
+        forward/backward and return the wrapper. The optimizer stays the caller's torch optimizer
+        (DeepSpeed wraps it internally; its param groups still carry the learning rate)."""
+        if self.is_deepspeed:
+            engine, _ = self.accelerator.prepare(forward_module, optimizer)
+            self.engine = engine
+            self.wrapped = engine
+        elif self.world > 1:
+            self.wrapped = self.accelerator.prepare_model(forward_module, device_placement=False)
+        else:
+            self.wrapped = forward_module
+        return self.wrapped
+
+    @property
+    def module_dtype(self) -> torch.dtype:
+        """dtype of the module's floating parameters (half under DeepSpeed bf16/fp16)."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32) \
+            if self.is_deepspeed else torch.float32
+
+    # ------------------------------------------------------------------ precision
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context of the loss forward: autocast for DDP in bf16/fp16, nothing otherwise (DeepSpeed
+        computes in its module dtype)."""
+        if self.autocast_dtype is None or self.is_deepspeed:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def cast_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The loss forward's input: floating tensors in the module dtype under DeepSpeed."""
+        return x.to(self.module_dtype) if self.is_deepspeed and x.is_floating_point() else x
+
+    # ------------------------------------------------------------------ one optimisation step
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.is_deepspeed:  # the engine clears its gradients inside step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward with gradient averaging across ranks (DDP hooks / ZeRO reduce-scatter). Under
+        DeepSpeed this also clips and steps the optimizer (accelerate runs ``engine.step()``)."""
+        if self.is_deepspeed:
+            self._skipped_before = self.engine.skipped_steps
+            self.accelerator.backward(loss)
+        elif self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def clip_grad_norm(self, optimizer: torch.optim.Optimizer, params, max_norm: float) -> tuple[float, bool]:
+        """Clip the averaged gradients and return (their norm before clipping, overflowed). An fp16
+        overflow is a skipped step, not a divergence. Under DeepSpeed the engine has already
+        clipped and stepped; its norm is returned."""
+        if self.is_deepspeed:
+            gn = self.engine.get_global_grad_norm()
+            overflow = self.engine.skipped_steps > self._skipped_before
+            return (math.nan if gn is None else float(gn)), overflow
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        gn = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+        return gn, self.scaler is not None and not math.isfinite(gn)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.is_deepspeed:
+            return  # done inside backward()
+        if self.scaler is not None:
+            self.scaler.step(optimizer)  # skips the update when the gradients overflowed
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def grad_scale(self) -> float | None:
+        """Current fp16 loss scale (None when there is none)."""
+        if self.scaler is not None:
+            return float(self.scaler.get_scale())
+        if self.is_deepspeed and self.precision == "fp16":
+            return float(self.engine.optimizer.loss_scale)
+        return None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+
+    def save_sharded(self, directory: str) -> None:
+        """DeepSpeed only, collective: each rank writes its ZeRO shard (fp32 master weights and
+        optimizer state) under ``directory``."""
+        if self.is_deepspeed:
+            self.engine.save_checkpoint(directory, tag="latest", save_latest=False)
+
+    def load_sharded(self, directory: str) -> None:
+        """DeepSpeed only, collective: restore module, master weights and optimizer shards."""
+        if self.is_deepspeed:
+            path, _ = self.engine.load_checkpoint(directory, tag="latest", load_lr_scheduler_states=False)
+            if path is None:
+                raise ConfigError(f"no DeepSpeed checkpoint under '{directory}' to resume from")
+
+    def describe(self) -> str:
+        """One line for the log: backend, world, device, precision."""
+        extra = f" ZeRO-{self.ds_config['zero_optimization']['stage']}" if self.is_deepspeed else ""
+        return (f"{self.backend}{extra} x{self.world} on {self.device.type} "
+                f"({'gloo' if self.device.type == 'cpu' else 'nccl'}), precision {self.precision}")
+
+
+def _single_process_rendezvous() -> None:
+    """DeepSpeed always needs a process group; without a launcher, describe a world of one (what
+    torchrun would export) so that ``ebmscale train train.distributed=deepspeed`` runs as is."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` -> a torch device ('auto' = this rank's GPU if there is one, else the CPU)."""
+    if name == "auto":
+        return torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[list[str]]:
+    """Record every c10d collective (dispatcher op ``c10d::*``) issued in the block, from any
+    thread, including the ones DDP's reducer launches from C++ and DeepSpeed's; yields the list
+    of op names, filled when the block exits. For tests and debugging: it runs the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    names: list[str] = []
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        yield names
+    names.extend(e.name for e in prof.events() if e.name.startswith("c10d::"))
