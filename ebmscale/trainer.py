@@ -406,6 +406,7 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
     ckpt = None
     t_start = time.perf_counter()
     budget_s = t.max_minutes * 60.0
+    skipped_seen = int(getattr(trainer.stream, "skipped", 0))
     try:
         while trainer.step < end:
             if budget_s and trainer.step > 0 and _out_of_time(t_start, budget_s):
@@ -417,6 +418,10 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
             for k, v in stats.items():
                 # Weight 0 keeps the name (every rank reports the same set) without a value.
                 trainer.metrics.report(k, 0.0 if v is None else v, weight=0.0 if v is None else 1.0)
+            # Corrupt/undecodable samples the stream skipped this step, summed over ranks.
+            skipped = int(getattr(trainer.stream, "skipped", 0))
+            trainer.metrics.report("data_skipped", skipped - skipped_seen, kind="sum")
+            skipped_seen = skipped
             s = trainer.step
             if s % t.log_every == 0 or s == end:
                 last = trainer.metrics.flush(s)
