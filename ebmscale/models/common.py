@@ -56,3 +56,14 @@ def parametrizations_present(m: nn.Module) -> bool:
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable scalars (spectral-norm u/v vectors are buffers, so not counted)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def energy_from_head(out: torch.Tensor, num_classes: int, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Energy from a network's head output. Unconditional (``num_classes`` = 0): the single output
+    is the energy. With classes the output is logits f(x) (JEM): E(x) = -logsumexp_y f(x)[y] and
+    E(x, y) = -f(x)[y]."""
+    if num_classes == 0:
+        return out.squeeze(-1)
+    if y is None:
+        return -torch.logsumexp(out, dim=-1)
+    return -out.gather(1, y.view(-1, 1)).squeeze(1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ebmscale.models.common import apply_spectral_norm, make_activation
+from ebmscale.models.common import apply_spectral_norm, energy_from_head, make_activation
 
 
 class ConvNetEnergy(nn.Module):
@@ -40,8 +40,4 @@ class ConvNetEnergy(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         out = self.logits(x)
-        if self.num_classes == 0:
-            return out.squeeze(-1)
-        if y is None:
-            return -torch.logsumexp(out, dim=-1)
-        return -out.gather(1, y.view(-1, 1)).squeeze(1)
+        return energy_from_head(out, self.num_classes, y)

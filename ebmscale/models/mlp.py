@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ebmscale.models.common import apply_spectral_norm, make_activation
+from ebmscale.models.common import apply_spectral_norm, energy_from_head, make_activation
 
 
 class MLPEnergy(nn.Module):
@@ -27,11 +27,7 @@ class MLPEnergy(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         out = self.logits(x)
-        if self.num_classes == 0:
-            return out.squeeze(-1)
-        if y is None:
-            return -torch.logsumexp(out, dim=-1)
-        return -out.gather(1, y.view(-1, 1)).squeeze(1)
+        return energy_from_head(out, self.num_classes, y)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))

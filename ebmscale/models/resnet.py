@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ebmscale.models.common import apply_spectral_norm, make_activation
+from ebmscale.models.common import apply_spectral_norm, energy_from_head, make_activation
 
 
 class _Block(nn.Module):
@@ -66,8 +66,4 @@ class SmallResNetEnergy(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         out = self.logits(x)
-        if self.num_classes == 0:
-            return out.squeeze(-1)
-        if y is None:
-            return -torch.logsumexp(out, dim=-1)
-        return -out.gather(1, y.view(-1, 1)).squeeze(1)
+        return energy_from_head(out, self.num_classes, y)
