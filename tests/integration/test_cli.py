@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 TINY = ["model.width=4", "model.depth=1", "data.batch_size=8", "sampler.steps=3", "buffer.capacity=64",
         "train.log_every=5", "train.sample_every=10", "train.checkpoint_every=10", "train.progress=false"]
@@ -71,3 +71,19 @@ def test_info_prints_parameter_count(tmp_path, cli_env):
     assert r.returncode == 0, r.stderr
     info = _last_json(r.stdout)
     assert info["parameters"] > 1000 and info["input_shape"] == [1, 28, 28]
+
+
+def test_toy_train_then_eval_toy_nll(tmp_path, cli_env):
+    run = tmp_path / "toy"
+    r = run_cli(["train", "--config", "configs/toy_8gaussians.yaml", "--run-dir", str(run), "train.steps=20",
+                 "data.toy_train_size=2000", "data.batch_size=128", "buffer.capacity=256",
+                 "train.progress=false"], cli_env, REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli(["eval", "toy-nll", "--checkpoint", str(run), "--grid", "128"], cli_env, REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = _last_json(r.stdout)
+    for key in ("nll", "true_nll", "kde_nll", "gap", "kde_train_size", "log_z"):
+        assert key in res
+    assert res["kde_train_size"] == 2000 and abs(res["true_nll"] - 2.82) < 0.1
+    assert res["gap"] == pytest.approx(res["nll"] - res["true_nll"])
+    assert (run / "density.png").exists() and (run / "eval_toy_nll.json").exists()
