@@ -12,7 +12,6 @@ Prints a Markdown table and, as its last line, one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks._report import print_report  # noqa: E402
 from ebmscale.config import load_config  # noqa: E402
 from ebmscale.data.builtin import load_builtin  # noqa: E402
 from ebmscale.data.transforms import to_model_input  # noqa: E402
@@ -67,12 +67,10 @@ def main() -> None:
         rows.append({"model": name, "steps": res.steps, "train_seconds": round(secs, 1),
                      "test_accuracy": accuracy(probs, y), "ece": expected_calibration_error(probs, y, 20),
                      "reliability_png": png})
-    print("| model | steps | train s | test accuracy | ECE (20 bins) |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['model']} | {r['steps']} | {r['train_seconds']:.0f} | {100 * r['test_accuracy']:.2f}% | "
-              f"{100 * r['ece']:.2f}% |")
-    print(json.dumps(rows))
+    print_report(rows, [("model", lambda r: r["model"]), ("steps", lambda r: str(r["steps"])),
+                        ("train s", lambda r: f"{r['train_seconds']:.0f}"),
+                        ("test accuracy", lambda r: f"{100 * r['test_accuracy']:.2f}%"),
+                        ("ECE (20 bins)", lambda r: f"{100 * r['ece']:.2f}%")])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Prints one Markdown table and, as its last line, one JSON object with all figure
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks._report import print_report  # noqa: E402
 from ebmscale.config import load_config  # noqa: E402
 from ebmscale.eval.checkpoints import toy_nll_from_checkpoint  # noqa: E402
 from ebmscale.trainer import train  # noqa: E402
@@ -47,12 +47,10 @@ def main() -> None:
     args = ap.parse_args()
     out_root = args.out or tempfile.mkdtemp(prefix="ebmscale-toy-")
     rows = [run_one(name, args.minutes, out_root, args.overrides) for name in args.datasets]
-    print("| dataset | steps | train s | EBM test NLL | true NLL | gap | KDE NLL (n train) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['dataset']} | {r['steps']} | {r['train_seconds']:.0f} | {r['nll']:.4f} | {r['true_nll']:.4f} | "
-              f"{r['gap']:+.4f} | {r['kde_nll']:.4f} ({r['kde_train_size']}) |")
-    print(json.dumps(rows))
+    print_report(rows, [("dataset", lambda r: r["dataset"]), ("steps", lambda r: str(r["steps"])),
+                        ("train s", lambda r: f"{r['train_seconds']:.0f}"), ("EBM test NLL", lambda r: f"{r['nll']:.4f}"),
+                        ("true NLL", lambda r: f"{r['true_nll']:.4f}"), ("gap", lambda r: f"{r['gap']:+.4f}"),
+                        ("KDE NLL (n train)", lambda r: f"{r['kde_nll']:.4f} ({r['kde_train_size']})")])
 
 
 if __name__ == "__main__":

@@ -45,14 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pd = sub.add_parser("data", help="data preparation")
     dsub = pd.add_subparsers(dest="data_command", required=True)
-    try:
-        from ebmscale.data.shards import add_shards_arguments
-    except ImportError:  # the converter module is optional only while it is being built
-        add_shards_arguments = None
-    if add_shards_arguments is not None:
-        p = dsub.add_parser("shards", help="write webdataset shards + manifest from a folder, CIFAR archive, "
-                                           ".npz or a built-in set")
-        add_shards_arguments(p)
+    from ebmscale.data.shards import add_shards_arguments
+
+    p = dsub.add_parser("shards", help="write webdataset shards + manifest from a folder, CIFAR archive, "
+                                       ".npz or a built-in set")
+    add_shards_arguments(p)
     return parser
 
 

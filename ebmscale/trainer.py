@@ -30,7 +30,7 @@ from torch import nn
 
 from ebmscale import dist
 from ebmscale.buffer import ReplayBuffer
-from ebmscale.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from ebmscale.checkpoint import CHECKPOINT_NAME, find_resume, load_checkpoint, save_checkpoint
 from ebmscale.config import TOY_DATASETS, Config, dump_yaml, to_dict
 from ebmscale.data import build_train_stream, data_shape
 from ebmscale.data.transforms import data_bounds, to_model_input
@@ -387,8 +387,8 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
             fh.write(dump_yaml(cfg))
     trainer = Trainer(cfg, run_dir)
     if resume:
-        path = os.path.join(run_dir, CHECKPOINT_NAME) if resume == "auto" else resume
-        if resume != "auto" or os.path.isfile(path):
+        path = find_resume(run_dir) if resume == "auto" else resume
+        if path is not None:
             trainer.load_state_dict(load_checkpoint(path))
             if trainer.parallel.is_deepspeed:
                 trainer.parallel.load_sharded(os.path.join(os.path.dirname(os.path.abspath(path)), DEEPSPEED_DIR))

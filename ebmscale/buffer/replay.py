@@ -52,10 +52,7 @@ class ReplayBuffer:
         return x.astype(_DTYPES[self.storage], copy=False)
 
     def _decode(self, q: np.ndarray) -> np.ndarray:
-        lo, hi = self.bounds
-        if self.storage == "uint8":
-            return q.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
-        return q.astype(np.float32)
+        return self._decode_with(q, self.storage, self.bounds)
 
     def noise(self, n: int, rng: np.random.Generator) -> np.ndarray:
         lo, hi = self.bounds

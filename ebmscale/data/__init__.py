@@ -15,7 +15,6 @@ def build_train_stream(cfg: Config, rank: int = 0, world: int = 1):
     d = cfg.data
     if d.dataset in TOY_DATASETS:
         from ebmscale.data.memory import ArrayStream
-        from ebmscale.data.toy import make_splits
 
         splits = toy_splits(cfg)
         return ArrayStream(splits["train"], None, d.batch_size, seed=cfg.train.seed, rank=rank, world=world)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ebmscale.models.common import energy_from_head
+
 
 class ClassifierEnergy(nn.Module):
     """Energy from a feature extractor ``backbone: (N, ...) -> (N, feat_dim)`` and one linear head.
@@ -42,7 +44,4 @@ class ClassifierEnergy(nn.Module):
             if y is not None:
                 raise ValueError("labels given to an unconditional energy (num_classes=0)")
             return -self.head(self.features(x)).squeeze(-1)
-        out = self.logits(x)
-        if y is None:
-            return -torch.logsumexp(out, dim=-1)
-        return -out.gather(1, y.long().view(-1, 1)).squeeze(1)
+        return energy_from_head(self.logits(x), self.num_classes, None if y is None else y.long())

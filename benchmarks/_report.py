@@ -1,0 +1,15 @@
+"""Shared output of the benchmark scripts: a Markdown table, then all figures as one JSON line."""
+from __future__ import annotations
+
+import json
+from typing import Callable, Sequence
+
+
+def print_report(rows: Sequence[dict], columns: Sequence[tuple[str, Callable[[dict], str]]]) -> None:
+    """Print ``rows`` as a Markdown table (``columns``: header and cell formatter) and, as the
+    last line, the rows as one JSON object list."""
+    print("| " + " | ".join(h for h, _ in columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join(fmt(r) for _, fmt in columns) + " |")
+    print(json.dumps(list(rows)))
