@@ -28,6 +28,7 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, min: float | No
     return field(default=default, metadata=meta)
 
 
+OBJECTIVE_KINDS = ("pcd", "jem", "cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd")
 TOY_DATASETS = ("8gaussians", "rings", "checkerboard", "moons")
 IMAGE_DATASETS = ("mnist", "digits", "shards", "folder", "cifar10", "cifar100", "npz")
 
@@ -97,12 +98,35 @@ class BufferConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: str = _f("pcd", "training objective: pcd (maximum likelihood, IGEBM) or jem (hybrid classifier + PCD)",
-                   choices=("pcd", "jem"))
+    kind: str = _f("pcd", "training objective: pcd (maximum likelihood, IGEBM), jem (hybrid classifier + PCD), "
+                          "cd (CD-k), sm (exact score matching), dsm (denoising SM), ssm (sliced SM), "
+                          "nce (noise-contrastive), adversarial (learned sampler), ksd (kernel Stein discrepancy)",
+                   choices=OBJECTIVE_KINDS)
     alpha: float = _f(0.1, "energy regularisation weight: alpha * (E(x+)^2 + E(x-)^2) (IGEBM: 1, JEM: 0)", min=0.0)
     clf_weight: float = _f(1.0, "jem: weight of the cross-entropy term log p(y|x)", min=0.0)
     px_weight: float = _f(1.0, "jem: weight of the PCD term for p(x), E(x) = -logsumexp f(x)", min=0.0)
     pxy_weight: float = _f(0.0, "jem: weight of the PCD term for p(x, y), E(x, y) = -f(x)[y]", min=0.0)
+    cd_steps: int = _f(1, "cd: sampler steps from the data (k of CD-k; the update rule is sampler.kind's)", min=1)
+    dsm_sigmas: list = _f([0.1], "dsm: noise levels; each sample draws one (loss weighted by sigma^2)")
+    ssm_projections: int = _f(1, "ssm: random projections v ~ N(0, I) per sample", min=1)
+    ssm_variance_reduced: bool = _f(True, "ssm: keep 1/2 ||s||^2 exact (SSM-VR) instead of 1/2 (v^T s)^2")
+    nce_noise: str = _f("gaussian", "nce: noise distribution: gaussian (fitted to the first batch) or uniform "
+                                    "(over the data range / the toy box)", choices=("gaussian", "uniform"))
+    nce_noise_scale: float = _f(1.0, "nce: the fitted Gaussian's std is multiplied by this", min=0.0,
+                                min_exclusive=True)
+    nce_noise_ratio: float = _f(1.0, "nce: noise samples per data sample (nu)", min=0.0, min_exclusive=True)
+    nce_log_z_lr: float = _f(0.0, "nce: Adam learning rate of the learnable log Z; 0 = optim.lr", min=0.0)
+    sampler: str = _f("noisy", "adversarial: q_phi: noisy (x = g(z) + sigma*eps) or flow (affine couplings)",
+                      choices=("noisy", "flow"))
+    sampler_lr: float = _f(1e-3, "adversarial: Adam learning rate of q_phi", min=0.0, min_exclusive=True)
+    entropy_weight: float = _f(1.0, "adversarial: weight of H(q_phi) in the sampler's loss (1 = the bound)", min=0.0)
+    sampler_sigma: float = _f(0.1, "adversarial, noisy: output noise std sigma", min=0.0, min_exclusive=True)
+    sampler_latent_dim: int = _f(0, "adversarial, noisy: latent dimension; 0 = the data dimension", min=0)
+    sampler_width: int = _f(128, "adversarial: hidden units of the generator / of each coupling's MLP", min=1)
+    sampler_depth: int = _f(2, "adversarial: hidden layers of the generator / of each coupling's MLP", min=1)
+    flow_layers: int = _f(6, "adversarial, flow: affine coupling layers", min=1)
+    refine_steps: int = _f(0, "adversarial: Langevin steps (sampler.kind's rule) refining q_phi's samples", min=0)
+    ksd_bandwidth: float = _f(0.0, "ksd: RBF bandwidth h; 0 = median heuristic (median pairwise distance)", min=0.0)
 
 
 @dataclass
@@ -294,6 +318,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("objective.kind=jem needs model.num_classes >= 2 (the classifier's logits)")
     if cfg.objective.kind == "jem" and m.conditional:
         raise ConfigError("objective.kind=jem uses the logits head directly; set model.conditional=false")
+    _validate_estimator(cfg, toy)
     if m.conditional and m.num_classes < 2:
         raise ConfigError("model.conditional needs model.num_classes >= 2")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
@@ -317,6 +342,30 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{key} is only read with train.distributed=deepspeed (or auto under a DeepSpeed launcher)")
     if t.deepspeed_config and not os.path.isfile(t.deepspeed_config):
         raise ConfigError(f"train.deepspeed_config '{t.deepspeed_config}' does not exist")
+
+
+def _validate_estimator(cfg: Config, toy: bool) -> None:
+    """Cross-field checks of the estimators beyond PCD/JEM (objective.kind cd ... ksd)."""
+    o = cfg.objective
+    if o.kind in ("pcd", "jem"):
+        return
+    if cfg.model.conditional:
+        raise ConfigError(f"objective.kind={o.kind} trains an unconditional energy; set model.conditional=false")
+    if cfg.train.precision == "fp16":
+        raise ConfigError(f"objective.kind={o.kind} runs in fp32 or bf16 (its extra parameters and input "
+                          "gradients are not loss-scaled); set train.precision")
+    if o.kind in ("sm", "dsm", "ssm", "ksd") and cfg.train.distributed == "deepspeed":
+        raise ConfigError(f"objective.kind={o.kind} differentiates through input gradients, which is tested "
+                          "under DDP only; set train.distributed=ddp")
+    if o.kind == "sm" and not toy:
+        raise ConfigError("objective.kind=sm costs one backward pass per input dimension; use dsm or ssm "
+                          f"for dataset '{cfg.data.dataset}'")
+    if o.kind == "dsm" and (not o.dsm_sigmas or any(s <= 0 for s in o.dsm_sigmas)):
+        raise ConfigError(f"objective.dsm_sigmas must be a non-empty list of positive numbers, got {o.dsm_sigmas}")
+    if o.kind == "nce" and o.nce_noise_ratio * cfg.data.batch_size < 1:
+        raise ConfigError("objective.nce_noise_ratio * data.batch_size must give at least one noise sample")
+    if o.kind == "ksd" and cfg.data.batch_size < 2:
+        raise ConfigError("objective.kind=ksd is a U-statistic over pairs; data.batch_size must be >= 2")
 
 
 # --------------------------------------------------------------------------- dumping

@@ -36,7 +36,7 @@ from ebmscale.data import build_train_stream, data_shape
 from ebmscale.data.transforms import data_bounds, to_model_input
 from ebmscale.metrics import MetricLogger
 from ebmscale.models import build_model
-from ebmscale.objectives import jem_loss, pcd_loss
+from ebmscale.objectives import ESTIMATOR_KINDS, build_estimator, jem_loss, pcd_loss
 from ebmscale.parallel import Parallel, resolve_device  # noqa: F401 (resolve_device: re-exported)
 from ebmscale.sampling import InputGradScaler, LangevinSettings, NoiseFn, langevin, sampling_mode, uniform_noise
 
@@ -124,7 +124,9 @@ class Trainer:
         self.conditional = cfg.model.conditional
         # Class-partitioned buffer whenever chains are class-conditional (JEM's p(x, y) term too).
         partitioned = self.conditional or (cfg.objective.kind == "jem" and cfg.objective.pxy_weight > 0)
-        self.buffer = ReplayBuffer(cfg.buffer.capacity, self.shape, self.init_bounds, cfg.buffer.reinit_prob,
+        # The other estimators keep no persistent chains: a one-slot buffer keeps the state layout.
+        capacity = 1 if cfg.objective.kind in ESTIMATOR_KINDS else cfg.buffer.capacity
+        self.buffer = ReplayBuffer(capacity, self.shape, self.init_bounds, cfg.buffer.reinit_prob,
                                    cfg.buffer.storage, cfg.model.num_classes if partitioned else 0,
                                    seed=dist.derive_seed(cfg.train.seed, self.rank, 0, "buffer"))
         # Toy chains are clamped to the quadrature box: the exact evaluation normalises over it.
@@ -132,6 +134,8 @@ class Trainer:
         self.step = 0
         self.metrics = MetricLogger(self.run_dir if dist.is_main() else None, tensorboard=cfg.train.tensorboard)
         self.last_negatives: torch.Tensor | None = None
+        # CD-k, score matching, NCE, adversarial, KSD (None for pcd/jem): ebmscale.objectives.estimators.
+        self.estimator = build_estimator(self)
 
     def _init_bounds(self) -> tuple[float, float]:
         """Range of uniform chain initialisation: the data range for images, the quadrature
@@ -217,6 +221,8 @@ class Trainer:
                                    clf_weight=o.clf_weight, px_weight=o.px_weight, pxy_weight=o.pxy_weight,
                                    alpha=o.alpha)
             x_neg = parts[1] if len(parts) > 1 else x_pos
+        elif self.estimator is not None:
+            x_neg, loss, stats, t2 = self._objective_step(x_pos, t1)
         else:
             x_neg, y_neg = self._negatives(n, y if self.conditional else None, rng, gen)
             t2 = time.perf_counter()
@@ -232,6 +238,8 @@ class Trainer:
                                                            cfg.optim.grad_clip_norm)
         self._check_divergence(stats, grad_norm, overflow)
         self.parallel.step(self.optimizer)
+        if self.estimator is not None:
+            self.estimator.after_step()
         self.scheduler.step()
         if self.ema is not None:
             self._update_ema()
@@ -247,6 +255,14 @@ class Trainer:
             out.update(skipped_step=float(overflow), grad_scale=self.parallel.grad_scale(),
                        sampler_grad_scale=self.input_grad_scaler.scale)
         return out
+
+    def _objective_step(self, x_pos: torch.Tensor, t1: float) -> tuple[torch.Tensor | None, torch.Tensor, dict, float]:
+        """The loss of an estimator of ``ebmscale.objectives.estimators`` (its energy forward goes
+        through the wrapper); returns (negatives or None, loss, stats, end of its sampling time)."""
+        gen = dist.torch_generator(self.cfg.train.seed, self.rank, self.step, "objective", self.device)
+        self.parallel.zero_grad(self.optimizer)
+        loss, stats, x_neg = self.estimator.loss(x_pos, gen)
+        return x_neg, loss, stats, t1 + float(stats.pop("sampler_time", 0.0))
 
     def _check_divergence(self, stats: dict, grad_norm: float | None, overflow: bool = False) -> None:
         """Raise :class:`DivergenceError` naming the step and the metric. With several ranks the
@@ -294,6 +310,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "precision": self.parallel.state_dict(),
             "sampler_grad_scaler": None if self.input_grad_scaler is None else self.input_grad_scaler.state_dict(),
+            "objective": None if self.estimator is None else self.estimator.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -312,6 +329,8 @@ class Trainer:
         self.buffer.load_state_dict({k: (v.numpy() if isinstance(v, torch.Tensor) else v)
                                      for k, v in state["buffer"].items()})
         self.stream.load_state_dict(state["stream"])
+        if self.estimator is not None and state.get("objective") is not None:
+            self.estimator.load_state_dict(state["objective"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
 

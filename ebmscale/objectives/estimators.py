@@ -1,0 +1,261 @@
+"""The estimators beyond PCD/JEM as trainer plug-ins, one class per ``objective.kind``.
+
+Each estimator computes the energy's loss for one step from this rank's positives; the trainer
+does the rest (backward through the data-parallel wrapper, clipping, optimizer step, EMA,
+checkpoints). The energy forward that the loss differentiates always runs through the wrapper
+(``host.wrapped``), once per step, so DDP averages the gradients -- including the second
+derivatives of the score-based losses, which only the final ``backward`` reaches (DDP's hooks sit on
+the parameters' gradient accumulation, never hit by ``autograd.grad`` with respect to inputs).
+Samplers (Langevin for CD-k and refinement, the sampler network's own update) use the unwrapped
+module with frozen parameters, as PCD's sampler does.
+
+Extra learnable state (NCE's log Z, the adversarial sampler and its optimizer, NCE's fitted
+noise) lives here, is averaged across ranks by hand (it is outside the wrapped module), and is
+saved under ``state["objective"]`` of the trainer's checkpoint.
+
+Kinds:
+
+==========  =====================================================================
+cd          contrastive divergence CD-k: chains start at the data, k Langevin steps
+sm          exact score matching (trace of the score's Jacobian; low dimension)
+dsm         denoising score matching, one or several noise levels
+ssm         sliced score matching (optionally variance-reduced)
+nce         noise-contrastive estimation with a learnable log Z
+adversarial learned sampler q_phi (noisy generator or flow), minimax bound with entropy
+ksd         kernel Stein discrepancy, RBF kernel, U-statistic
+==========  =====================================================================
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ebmscale import dist
+from ebmscale.objectives.adversarial import flow_sampler_loss, noisy_sampler_loss
+from ebmscale.objectives.ksd import ksd_loss
+from ebmscale.objectives.nce import GaussianNoise, UniformNoise, nce_loss, noise_from_state
+from ebmscale.objectives.pcd import pcd_loss
+from ebmscale.objectives.score_matching import dsm_loss, exact_sm_loss, ssm_loss
+from ebmscale.sampling import langevin, sampling_mode
+
+ESTIMATOR_KINDS = ("cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd")
+# Kinds whose loss needs d/dx of the energy inside the graph (double backward).
+SCORE_KINDS = ("sm", "dsm", "ssm", "ksd")
+
+
+class Host(Protocol):
+    """What an estimator uses of the trainer (``ebmscale.trainer.Trainer``)."""
+
+    cfg: Any
+    model: nn.Module
+    wrapped: nn.Module
+    parallel: Any
+    settings: Any
+    device: torch.device
+    shape: tuple[int, ...]
+    init_bounds: tuple[float, float]
+    world: int
+    toy: bool
+
+
+def average_grads(params: list[nn.Parameter], world: int) -> None:
+    """Average the gradients of parameters outside the wrapped module across ranks (one
+    all-reduce of their concatenation; no-op in one process)."""
+    if world <= 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce_sum(flat).div_(world)
+    i = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[i:i + g.numel()].view_as(g).clone()
+        i += g.numel()
+
+
+class Estimator:
+    """Base class: ``loss(x_pos, gen)`` -> (loss, stats, negatives or None)."""
+
+    uses_buffer = False
+
+    def __init__(self, host: Host):
+        self.host = host
+        self.o = host.cfg.objective
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """The training forward: through the data-parallel wrapper, in the loss precision."""
+        h = self.host
+        with h.parallel.autocast():
+            return h.wrapped(h.parallel.cast_input(x)).float()
+
+    def langevin(self, x0: torch.Tensor, steps: int, gen: torch.Generator) -> torch.Tensor:
+        """``steps`` steps of the configured sampler from ``x0`` on the frozen, unwrapped model."""
+        h = self.host
+        settings = dataclasses.replace(h.settings, steps=steps)
+        with sampling_mode(h.model, checkpointing=h.cfg.train.sampler_checkpointing) as m:
+            return langevin(m, x0, settings, gen, autocast_dtype=h.parallel.autocast_dtype)
+
+    def loss(self, x_pos: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called after the energy's optimizer step (extra parameters' updates)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class ContrastiveDivergence(Estimator):
+    """CD-k (Hinton 2002): negatives are k sampler steps from the positives themselves."""
+
+    def loss(self, x_pos, gen):
+        t0 = time.perf_counter()
+        x_neg = self.langevin(x_pos, self.o.cd_steps, gen)
+        t1 = time.perf_counter()
+        n = x_pos.shape[0]
+        e = self.energy(torch.cat([x_pos, x_neg]))
+        loss, stats = pcd_loss(e[:n], e[n:], self.o.alpha)
+        return loss, {**stats, "sampler_time": t1 - t0}, x_neg
+
+
+class ScoreMatching(Estimator):
+    """Exact, denoising or sliced score matching (see ``score_matching``)."""
+
+    def loss(self, x_pos, gen):
+        o = self.o
+        if o.kind == "sm":
+            loss, stats = exact_sm_loss(self.energy, x_pos)
+        elif o.kind == "dsm":
+            loss, stats = dsm_loss(self.energy, x_pos, o.dsm_sigmas, gen)
+        else:
+            loss, stats = ssm_loss(self.energy, x_pos, o.ssm_projections, o.ssm_variance_reduced, gen)
+        return loss, stats, None
+
+
+class KernelStein(Estimator):
+    """KSD^2 (U-statistic, RBF kernel) of the model against the batch."""
+
+    def loss(self, x_pos, gen):
+        loss, stats = ksd_loss(self.energy, x_pos, self.o.ksd_bandwidth)
+        return loss, stats, None
+
+
+class NoiseContrastive(Estimator):
+    """NCE with a learnable log Z (its own Adam, gradients averaged across ranks)."""
+
+    def __init__(self, host: Host):
+        super().__init__(host)
+        self.log_z = nn.Parameter(torch.zeros((), device=host.device))
+        c = host.cfg.optim
+        self.optimizer = torch.optim.Adam([self.log_z], lr=self.o.nce_log_z_lr or c.lr, betas=tuple(c.betas))
+        self.noise: GaussianNoise | UniformNoise | None = None
+        self.initialised = False
+        if self.o.nce_noise == "uniform":
+            self.noise = UniformNoise(*host.init_bounds, dim=math.prod(host.shape))
+
+    def loss(self, x_pos, gen):
+        h, n = self.host, x_pos.shape[0]
+        if self.noise is None:  # fitted to the first batch (of every rank), then fixed
+            self.noise = GaussianNoise.fit(x_pos, scale=self.o.nce_noise_scale)
+        m = max(1, round(self.o.nce_noise_ratio * n))
+        y = self.noise.sample(m, gen, device=h.device).view(m, *h.shape)
+        e = self.energy(torch.cat([x_pos, y]))
+        lp_data, lp_noise = self.noise.log_prob(x_pos), self.noise.log_prob(y)
+        if not self.initialised:
+            self._init_log_z(e[n:].detach(), lp_noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, stats = nce_loss(e[:n], e[n:], lp_data, lp_noise, self.log_z, m / n)
+        return loss, stats, y
+
+    @torch.no_grad()
+    def _init_log_z(self, e_noise: torch.Tensor, lp_noise: torch.Tensor) -> None:
+        """Start log Z at its importance-sampling estimate under the noise, log mean exp(-E - log p_n)
+        (averaged over ranks): the classifier starts calibrated instead of spending steps on it."""
+        est = (torch.logsumexp(-e_noise - lp_noise, 0) - math.log(len(e_noise))).reshape(1)
+        dist.all_reduce_sum(est).div_(self.host.world)
+        self.log_z.fill_(float(est))
+        self.initialised = True
+
+    def after_step(self) -> None:
+        average_grads([self.log_z], self.host.world)
+        self.optimizer.step()
+
+    def state_dict(self) -> dict:
+        return {"log_z": self.log_z.detach().cpu(), "optimizer": self.optimizer.state_dict(),
+                "noise": None if self.noise is None else self.noise.state_dict(), "initialised": self.initialised}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.log_z.copy_(torch.as_tensor(state["log_z"]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.noise = None if state["noise"] is None else noise_from_state(state["noise"])
+        self.initialised = bool(state["initialised"])
+
+
+class Adversarial(Estimator):
+    """Minimax training against a learned sampler q_phi (noisy generator or flow)."""
+
+    def __init__(self, host: Host):
+        super().__init__(host)
+        from ebmscale.models.samplers import build_sampler
+
+        self.dim = math.prod(host.shape)
+        lo, hi = host.init_bounds
+        # Same initial sampler on every rank: its own seed, without touching the global stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(dist.derive_seed(host.cfg.train.seed, 0, 0, "sampler-init"))
+            self.sampler = build_sampler(self.o, self.dim, init_scale=(hi - lo) / 4.0).to(host.device)
+        self.optimizer = torch.optim.Adam(self.sampler.parameters(), lr=self.o.sampler_lr,
+                                          betas=tuple(host.cfg.optim.betas))
+
+    def loss(self, x_pos, gen):
+        h, o, n = self.host, self.o, x_pos.shape[0]
+        t0 = time.perf_counter()
+        # 1. phi step on the current energy (frozen, unwrapped: no theta gradients, no collectives
+        # but the sampler's own gradient average).
+        draw = self.sampler.sample(n, gen)
+        with sampling_mode(h.model) as m:
+            with h.parallel.autocast():
+                e_q = m(draw["x"].view(n, *h.shape)).float()
+        if o.sampler == "flow":
+            s_loss, s_stats = flow_sampler_loss(self.sampler, draw, e_q, o.entropy_weight)
+        else:
+            s_loss, s_stats = noisy_sampler_loss(self.sampler, draw, e_q, o.entropy_weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        s_loss.backward()
+        average_grads(list(self.sampler.parameters()), h.world)
+        self.optimizer.step()
+        # 2. theta's negatives: the same draws, optionally refined by short-run Langevin.
+        x_neg = draw["x"].detach().view(n, *h.shape)
+        if h.toy:  # the exact evaluation normalises over the box: keep negatives in it
+            x_neg = x_neg.clamp(*h.init_bounds)
+        if o.refine_steps > 0:
+            x_neg = self.langevin(x_neg, o.refine_steps, gen)
+        t1 = time.perf_counter()
+        e = self.energy(torch.cat([x_pos, x_neg]))
+        loss, stats = pcd_loss(e[:n], e[n:], o.alpha)
+        return loss, {**stats, **s_stats, "sampler_time": t1 - t0}, x_neg
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+_CLASSES = {"cd": ContrastiveDivergence, "sm": ScoreMatching, "dsm": ScoreMatching, "ssm": ScoreMatching,
+            "nce": NoiseContrastive, "adversarial": Adversarial, "ksd": KernelStein}
+
+
+def build_estimator(host: Host) -> Estimator | None:
+    """The estimator of ``host.cfg.objective.kind``; None for the trainer's own kinds (pcd, jem)."""
+    cls = _CLASSES.get(host.cfg.objective.kind)
+    return None if cls is None else cls(host)

@@ -1,0 +1,232 @@
+"""The estimators beyond PCD on analytic Gaussian models with closed forms, plus trainer smoke tests.
+
+Gaussian energy E(x) = 1/2 (x - mu)^T P (x - mu): score s = -P (x - mu), Jacobian -P, so Hyvarinen's
+objective on a sample is mean 1/2 ||P (x - mu)||^2 - tr P exactly.
+"""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ebmscale.config import ConfigError, load_config
+from ebmscale.models.samplers import CouplingFlow, NoisyGenerator
+from ebmscale.objectives.adversarial import noisy_sampler_loss, noisy_score_estimate
+from ebmscale.objectives.ksd import ksd_u_statistic
+from ebmscale.objectives.nce import GaussianNoise, nce_loss
+from ebmscale.objectives.score_matching import dsm_loss, exact_sm_loss, ssm_loss
+from ebmscale.trainer import Trainer
+
+
+class GaussianEnergy(nn.Module):
+    def __init__(self, mu: torch.Tensor, precision: torch.Tensor):
+        super().__init__()
+        self.mu = nn.Parameter(mu.clone().float())
+        self.chol = nn.Parameter(torch.linalg.cholesky(precision.float()))  # P = L L^T
+
+    @property
+    def precision(self) -> torch.Tensor:
+        return self.chol @ self.chol.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x - self.mu
+        return 0.5 * ((d @ self.chol) ** 2).sum(1)
+
+    def sm_closed_form(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.precision
+        return 0.5 * (((x - self.mu) @ p) ** 2).sum(1).mean() - torch.trace(p)
+
+
+def _model(d: int = 2, seed: int = 0) -> GaussianEnergy:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g)
+    return GaussianEnergy(torch.randn(d, generator=g), a @ a.T + 0.5 * torch.eye(d))
+
+
+def _data(n: int, d: int = 2, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 0.8 * torch.randn(n, d, generator=g) + 0.3
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_exact_sm_loss_equals_gaussian_closed_form_and_its_gradient(d):
+    model, x = _model(d), _data(500, d)
+    loss, stats = exact_sm_loss(model, x)
+    closed = model.sm_closed_form(x)
+    assert float(loss.detach()) == pytest.approx(float(closed.detach()), rel=1e-5, abs=1e-5)
+    g1 = torch.autograd.grad(loss, list(model.parameters()))
+    g2 = torch.autograd.grad(closed, list(model.parameters()))
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert set(stats) >= {"loss", "e_pos"}
+
+
+@pytest.mark.parametrize("vr", [True, False])
+def test_sliced_sm_agrees_with_exact_sm_in_expectation(vr):
+    model, x = _model(), _data(20000)
+    exact = float(model.sm_closed_form(x).detach())
+    loss, _ = ssm_loss(model, x, n_projections=4, variance_reduced=vr, generator=torch.Generator().manual_seed(2))
+    assert float(loss.detach()) == pytest.approx(exact, abs=0.08)
+    # And the parameter gradients agree in expectation too (they are what training uses).
+    g_ssm = torch.autograd.grad(loss, [model.mu])[0]
+    g_sm = torch.autograd.grad(model.sm_closed_form(x), [model.mu])[0]
+    assert torch.allclose(g_ssm, g_sm, rtol=0.03, atol=0.1)
+
+
+def test_variance_reduced_ssm_has_lower_variance():
+    model, x = _model(), _data(256)
+    est = {vr: torch.tensor([float(ssm_loss(model, x, 1, vr, torch.Generator().manual_seed(s))[0]) for s in range(30)])
+           for vr in (True, False)}
+    assert est[True].std() < est[False].std()
+
+
+@pytest.mark.parametrize("sigmas", [[0.3], [0.2, 0.4]])
+def test_dsm_agrees_with_exact_sm_up_to_the_noise_bias(sigmas):
+    """sigma^2-weighted DSM = sigma^2 (J + sigma^2 tr(P^2) / 2) + d / 2 in expectation, per level."""
+    model, x = _model(), _data(200000)
+    d, p = 2, model.precision.detach()
+    exact = float(model.sm_closed_form(x).detach())
+    loss, _ = dsm_loss(model, x, sigmas, torch.Generator().manual_seed(3))
+    expect = sum(s ** 2 * (exact + 0.5 * s ** 2 * float(torch.trace(p @ p))) for s in sigmas) / len(sigmas) + d / 2
+    assert float(loss) == pytest.approx(expect, abs=0.02)
+    # The bias term is resolved: without it the figure would be off by far more than the tolerance.
+    no_bias = sum(s ** 2 * exact for s in sigmas) / len(sigmas) + d / 2
+    assert abs(float(loss) - no_bias) > 0.05
+
+
+def test_nce_learns_the_true_log_z_of_a_gaussian():
+    torch.manual_seed(0)
+    m, s = torch.tensor([1.0, -0.5]), 0.5
+    model = _model()  # wrong mean and precision to start with
+    log_z = nn.Parameter(torch.zeros(()))
+    opt = torch.optim.Adam([*model.parameters(), log_z], lr=0.05)
+    g = torch.Generator().manual_seed(4)
+    noise = GaussianNoise.fit(m + s * torch.randn(4000, 2, generator=g), scale=1.5)
+    for _ in range(300):
+        x = m + s * torch.randn(512, 2, generator=g)
+        y = noise.sample(2048, g)
+        e = model(torch.cat([x, y]))
+        loss, stats = nce_loss(e[:512], e[512:], noise.log_prob(x), noise.log_prob(y), log_z, 4.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    true_log_z = math.log(2 * math.pi * s ** 2)  # of E = |x - m|^2 / (2 s^2)
+    model_log_z = float(math.log(2 * math.pi) - 0.5 * torch.logdet(model.precision.detach()))
+    assert float(log_z) == pytest.approx(true_log_z, abs=0.06)
+    assert float(log_z) == pytest.approx(model_log_z, abs=0.06)
+    assert torch.allclose(model.mu.detach(), m, atol=0.06)
+
+
+def test_ksd_is_near_zero_for_model_samples_and_grows_with_a_mean_shift():
+    model = GaussianEnergy(torch.zeros(2), torch.eye(2))
+    g = torch.Generator().manual_seed(5)
+    values = []
+    for shift in (0.0, 0.5, 1.0):
+        x = torch.randn(1000, 2, generator=g) + shift
+        score = -(x - model.mu.detach()) @ model.precision.detach()
+        values.append(float(ksd_u_statistic(x, score, 1.0)))
+    assert abs(values[0]) < 0.01
+    assert values[1] > 0.05 and values[2] > 2.5 * values[1]
+
+
+def test_ksd_u_statistic_matches_autograd_kernel_derivatives():
+    g = torch.Generator().manual_seed(6)
+    x, s, h = torch.randn(5, 2, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64), 0.7
+
+    def k(a, b):
+        return torch.exp(-((a - b) ** 2).sum() / (2 * h * h))
+
+    total = 0.0
+    for i in range(5):
+        for j in range(5):
+            if i == j:
+                continue
+            a, b = x[i].clone().requires_grad_(True), x[j].clone().requires_grad_(True)
+            kv = k(a, b)
+            ga, gb = torch.autograd.grad(kv, (a, b), create_graph=True)
+            trace = sum(torch.autograd.grad(ga[c], b, retain_graph=True)[0][c] for c in range(2))
+            total += float(s[i] @ s[j] * kv + s[i] @ gb + ga @ s[j] + trace)
+    ref = total / 20
+    got = float(ksd_u_statistic(x.float(), s.float(), h))
+    assert got == pytest.approx(ref, rel=1e-4, abs=1e-5)
+
+
+def test_noisy_sampler_score_and_entropy_gradient_match_a_linear_gaussian():
+    """g(z) = A z + b gives q = N(b, A A^T + sigma^2 I): exact score and dH/dA = Sigma^-1 A."""
+    gen = NoisyGenerator(2, latent_dim=2, depth=0, sigma=0.5)
+    with torch.no_grad():
+        gen.g[0].weight.copy_(torch.tensor([[1.0, 0.3], [0.0, 0.6]]))
+        gen.g[0].bias.copy_(torch.tensor([0.5, -1.0]))
+    a, b = gen.g[0].weight.detach(), gen.g[0].bias.detach()
+    cov = a @ a.T + 0.25 * torch.eye(2)
+    draw = gen.sample(3000, torch.Generator().manual_seed(7))
+    score = noisy_score_estimate(gen, draw["x"], draw["mean"])
+    exact = -(draw["x"].detach() - b) @ torch.linalg.inv(cov)
+    assert (score - exact).norm(dim=1).mean() < 0.15 * exact.norm(dim=1).mean()
+    loss, _ = noisy_sampler_loss(gen, draw, torch.zeros(3000), entropy_weight=1.0)
+    (grad_a,) = torch.autograd.grad(loss, [gen.g[0].weight])
+    assert torch.allclose(-grad_a, torch.linalg.inv(cov) @ a, atol=0.08)  # -d(-H)/dA = dH/dA
+
+
+def test_flow_log_density_is_exact_and_normalised():
+    torch.manual_seed(0)
+    flow = CouplingFlow(2, layers=4, width=16, depth=1)
+    with torch.no_grad():  # leave the identity start so the check is not trivial
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    draw = flow.sample(64, torch.Generator().manual_seed(8))
+    assert torch.allclose(flow.log_prob(draw["x"].detach()), draw["log_q"].detach(), atol=1e-4)
+    n, lo, hi = 400, -12.0, 12.0
+    c = torch.linspace(lo, hi, n + 1)[:-1] + (hi - lo) / (2 * n)
+    grid = torch.stack(torch.meshgrid(c, c, indexing="xy"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        mass = float(torch.exp(flow.log_prob(grid)).sum() * ((hi - lo) / n) ** 2)
+    assert mass == pytest.approx(1.0, abs=0.01)
+
+
+# ---------------------------------------------------------------------------------- trainer
+
+SMALL = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=16", "model.depth=2", "data.batch_size=32",
+         "sampler.kind=langevin", "sampler.steps=2", "sampler.step_size=0.1", "sampler.grad_clip=0",
+         "train.progress=false", "train.tensorboard=false", "data.toy_train_size=256"]
+KINDS = [("cd", ["objective.cd_steps=2"]), ("sm", []), ("dsm", ["objective.dsm_sigmas=[0.1, 0.3]"]),
+         ("ssm", ["objective.ssm_projections=2"]), ("nce", ["objective.nce_noise_ratio=2"]),
+         ("nce", ["objective.nce_noise=uniform"]), ("adversarial", ["objective.refine_steps=1"]),
+         ("adversarial", ["objective.sampler=flow", "objective.flow_layers=2"]), ("ksd", [])]
+
+
+@pytest.mark.parametrize("kind,extra", KINDS, ids=[f"{k}-{i}" for i, (k, _) in enumerate(KINDS)])
+def test_trainer_runs_each_kind_and_resumes_exactly(tmp_path, kind, extra):
+    cfg = load_config(None, [*SMALL, f"objective.kind={kind}", *extra])
+    a = Trainer(cfg, str(tmp_path / "a"))
+    p0 = [p.detach().clone() for p in a.model.parameters()]
+    out = [a.train_step() for _ in range(2)]
+    assert all(math.isfinite(o["loss"]) for o in out)
+    assert any(not torch.equal(p, q) for p, q in zip(p0, a.model.parameters()))
+    assert a.buffer.capacity == 1  # no persistent chains for these estimators
+    state = copy.deepcopy(a.state_dict())  # a keeps training: no aliasing of its live tensors
+    assert (state["objective"] != {}) == (kind in ("nce", "adversarial"))
+    b = Trainer(cfg, str(tmp_path / "b"))
+    b.load_state_dict(state)
+    ra, rb = a.train_step(), b.train_step()
+    assert ra["loss"] == rb["loss"]
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
+    if kind in ("nce", "adversarial"):
+        for p, q in zip(a.estimator.state_dict().values(), b.estimator.state_dict().values()):
+            if isinstance(p, torch.Tensor):
+                assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("override,key", [
+    (["objective.kind=sm", "data.dataset=digits", "model.arch=cnn"], "objective.kind=sm"),
+    (["objective.kind=dsm", "objective.dsm_sigmas=[]"], "objective.dsm_sigmas"),
+    (["objective.kind=nce", "train.precision=fp16"], "train.precision"),
+    (["objective.kind=ssm", "train.distributed=deepspeed"], "train.distributed"),
+    (["objective.kind=adversarial", "objective.sampler=gan"], "objective.sampler"),
+])
+def test_estimator_config_errors_name_the_key(override, key):
+    base = ["data.dataset=8gaussians", "model.arch=mlp"]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [*base, *override])
