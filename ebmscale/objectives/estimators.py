@@ -90,7 +90,16 @@ class Estimator:
         """The training forward: through the data-parallel wrapper, in the loss precision."""
         h = self.host
         with h.parallel.autocast():
-            return h.wrapped(h.parallel.cast_input(x)).float()
+            e = h.wrapped(h.parallel.cast_input(x)).float()
+        self._last_energy = e
+        return e
+
+    def _tie_constant(self, loss: torch.Tensor) -> torch.Tensor:
+        """Score-based losses do not depend on the energy's additive constant (the head's bias gets
+        no gradient), and DDP stops at a parameter that received none. A zero-weighted energy term
+        keeps every parameter in the graph with an exactly zero contribution -- cheaper than
+        ``find_unused_parameters``, which traverses the graph every step."""
+        return loss + 0.0 * self._last_energy.sum()
 
     def langevin(self, x0: torch.Tensor, steps: int, gen: torch.Generator) -> torch.Tensor:
         """``steps`` steps of the configured sampler from ``x0`` on the frozen, unwrapped model."""
@@ -136,7 +145,7 @@ class ScoreMatching(Estimator):
             loss, stats = dsm_loss(self.energy, x_pos, o.dsm_sigmas, gen)
         else:
             loss, stats = ssm_loss(self.energy, x_pos, o.ssm_projections, o.ssm_variance_reduced, gen)
-        return loss, stats, None
+        return self._tie_constant(loss), stats, None
 
 
 class KernelStein(Estimator):
@@ -144,7 +153,7 @@ class KernelStein(Estimator):
 
     def loss(self, x_pos, gen):
         loss, stats = ksd_loss(self.energy, x_pos, self.o.ksd_bandwidth)
-        return loss, stats, None
+        return self._tie_constant(loss), stats, None
 
 
 class NoiseContrastive(Estimator):

@@ -3,6 +3,7 @@ their one-process references, which the tests run in-process.
 
     accelerate launch ... tests/distributed/dp_scenarios.py ddp OUT_DIR
     accelerate launch ... tests/distributed/dp_scenarios.py deepspeed OUT_DIR
+    accelerate launch ... tests/distributed/dp_scenarios.py estimators OUT_DIR
 
 Each rank writes ``OUT_DIR/rank<r>.pt`` (parameters, spectral-norm vectors, collective counts,
 per-step reduced metrics, ...); the tests compare ranks with each other and with the reference.
@@ -162,6 +163,25 @@ def scenario_deepspeed(out: str) -> dict:
     return run_equivalence([], PER_RANK_BATCH, os.path.join(out, "equiv"))
 
 
+def scenario_estimators(out: str) -> dict:
+    """The estimators of ``ebmscale.objectives.estimators`` under DDP: exact score matching (a
+    deterministic loss of the data that back-propagates through input gradients) for world-size
+    equivalence, and NCE / adversarial runs whose extra parameters (log Z, the sampler) must stay
+    identical on every rank."""
+    res: dict = {"equiv_sm": run_equivalence(["objective.kind=sm"], PER_RANK_BATCH, os.path.join(out, "sm"))}
+    for kind, extra in (("nce", []), ("adversarial", ["objective.sampler_width=16"])):
+        tr = Trainer(load_config(None, [*BASE, f"data.batch_size={PER_RANK_BATCH}", f"objective.kind={kind}", *extra]),
+                     os.path.join(out, kind))
+        for _ in range(STEPS):
+            tr.train_step()
+        res[kind] = {"params": {n: p.detach().clone() for n, p in tr.model.named_parameters()},
+                     "extra": {k: v.detach().clone() for k, v in tr.estimator.state_dict().items()
+                               if isinstance(v, torch.Tensor)} if kind == "nce" else
+                     {n: p.detach().clone() for n, p in tr.estimator.sampler.named_parameters()},
+                     "negatives": tr.last_negatives.clone()}
+    return res
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -197,19 +217,20 @@ def launch(scenario: str, out: str, accelerate_config: str, timeout: float = 900
 _REFERENCE: dict = {}
 
 
-def reference(tmp_dir: str) -> dict:
-    """The one-process run with the global batch (2 x PER_RANK_BATCH), computed once per session."""
-    if not _REFERENCE:
+def reference(tmp_dir: str, overrides: tuple[str, ...] = ()) -> dict:
+    """The one-process run with the global batch (2 x PER_RANK_BATCH), computed once per session
+    (per set of overrides)."""
+    if overrides not in _REFERENCE:
         before = torch.get_num_threads()
-        _REFERENCE.update(run_equivalence([], 2 * PER_RANK_BATCH, os.path.join(tmp_dir, "reference")))
+        _REFERENCE[overrides] = run_equivalence(list(overrides), 2 * PER_RANK_BATCH, os.path.join(tmp_dir, "reference"))
         torch.set_num_threads(before)
-    return _REFERENCE
+    return _REFERENCE[overrides]
 
 
 def main() -> None:
     torch.set_num_threads(1)
     scenario, out = sys.argv[1], sys.argv[2]
-    res = {"ddp": scenario_ddp, "deepspeed": scenario_deepspeed}[scenario](out)
+    res = {"ddp": scenario_ddp, "deepspeed": scenario_deepspeed, "estimators": scenario_estimators}[scenario](out)
     res["rank"], res["world"] = dist.rank(), dist.world_size()
     torch.save(res, os.path.join(out, f"rank{dist.rank()}.pt"))
     dist.barrier()
