@@ -25,14 +25,19 @@ from ebmscale.eval.checkpoints import toy_nll_from_checkpoint  # noqa: E402
 from ebmscale.trainer import train  # noqa: E402
 
 
-def run_one(name: str, minutes: float, out_root: str, overrides: list[str]) -> dict:
-    cfg = load_config(os.path.join(ROOT, "configs", f"toy_{name}.yaml"),
-                      [f"train.max_minutes={minutes}", "train.progress=false", *overrides])
-    run_dir = os.path.join(out_root, name)
+def run_one(name: str, minutes: float, out_root: str, overrides: list[str], recipe: str | None = None,
+            tag: str | None = None, kde: dict | None = None) -> dict:
+    """Train ``recipe`` (default configs/toy_<name>.yaml) on density ``name`` for ``minutes`` of
+    wall clock, then evaluate the checkpoint exactly; ``tag`` names the run directory, ``kde`` is
+    a precomputed KDE baseline for this density (see ``toy_nll_from_checkpoint``)."""
+    recipe = recipe or os.path.join(ROOT, "configs", f"toy_{name}.yaml")
+    cfg = load_config(recipe, [f"data.dataset={name}", f"train.max_minutes={minutes}", "train.progress=false",
+                               *overrides])
+    run_dir = os.path.join(out_root, tag or name)
     t0 = time.perf_counter()
     result = train(cfg, run_dir=run_dir)
     wall = time.perf_counter() - t0
-    ev = toy_nll_from_checkpoint(result.checkpoint, grid=512)
+    ev = toy_nll_from_checkpoint(result.checkpoint, grid=512, kde=kde)
     return {"dataset": name, "steps": result.steps, "train_seconds": round(wall, 1), "nll": ev["nll"],
             "true_nll": ev["true_nll"], "gap": ev["gap"], "kde_nll": ev["kde_nll"],
             "kde_bandwidth": ev["kde_bandwidth"], "kde_train_size": ev["kde_train_size"], "run_dir": run_dir}

@@ -230,3 +230,21 @@ def test_estimator_config_errors_name_the_key(override, key):
     base = ["data.dataset=8gaussians", "model.arch=mlp"]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [*base, *override])
+
+
+def test_benchmark_recipes_differ_from_pcd_only_in_the_estimator():
+    """benchmarks/estimators.py compares estimators on equal terms: same network, data, optimiser."""
+    import os
+
+    from benchmarks.estimators import ESTIMATORS
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+    ref = load_config(os.path.join(root, ESTIMATORS["pcd"]))
+    kinds = set()
+    for name, recipe in ESTIMATORS.items():
+        cfg = load_config(os.path.join(root, recipe))
+        assert cfg.model == ref.model and cfg.data == ref.data, name
+        assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.ema) == (ref.optim.lr, ref.optim.betas, ref.optim.ema), name
+        assert cfg.train.threads == 1, name
+        kinds.add(cfg.objective.kind)
+    assert kinds == {"pcd", "cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd"}

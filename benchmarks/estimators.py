@@ -1,0 +1,125 @@
+"""Every EBM estimator on equal terms: same MLP energy, same data path, same wall-clock budget.
+
+Each estimator's recipe is configs/toy_8gaussians_<estimator>.yaml (PCD's is configs/toy_8gaussians.yaml);
+all use the MLP of the 2-D recipes (width 128, depth 3, swish), batch 512, Adam with EMA 0.99. For
+the other densities only ``data.dataset`` changes. After training, the checkpoint's exact test NLL
+(log Z by quadrature on a 512^2 grid) is compared with the true density's NLL on the same test
+points.
+
+    .venv/bin/python benchmarks/estimators.py [--estimators cd sm ...] [--datasets 8gaussians rings checkerboard]
+        [--minutes 1] [--out DIR] [--no-readme] [overrides ...]
+
+Prints the Markdown table and, as its last line, one JSON object list; unless ``--no-readme``, it
+also writes the table into README.md between the ``<!-- estimators:begin -->`` and
+``<!-- estimators:end -->`` markers (only when every estimator and density was run, so a partial
+run never replaces the full table).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks._report import print_report  # noqa: E402
+from benchmarks.toy_quality import run_one  # noqa: E402
+from ebmscale.config import load_config  # noqa: E402
+from ebmscale.data import toy_splits  # noqa: E402
+from ebmscale.eval.toy import kde_nll  # noqa: E402
+
+# Estimator name -> recipe file; the table's rows in this order.
+ESTIMATORS = {
+    "pcd": "toy_8gaussians.yaml",
+    "cd": "toy_8gaussians_cd.yaml",
+    "sm": "toy_8gaussians_sm.yaml",
+    "dsm": "toy_8gaussians_dsm.yaml",
+    "dsm_multi": "toy_8gaussians_dsm_multi.yaml",
+    "ssm": "toy_8gaussians_ssm.yaml",
+    "nce": "toy_8gaussians_nce.yaml",
+    "adversarial_noisy": "toy_8gaussians_adversarial_noisy.yaml",
+    "adversarial_flow": "toy_8gaussians_adversarial_flow.yaml",
+    "ksd": "toy_8gaussians_ksd.yaml",
+}
+DATASETS = ("8gaussians", "rings", "checkerboard")
+BEGIN, END = "<!-- estimators:begin -->", "<!-- estimators:end -->"
+
+COLUMNS = [("estimator", lambda r: r["estimator"]), ("dataset", lambda r: r["dataset"]),
+           ("steps", lambda r: str(r["steps"])), ("train s", lambda r: f"{r['train_seconds']:.0f}"),
+           ("test NLL", lambda r: f"{r['nll']:.3f}"), ("true NLL", lambda r: f"{r['true_nll']:.3f}"),
+           ("gap (nats)", lambda r: f"{r['gap']:+.3f}"), ("KDE NLL", lambda r: f"{r['kde_nll']:.3f}")]
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(h for h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r) for _, fmt in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_readme(rows: list[dict], minutes: float, command: str, total_s: float) -> None:
+    """Replace the block between the markers in README.md with the table and how it was made."""
+    path = os.path.join(ROOT, "README.md")
+    with open(path) as fh:
+        text = fh.read()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"README.md has no {BEGIN} ... {END} block to write the table into")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    block = (f"{BEGIN}\n{markdown(rows)}\n\nWritten by `{command}` ({minutes:g} min of training per run, "
+             f"{total_s / 60:.0f} min in all, one torch thread, {platform.machine()} CPU "
+             f"{time.strftime('%Y-%m-%d')}).\n{END}")
+    with open(path, "w") as fh:
+        fh.write(head + block + tail)
+
+
+def kde_baseline(dataset: str) -> dict:
+    """The KDE reference of one density (data only: computed once, shared by every estimator)."""
+    cfg = load_config(os.path.join(ROOT, "configs", ESTIMATORS["pcd"]), [f"data.dataset={dataset}"])
+    s = toy_splits(cfg)
+    return kde_nll(s["train"], s["val"], s["test"])
+
+
+def _task(args: tuple) -> dict:
+    est, dataset, minutes, out_root, overrides, kde = args
+    recipe = os.path.join(ROOT, "configs", ESTIMATORS[est])
+    r = run_one(dataset, minutes, out_root, overrides, recipe=recipe, tag=f"{est}-{dataset}", kde=kde)
+    print(f"{est} {dataset}: gap {r['gap']:+.3f} nats after {r['steps']} steps", file=sys.stderr, flush=True)
+    return {"estimator": est, **r}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
+    ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    ap.add_argument("--minutes", type=float, default=1.0, help="training wall-clock budget per run")
+    ap.add_argument("--out", default="", help="where runs go (default: a temporary directory)")
+    ap.add_argument("--no-readme", action="store_true", help="only print; leave README.md alone")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each); 1 = one after "
+                                                          "the other, the fairest when cores are scarce")
+    ap.add_argument("overrides", nargs="*", help="config overrides applied to every recipe")
+    args = ap.parse_args()
+    out_root = args.out or tempfile.mkdtemp(prefix="ebmscale-estimators-")
+    t0 = time.perf_counter()
+    kdes = {d: kde_baseline(d) for d in args.datasets}
+    tasks = [(e, d, args.minutes, out_root, args.overrides, kdes[d]) for e in args.estimators for d in args.datasets]
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs) as pool:
+            rows = list(pool.map(_task, tasks))
+    else:
+        rows = [_task(t) for t in tasks]
+    total = time.perf_counter() - t0
+    print_report(rows, COLUMNS)
+    full = set(args.estimators) == set(ESTIMATORS) and set(args.datasets) == set(DATASETS) and not args.overrides
+    if full and not args.no_readme:
+        write_readme(rows, args.minutes, f"python benchmarks/estimators.py --minutes {args.minutes:g} --jobs {args.jobs}",
+                     total)
+
+
+if __name__ == "__main__":
+    main()
