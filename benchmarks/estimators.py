@@ -60,7 +60,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(rows: list[dict], minutes: float, command: str, total_s: float) -> None:
+def write_readme(rows: list[dict], minutes: float, command: str, total_s: float, jobs: int) -> None:
     """Replace the block between the markers in README.md with the table and how it was made."""
     path = os.path.join(ROOT, "README.md")
     with open(path) as fh:
@@ -70,8 +70,8 @@ def write_readme(rows: list[dict], minutes: float, command: str, total_s: float)
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     block = (f"{BEGIN}\n{markdown(rows)}\n\nWritten by `{command}` ({minutes:g} min of training per run, "
-             f"{total_s / 60:.0f} min in all, one torch thread, {platform.machine()} CPU "
-             f"{time.strftime('%Y-%m-%d')}).\n{END}")
+             f"one torch thread each, {jobs} run(s) at a time, {total_s / 60:.0f} min in all; {platform.machine()} "
+             f"CPU, {time.strftime('%Y-%m-%d')}).\n{END}")
     with open(path, "w") as fh:
         fh.write(head + block + tail)
 
@@ -118,7 +118,7 @@ def main() -> None:
     full = set(args.estimators) == set(ESTIMATORS) and set(args.datasets) == set(DATASETS) and not args.overrides
     if full and not args.no_readme:
         write_readme(rows, args.minutes, f"python benchmarks/estimators.py --minutes {args.minutes:g} --jobs {args.jobs}",
-                     total)
+                     total, args.jobs)
 
 
 if __name__ == "__main__":

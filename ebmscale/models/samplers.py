@@ -42,10 +42,17 @@ class NoisyGenerator(nn.Module):
     isotropic Gaussian output noise of fixed std ``sigma`` (the noise is what makes the score of
     q_phi, hence the entropy gradient, estimable)."""
 
-    def __init__(self, dim: int, latent_dim: int = 2, width: int = 128, depth: int = 3, sigma: float = 0.1):
+    def __init__(self, dim: int, latent_dim: int = 2, width: int = 128, depth: int = 3, sigma: float = 0.1,
+                 init_scale: float = 1.0):
         super().__init__()
         self.dim, self.latent_dim, self.sigma = dim, latent_dim, float(sigma)
         self.g = _mlp(latent_dim, dim, width, depth)
+        # Spread the initial samples over the data's scale (like the flow's base): a generator
+        # that starts as a tight blob is quickly out-classified by the energy, whose plateau
+        # around the blob then gives the sampler no gradient.
+        with torch.no_grad():
+            probe = self.g(torch.randn(1024, latent_dim)).std(0).mean().clamp_min(1e-6)
+            self.g[-1].weight.mul_(init_scale / probe)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """``{'x': samples, 'z': latents, 'mean': g(z)}`` (reparameterised: differentiable in phi)."""
@@ -138,10 +145,11 @@ class CouplingFlow(nn.Module):
 
 def build_sampler(cfg, dim: int, init_scale: float = 1.0) -> nn.Module:
     """The learned sampler chosen by ``ObjectiveConfig`` (``sampler``: noisy | flow) for flat
-    samples of ``dim`` numbers. ``init_scale``: the flow's initial std (e.g. the data's)."""
+    samples of ``dim`` numbers. ``init_scale``: the initial spread of the samples (the flow's base
+    std; the generator's output layer is scaled so its outputs' std is it)."""
     if cfg.sampler == "noisy":
         return NoisyGenerator(dim, latent_dim=cfg.sampler_latent_dim or dim, width=cfg.sampler_width,
-                              depth=cfg.sampler_depth, sigma=cfg.sampler_sigma)
+                              depth=cfg.sampler_depth, sigma=cfg.sampler_sigma, init_scale=init_scale)
     if cfg.sampler == "flow":
         return CouplingFlow(dim, layers=cfg.flow_layers, width=cfg.sampler_width, depth=cfg.sampler_depth,
                             init_scale=init_scale)

@@ -77,6 +77,18 @@ def average_grads(params: list[nn.Parameter], world: int) -> None:
         i += g.numel()
 
 
+def domain_wall(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Quadratic energy wall outside ``[lo, hi]``, zero inside: ``1/2 (dist / w)^2`` summed over
+    coordinates with ``w = (hi - lo) / 100``.
+
+    Where the sampler's chains are clamped to a range (the toy box, the image range), the model's
+    density lives on that range: the energy never sees points outside it and is unconstrained
+    there. A learned sampler maximising its entropy would then spread without bound; the wall is
+    a smooth stand-in for the infinite energy outside the domain."""
+    w = (hi - lo) / 100.0
+    return 0.5 * ((x - x.clamp(lo, hi)) / w).pow(2).flatten(1).sum(1)
+
+
 class Estimator:
     """Base class: ``loss(x_pos, gen)`` -> (loss, stats, negatives or None)."""
 
@@ -230,9 +242,12 @@ class Adversarial(Estimator):
         # 1. phi step on the current energy (frozen, unwrapped: no theta gradients, no collectives
         # but the sampler's own gradient average).
         draw = self.sampler.sample(n, gen)
+        x_q = draw["x"].view(n, *h.shape)
         with sampling_mode(h.model) as m:
             with h.parallel.autocast():
-                e_q = m(draw["x"].view(n, *h.shape)).float()
+                e_q = m(x_q).float()
+        if h.settings.clamp is not None:
+            e_q = e_q + domain_wall(x_q, *h.settings.clamp)
         if o.sampler == "flow":
             s_loss, s_stats = flow_sampler_loss(self.sampler, draw, e_q, o.entropy_weight)
         else:
