@@ -17,6 +17,7 @@ run never replaces the full table).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -31,6 +32,7 @@ from benchmarks.toy_quality import run_one  # noqa: E402
 from ebmscale.config import load_config  # noqa: E402
 from ebmscale.data import toy_splits  # noqa: E402
 from ebmscale.eval.toy import kde_nll  # noqa: E402
+from ebmscale.trainer import DivergenceError  # noqa: E402
 
 # Estimator name -> recipe file; the table's rows in this order.
 ESTIMATORS = {
@@ -48,10 +50,17 @@ ESTIMATORS = {
 DATASETS = ("8gaussians", "rings", "checkerboard")
 BEGIN, END = "<!-- estimators:begin -->", "<!-- estimators:end -->"
 
+
+
+def _cell(fmt: str, key: str):
+    # A diverged run has no figures: its row says where it stopped instead.
+    return lambda r: format(r[key], fmt) if key in r else ("diverged" if key == "gap" else "—")
+
+
 COLUMNS = [("estimator", lambda r: r["estimator"]), ("dataset", lambda r: r["dataset"]),
-           ("steps", lambda r: str(r["steps"])), ("train s", lambda r: f"{r['train_seconds']:.0f}"),
-           ("test NLL", lambda r: f"{r['nll']:.3f}"), ("true NLL", lambda r: f"{r['true_nll']:.3f}"),
-           ("gap (nats)", lambda r: f"{r['gap']:+.3f}"), ("KDE NLL", lambda r: f"{r['kde_nll']:.3f}")]
+           ("steps", lambda r: str(r["steps"]) if "steps" in r else r["diverged"].split(":")[0].replace("training ", "")),
+           ("train s", _cell(".0f", "train_seconds")), ("test NLL", _cell(".3f", "nll")),
+           ("true NLL", _cell(".3f", "true_nll")), ("gap (nats)", _cell("+.3f", "gap")), ("KDE NLL", _cell(".3f", "kde_nll"))]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -83,10 +92,30 @@ def kde_baseline(dataset: str) -> dict:
     return kde_nll(s["train"], s["val"], s["test"])
 
 
+def _finished(run_dir: str) -> dict | None:
+    """Figures of a run that already finished in ``run_dir`` (``--reuse``): its evaluation and
+    train() wall time (config.yaml written at the start, checkpoint.pt at the end)."""
+    ev_path = os.path.join(run_dir, "eval_toy_nll.json")
+    if not os.path.isfile(ev_path):
+        return None
+    with open(ev_path) as fh:
+        ev = json.load(fh)
+    wall = os.path.getmtime(os.path.join(run_dir, "checkpoint.pt")) - os.path.getmtime(os.path.join(run_dir, "config.yaml"))
+    return {"dataset": ev["dataset"], "steps": ev["step"], "train_seconds": round(wall, 1), "nll": ev["nll"],
+            "true_nll": ev["true_nll"], "gap": ev["gap"], "kde_nll": ev["kde_nll"], "run_dir": run_dir}
+
+
 def _task(args: tuple) -> dict:
-    est, dataset, minutes, out_root, overrides, kde = args
+    est, dataset, minutes, out_root, overrides, kde, reuse = args
     recipe = os.path.join(ROOT, "configs", ESTIMATORS[est])
-    r = run_one(dataset, minutes, out_root, overrides, recipe=recipe, tag=f"{est}-{dataset}", kde=kde)
+    tag = f"{est}-{dataset}"
+    r = _finished(os.path.join(out_root, tag)) if reuse else None
+    if r is None:
+        try:
+            r = run_one(dataset, minutes, out_root, overrides, recipe=recipe, tag=tag, kde=kde)
+        except DivergenceError as exc:  # a result too: the table says so instead of losing the other runs
+            print(f"{est} {dataset}: {exc}", file=sys.stderr, flush=True)
+            return {"estimator": est, "dataset": dataset, "diverged": str(exc)}
     print(f"{est} {dataset}: gap {r['gap']:+.3f} nats after {r['steps']} steps", file=sys.stderr, flush=True)
     return {"estimator": est, **r}
 
@@ -98,6 +127,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=1.0, help="training wall-clock budget per run")
     ap.add_argument("--out", default="", help="where runs go (default: a temporary directory)")
     ap.add_argument("--no-readme", action="store_true", help="only print; leave README.md alone")
+    ap.add_argument("--reuse", action="store_true", help="keep the figures of runs already finished under --out "
+                                                          "(resume an interrupted benchmark)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each); 1 = one after "
                                                           "the other, the fairest when cores are scarce")
     ap.add_argument("overrides", nargs="*", help="config overrides applied to every recipe")
@@ -105,7 +136,8 @@ def main() -> None:
     out_root = args.out or tempfile.mkdtemp(prefix="ebmscale-estimators-")
     t0 = time.perf_counter()
     kdes = {d: kde_baseline(d) for d in args.datasets}
-    tasks = [(e, d, args.minutes, out_root, args.overrides, kdes[d]) for e in args.estimators for d in args.datasets]
+    tasks = [(e, d, args.minutes, out_root, args.overrides, kdes[d], args.reuse)
+             for e in args.estimators for d in args.datasets]
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
