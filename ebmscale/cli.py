@@ -1,4 +1,4 @@
-"""Command line: ``ebmscale train | eval | info | data``.
+"""Command line: ``ebmscale train | eval | info | data | export``.
 
 Thin entry points: each subcommand parses its arguments, resolves a config and hands it to the
 library. Expected failures (bad config, path, data or checkpoint; divergence) print one line
@@ -31,7 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--run-dir", help="run directory (overrides train.run_dir)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--resume", help="checkpoint path, or 'auto' for the run directory's latest")
+    p.add_argument("--resume", help="'auto' = the run directory's newest complete checkpoint that loads (none: "
+                                    "start afresh), or a checkpoint step directory / run directory")
+
+    p = sub.add_parser("export", help="write a checkpoint's EMA weights (live ones without EMA) as one "
+                                      ".safetensors file plus its config")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory: its newest complete checkpoint")
+    src.add_argument("--checkpoint", help="checkpoint step directory (<run_dir>/checkpoints/step-N)")
+    p.add_argument("--out", required=True, help="output FILE.safetensors (the config goes beside it as FILE.yaml)")
 
     p = sub.add_parser("info", help="print the model's parameter count and the resolved settings")
     _add_config_args(p)
@@ -39,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe = sub.add_parser("eval", help="evaluation suites")
     esub = pe.add_subparsers(dest="eval_command", required=True)
     p = esub.add_parser("toy-nll", help="exact test NLL of a 2-D model by quadrature, vs true NLL and a KDE")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("--checkpoint", required=True, help="checkpoint step directory, run directory or export (.safetensors)")
     p.add_argument("--grid", type=int, default=512, help="quadrature grid points per axis")
     p.add_argument("--out", help="directory for figures and the JSON result (default: the checkpoint's run dir)")
 
@@ -73,6 +81,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = {"steps": result.steps, "run_dir": result.run_dir, "checkpoint": result.checkpoint}
         summary.update({k: round(v, 6) for k, v in result.last_metrics.items() if isinstance(v, float)})
         _print_json_last(summary)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ebmscale.checkpoint import export_weights
+
+    _print_json_last(export_weights(args.run or args.checkpoint, args.out))
     return 0
 
 
@@ -115,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "info": cmd_info, "eval": cmd_eval, "data": cmd_data}
+    handlers = {"train": cmd_train, "info": cmd_info, "eval": cmd_eval, "data": cmd_data, "export": cmd_export}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as tdist
 
 # Named sub-streams so that adding a new consumer of randomness never shifts another's stream.
-STREAMS = {"langevin": 1, "buffer": 2, "data": 3, "augment": 4, "init": 5, "eval": 6}
+STREAMS = {"langevin": 1, "buffer": 2, "data": 3, "augment": 4, "init": 5, "eval": 6, "rollback": 7}
 
 
 def is_initialized() -> bool:
