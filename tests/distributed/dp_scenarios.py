@@ -122,7 +122,8 @@ def scenario_ddp(out: str) -> dict:
     res["equiv"] = run_equivalence([], PER_RANK_BATCH, os.path.join(out, "equiv"))
     # 3. bf16 training through train(): learns, and only rank 0 writes anything.
     cfg = load_config(None, LEARN)
-    result = train(cfg, run_dir=os.path.join(out, f"learn-rank{rank}"))
+    # One run directory for both ranks: each writes its own part of the sharded checkpoints.
+    result = train(cfg, run_dir=os.path.join(out, "learn"))
     res["learn"] = _learn_report(result, cfg, rank, out)
     return res
 
@@ -137,7 +138,7 @@ def _learn_report(result, cfg, rank: int, out: str) -> dict:
     report = {"steps": result.steps, "last_metrics": result.last_metrics}
     if rank != 0:
         return report
-    state = load_checkpoint(os.path.join(out, "learn-rank0"))
+    state = load_checkpoint(os.path.join(out, "learn"))
     model = build_model(cfg.model, (2,))
     model.load_state_dict(state["model"])
     model.eval()

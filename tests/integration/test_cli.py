@@ -27,7 +27,7 @@ def test_train_20_steps_end_to_end_then_resume(tmp_path, cli_env):
         assert key in lines[-1]
     assert (run / "samples" / "final.png").stat().st_size > 100
     assert (run / "samples" / "step-0000010.png").exists()
-    assert (run / "checkpoint.pt").exists() and (run / "config.yaml").exists()
+    assert (run / "checkpoints" / "step-20" / "COMPLETE").exists() and (run / "config.yaml").exists()
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
     # Resume continues from step 20 to 30 and appends, nothing repeated.
     r = run_cli(["train", "--run-dir", str(run), "--resume", "auto", "train.steps=30", *TINY], cli_env, tmp_path)
