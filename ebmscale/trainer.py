@@ -35,7 +35,7 @@ from ebmscale.buffer.reshard import reshard_buffer_states
 from ebmscale.checkpoint import (BUFFER_FILE, DEEPSPEED_DIR, SHARED_FILE, CheckpointError, StepCheckpoint,
                                  complete_checkpoints, hang_for_tests, rank_file, resolve, save_checkpoint, step_dir,
                                  to_numpy)
-from ebmscale.config import TOY_DATASETS, Config, dump_yaml, to_dict
+from ebmscale.config import TOY_DATASETS, Config, ConfigError, dump_yaml, to_dict
 from ebmscale.data import build_train_stream, data_shape
 from ebmscale.data.reshard import remap_stream_state
 from ebmscale.data.transforms import data_bounds, to_model_input
@@ -381,8 +381,9 @@ class Trainer:
             state.update(ck.read(rank_file(self.rank)))
         else:
             if self.parallel.is_deepspeed:
-                raise CheckpointError(f"checkpoint '{ck.path}' holds DeepSpeed ZeRO shards of {ck.world} ranks; "
-                                      f"resuming on {self.world} ranks needs the same number under DeepSpeed")
+                # Not a damaged checkpoint (no fallback to an older one): a setting to change.
+                raise ConfigError(f"checkpoint '{ck.path}' holds DeepSpeed ZeRO shards of {ck.world} ranks; "
+                                  f"resume it on {ck.world} ranks (DeepSpeed shards are tied to the world size)")
             # Every old rank's part: the data position maps from all of them, the buffer re-splits.
             old = [ck.read(rank_file(r)) for r in range(ck.world)]
             mine = dict(old[self.rank % ck.world])
