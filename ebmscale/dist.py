@@ -103,6 +103,15 @@ def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     return t
 
 
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every rank (any picklable value; the identity in one process)."""
+    if is_initialized() and world_size() > 1:
+        box = [obj]
+        tdist.broadcast_object_list(box, src=src, device=comm_device())
+        return box[0]
+    return obj
+
+
 def derive_seed(seed: int, rank: int, step: int, stream: str) -> int:
     """A 63-bit seed for (seed, rank, step, stream) via NumPy's SeedSequence hashing."""
     ss = np.random.SeedSequence([int(seed), int(rank), int(step), STREAMS[stream]])
