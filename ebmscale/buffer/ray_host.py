@@ -154,8 +154,6 @@ def _cluster_address(address: str) -> str:
 def connect_cluster(address: str, namespace: str, timeout_s: float = 10.0) -> _Session:
     """Join a running cluster; an address that does not answer fails here, naming it (Ray itself
     would retry for minutes)."""
-    if ray.is_initialized():
-        return _Session(owned=False, temp_dir=None)
     target = _cluster_address(address)
     host, _, port = target.rpartition(":")
     try:
@@ -164,6 +162,8 @@ def connect_cluster(address: str, namespace: str, timeout_s: float = 10.0) -> _S
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot reach the Ray cluster at '{target}' (buffer.ray_address={address}): "
                           f"{exc or type(exc).__name__}") from None
+    if ray.is_initialized():  # already connected in this process (a test, a benchmark): reuse it
+        return _Session(owned=False, temp_dir=None)
     try:
         ray.init(address=target, namespace=namespace, **_QUIET)
     except ConnectionError as exc:
