@@ -45,8 +45,13 @@ from ebmscale.buffer.client import as_numpy, resplit_states, split_capacity  # n
 from ebmscale.buffer.replay import ReplayBuffer, encode  # noqa: E402
 from ebmscale.config import ConfigError  # noqa: E402
 
-# Where `ray start` records the running cluster of this node (read for buffer.ray_address=auto).
-CURRENT_CLUSTER_FILE = "/tmp/ray/ray_current_cluster"
+
+
+def current_cluster_file() -> str:
+    """Where `ray start` records the running cluster of this node (Ray's default temp dir:
+    $RAY_TMPDIR, else $TMPDIR, else /tmp, then ray/ray_current_cluster)."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return os.path.join(base, "ray", "ray_current_cluster")
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -131,8 +136,9 @@ def start_embedded(namespace: str, dashboard: bool = False, temp_dir: str = "") 
         return _Session(owned=False, temp_dir=None)
     own_temp = not temp_dir
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="ebmscale-ray-", dir="/tmp")
+    # address='local': a new instance even where `ray start` left one (or a stale record of one);
     # num_cpus=1: the actors ask for none, and Ray would otherwise pre-start a worker per core.
-    ray.init(namespace=namespace, include_dashboard=dashboard, _temp_dir=os.path.abspath(temp_dir), num_cpus=1,
+    ray.init(address="local", namespace=namespace, include_dashboard=dashboard, _temp_dir=os.path.abspath(temp_dir), num_cpus=1,
              **_QUIET)
     return _Session(owned=True, temp_dir=temp_dir if own_temp else None)
 
@@ -144,7 +150,7 @@ def _cluster_address(address: str) -> str:
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
     try:
-        with open(CURRENT_CLUSTER_FILE) as fh:
+        with open(current_cluster_file()) as fh:
             return fh.read().strip()
     except OSError:
         raise ConfigError("buffer.ray_address=auto found no running Ray cluster on this node (start one with "

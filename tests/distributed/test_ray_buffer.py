@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -59,6 +62,43 @@ def test_embedded_mode_under_accelerate_launch(tmp_path):
     assert not any("ray" in name.lower() for _, dirs, files in os.walk(home) for name in dirs + files)
     for noise in ("(raylet)", "Started a local Ray", "INFO worker", "ray.init", "Ray dashboard"):
         assert noise not in log, noise
+
+
+def test_cluster_mode_with_the_launch_scripts(tmp_path, cli_env):
+    """launch/ray/head.sh starts a cluster; training with buffer.ray_address=auto joins it."""
+    ray_tmp = tempfile.mkdtemp(prefix="ebr", dir="/tmp")  # short: Ray puts unix sockets under it
+    env = dict(cli_env, RAY_TMPDIR=ray_tmp, RAY_PORT=str(_free_port()),
+               RAY_BIN=os.path.join(os.path.dirname(sys.executable), "ray"))
+    # --block keeps the cluster's processes in our own process group, so we stop exactly them.
+    head = subprocess.Popen(["bash", os.path.join(REPO, "launch", "ray", "head.sh"), "--block",
+                             "--ray-client-server-port", str(_free_port()),
+                             "--dashboard-agent-listen-port", str(_free_port())],
+                            env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        record = os.path.join(ray_tmp, "ray", "ray_current_cluster")
+        for _ in range(1200):
+            if os.path.exists(record) or head.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert os.path.exists(record), head.stderr.read() if head.poll() is not None else "no cluster record"
+        run = tmp_path / "run"
+        r = run_cli(["train", "--run-dir", str(run), "buffer.ray_address=auto", "train.steps=4", "train.log_every=2",
+                     *TOY], env, tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 4
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # Ray drains for up to 30 s; its group is ours to end
+        except ProcessLookupError:
+            pass
+        head.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- one process, one Ray
