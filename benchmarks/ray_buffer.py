@@ -12,7 +12,7 @@ One run, one process, one local Ray instance:
    accepted, the wire carries the storage dtype) at the training shape and at CIFAR size (128 x
    3x32x32), for fp32 and uint8 storage. Printed in MB/s (10^6 bytes).
 
-    .venv/bin/python benchmarks/ray_buffer.py [--config configs/mnist_pcd.yaml] [--steps 40] [--blocks 4]
+    .venv/bin/python benchmarks/ray_buffer.py [--config configs/mnist_pcd.yaml] [--steps 40] [--blocks 10]
         [--calls 100] [key=value ...]
 
 Prints a Markdown table and, as its last line, one JSON object list with all figures.
@@ -88,7 +88,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "mnist_pcd.yaml"))
     p.add_argument("--steps", type=int, default=40, help="timed steps per variant")
-    p.add_argument("--blocks", type=int, default=4, help="interleaved blocks the timed steps are split into")
+    p.add_argument("--blocks", type=int, default=10, help="interleaved blocks the timed steps are split into")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--calls", type=int, default=100, help="draw / write-back calls per throughput figure")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")

@@ -27,11 +27,14 @@ No torch here (the module is imported inside Ray actors too); the trainer conver
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
 from ebmscale.buffer.replay import ReplayBuffer, decode, encode
+
+if TYPE_CHECKING:
+    from ebmscale.buffer.ray_host import RayBuffer
 
 
 class LocalBuffer:
@@ -141,7 +144,7 @@ def resplit_states(states: list[dict], capacities: list[int], num_classes: int) 
 
 
 def build_buffer(cfg: Any, shape: tuple[int, ...], bounds: tuple[float, float], num_classes: int, rank: int,
-                 world: int, seed: int) -> LocalBuffer:
+                 world: int, seed: int) -> Union[LocalBuffer, "RayBuffer"]:
     """The replay buffer client for this rank (``cfg`` is the whole :class:`ebmscale.config.Config`).
     Short-run chains (``sampler.init=noise``) never draw, so they get the in-process buffer
     whatever the backend and start no Ray."""

@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import uuid
 from typing import Any, Callable
@@ -88,7 +89,7 @@ class BufferShard:
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "incarnation": self.incarnation, "capacity": self.buf.capacity,
-                "node": ray.get_runtime_context().get_node_id()}
+                "node": ray.get_runtime_context().get_node_id(), "torch_loaded": "torch" in sys.modules}
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
@@ -117,8 +118,8 @@ class _Session:
 
     def __init__(self, owned: bool, temp_dir: str | None):
         self.owned, self.temp_dir = owned, temp_dir
-        if temp_dir:
-            atexit.register(shutil.rmtree, temp_dir, True)
+        if owned:  # a run that never reached close(): still stop Ray before removing its files
+            atexit.register(self.close)
 
     def close(self) -> None:
         if self.owned and ray.is_initialized():
@@ -328,7 +329,7 @@ class RayBuffer:
         return {"buffer_restarts": float(delta)}
 
     def shard_info(self) -> list[dict]:
-        """Per shard: pid, incarnation (restarts), capacity and node."""
+        """Per shard: pid, incarnation (restarts), capacity, node, and whether torch got imported."""
         return ray.get([s.info.remote() for s in self.shards])
 
     # ------------------------------------------------------------------ state

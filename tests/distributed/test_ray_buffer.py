@@ -128,6 +128,7 @@ def _fill(client: RayBuffer, value: float) -> None:
 def test_draws_reinit_fraction_and_uniform_over_all_shards(ray_session):
     c = _client(ray_session, capacity=200, shards=4, reinit_prob=0.1)
     try:
+        assert not any(i["torch_loaded"] for i in c.shard_info())  # actors hold NumPy only
         _fill(c, 0.0)  # stored chains are 0, fresh noise lies in [5, 6]
         counts = np.zeros((4, 50))
         fresh, total = 0, 0
