@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -103,7 +103,7 @@ def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj, src: int = 0):
+def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` from rank ``src`` on every rank (any picklable value; the identity in one process)."""
     if is_initialized() and world_size() > 1:
         box = [obj]
