@@ -88,11 +88,27 @@ class SamplerConfig:
 
 @dataclass
 class BufferConfig:
-    capacity: int = _f(10000, "replay buffer size per rank (global buffers split it across shards)", min=1)
+    capacity: int = _f(10000, "replay buffer size per rank (the ray buffer holds capacity x ranks, split "
+                              "across its shards)", min=1)
     reinit_prob: float = _f(0.05, "fraction of chain starts drawn from uniform noise instead of the buffer",
                             min=0.0, max=1.0)
     storage: str = _f("fp32", "dtype the buffer stores chains in", choices=("fp32", "fp16", "uint8"))
-    backend: str = _f("local", "'local' = in-process buffer", choices=("local",))
+    backend: str = _f("ray", "'ray' = one global buffer sharded across Ray actors; 'local' = one in-process "
+                             "buffer per rank (bitwise-exact multi-rank resume)", choices=("local", "ray"))
+    shards: int = _f(0, "ray: number of shard actors; 0 = one per rank", min=0)
+    mixing: str = _f("random", "ray: where a rank's chain starts come from: 'random' = any shard (uniform over all "
+                               "slots); 'affine' = its own shard(s), plus a mix_fraction from any shard",
+                     choices=("random", "affine"))
+    mix_fraction: float = _f(0.25, "ray, mixing=affine: fraction of chain starts drawn from any shard", min=0.0,
+                             max=1.0)
+    prefetch: bool = _f(True, "ray: draw the next step's chain starts while the current step computes")
+    max_inflight: int = _f(8, "ray: write-back requests in flight per rank before the next one waits", min=1)
+    ray_address: str = _f("", "ray: '' = embedded (rank 0 starts a local Ray, one node); 'auto' = the cluster "
+                              "started with launch/ray; or host:port of its head")
+    ray_namespace: str = _f("ebmscale", "ray: namespace of the named shard actors")
+    ray_dashboard: bool = _f(False, "ray, embedded: also start the Ray dashboard")
+    ray_temp_dir: str = _f("", "ray, embedded: Ray's session directory; '' = a fresh /tmp/ebmscale-ray-* per run, "
+                               "removed at the end (keep the path short: Ray puts sockets in it)")
 
 
 @dataclass
@@ -319,6 +335,14 @@ def validate(cfg: Config) -> None:
                           "(images are resized and centre-cropped to it)")
     if d.manifest and d.dataset != "shards":
         raise ConfigError(f"data.manifest is only read for dataset 'shards', not '{d.dataset}'")
+    b = cfg.buffer
+    if b.backend == "local" and (b.ray_address or b.shards or b.mixing != "random"):
+        key = "buffer.ray_address" if b.ray_address else "buffer.shards" if b.shards else "buffer.mixing"
+        raise ConfigError(f"{key} is only read with buffer.backend=ray")
+    if b.ray_address and (b.ray_dashboard or b.ray_temp_dir):
+        key = "buffer.ray_dashboard" if b.ray_dashboard else "buffer.ray_temp_dir"
+        raise ConfigError(f"{key} only applies to the embedded Ray (buffer.ray_address=''); a cluster sets it at "
+                          "'ray start'")
     if s.init == "buffer" and cfg.buffer.capacity < d.batch_size:
         raise ConfigError(f"buffer.capacity ({cfg.buffer.capacity}) must be >= data.batch_size ({d.batch_size})")
     t = cfg.train

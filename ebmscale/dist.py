@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -101,6 +101,15 @@ def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
         if buf is not t:
             t.copy_(buf)
     return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (any picklable value; the identity in one process)."""
+    if is_initialized() and world_size() > 1:
+        box = [obj]
+        tdist.broadcast_object_list(box, src=src, device=comm_device())
+        return box[0]
+    return obj
 
 
 def derive_seed(seed: int, rank: int, step: int, stream: str) -> int:

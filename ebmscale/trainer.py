@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ebmscale import dist
-from ebmscale.buffer import ReplayBuffer
+from ebmscale.buffer import build_buffer
 from ebmscale.buffer.reshard import reshard_buffer_states
 from ebmscale.checkpoint import (BUFFER_FILE, DEEPSPEED_DIR, SHARED_FILE, CheckpointError, StepCheckpoint,
                                  complete_checkpoints, hang_for_tests, rank_file, resolve, save_checkpoint, step_dir,
@@ -128,9 +128,9 @@ class Trainer:
         self.conditional = cfg.model.conditional
         # Class-partitioned buffer whenever chains are class-conditional (JEM's p(x, y) term too).
         partitioned = self.conditional or (cfg.objective.kind == "jem" and cfg.objective.pxy_weight > 0)
-        self.buffer = ReplayBuffer(cfg.buffer.capacity, self.shape, self.init_bounds, cfg.buffer.reinit_prob,
-                                   cfg.buffer.storage, cfg.model.num_classes if partitioned else 0,
-                                   seed=dist.derive_seed(cfg.train.seed, self.rank, 0, "buffer"))
+        # One in-process buffer per rank, or the global one on Ray (config buffer.backend).
+        self.buffer = build_buffer(cfg, self.shape, self.init_bounds, cfg.model.num_classes if partitioned else 0,
+                                   self.rank, self.world, cfg.train.seed)
         # Toy chains are clamped to the quadrature box: the exact evaluation normalises over it.
         self.settings = LangevinSettings.from_config(cfg.sampler, self.init_bounds if self.toy else self.bounds)
         self.step = 0
@@ -166,7 +166,7 @@ class Trainer:
         E(x, y). Returns (x-, labels of x-)."""
         cfg = self.cfg
         if cfg.sampler.init == "buffer":
-            x0_np, idx, _, _ = self.buffer.sample(n, labels=None if labels is None else labels.cpu().numpy(), rng=rng)
+            x0_np, idx = self.buffer.draw(n, None if labels is None else labels.cpu().numpy(), rng)
             x0 = torch.from_numpy(x0_np).to(self.device)
         else:
             x0 = self._chain_init(n, gen)
@@ -179,8 +179,14 @@ class Trainer:
             x_neg = langevin(fn, x0, self.settings, gen, autocast_dtype=self.parallel.autocast_dtype,
                              noise_fn=self._noise_fn(n, gen), grad_scaler=self.input_grad_scaler)
         if idx is not None:
-            self.buffer.write(idx, x_neg.cpu().numpy())
+            self.buffer.write_back(idx, x_neg.cpu().numpy())
         return x_neg, labels
+
+    def _prefetch_next(self, n: int, unlabelled: bool) -> None:
+        """Send the next step's first buffer draw now (after this step's write-backs), so it
+        overlaps the loss forward/backward; only unlabelled draws (the next labels are unknown)."""
+        if unlabelled and self.cfg.sampler.init == "buffer":
+            self.buffer.prefetch(n, dist.numpy_rng(self.cfg.train.seed, self.rank, self.step + 1, "buffer"))
 
     def _chain_init(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """Fresh chain starts for short-run sampling (uniform over the data range, this rank's
@@ -211,6 +217,7 @@ class Trainer:
                 x_neg_y, y_neg = self._negatives(n, y, rng, gen)
                 parts.append(x_neg_y)
             t2 = time.perf_counter()
+            self._prefetch_next(n, unlabelled=o.px_weight > 0)
             self.parallel.zero_grad(self.optimizer)
             # One wrapped forward over every batch: one spectral-norm power iteration per step.
             with self.parallel.autocast():
@@ -225,6 +232,7 @@ class Trainer:
         else:
             x_neg, y_neg = self._negatives(n, y if self.conditional else None, rng, gen)
             t2 = time.perf_counter()
+            self._prefetch_next(n, unlabelled=not self.conditional)
             x_all = self.parallel.cast_input(torch.cat([x_pos, x_neg]))
             self.parallel.zero_grad(self.optimizer)
             # One wrapped forward over [x+, x-]: one spectral-norm power iteration per step.
@@ -414,6 +422,8 @@ class Trainer:
         if self.parallel.is_deepspeed:
             self.parallel.load_sharded(os.path.join(ck.path, DEEPSPEED_DIR))
         self.saved_step = self.step
+        if self.buffer_is_global:
+            dist.barrier()  # rank 0 alone restores a global buffer: nobody draws before it has
 
     def load_latest(self, max_step: int | None = None) -> str | None:
         """Restore the newest complete checkpoint of the run directory (at most ``max_step``) that
@@ -572,6 +582,8 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
             # Corrupt/undecodable samples the stream skipped this step, summed over ranks.
             skipped = int(getattr(trainer.stream, "skipped", 0))
             trainer.metrics.report("data_skipped", skipped - skipped_seen, kind="sum")
+            for k, v in trainer.buffer.counters().items():  # e.g. buffer_restarts, summed over ranks
+                trainer.metrics.report(k, v, kind="sum")
             skipped_seen = skipped
             s = trainer.step
             if s % t.log_every == 0 or s == end:
@@ -595,4 +607,6 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
         if bar is not None:
             bar.close()
         trainer.metrics.close()
+        # Flush and shut the buffer's host down; after a failure only disconnect (no collective).
+        trainer.buffer.close(clean=sys.exc_info()[0] is None)
     return TrainResult(steps=trainer.step, run_dir=run_dir, last_metrics=last, checkpoint=ckpt)

@@ -32,7 +32,7 @@ PER_RANK_BATCH = 16
 BASE = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=16", "model.depth=2", "model.spectral_norm=true",
         "data.toy_train_size=2000", "sampler.kind=sgld", "sampler.steps=5", "sampler.step_size=0.1",
         "sampler.noise_std=0.05", "buffer.capacity=64", "objective.alpha=0.1", "train.progress=false",
-        "train.tensorboard=false", "train.threads=1", "train.device=cpu", "optim.ema=0"]
+        "train.tensorboard=false", "train.threads=1", "train.device=cpu", "optim.ema=0", "buffer.backend=local"]
 
 # The equivalence run: short-run chains (no per-rank buffer), SGD (Adam's first steps are
 # sign(g) and would magnify summation-order noise in near-zero gradient entries).
@@ -45,7 +45,7 @@ LEARN = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=32", "model.d
          "buffer.capacity=128", "objective.alpha=0.1", "optim.lr=1e-2", "optim.betas=[0.9,0.999]", "optim.ema=0",
          "train.precision=bf16", "train.steps=200", "train.log_every=50", "train.sample_every=0",
          "train.checkpoint_every=0", "train.progress=false", "train.tensorboard=false", "train.threads=1",
-         "train.device=cpu", "data.batch_size=32"]
+         "train.device=cpu", "data.batch_size=32", "buffer.backend=local"]
 
 
 class GlobalNoiseTrainer(Trainer):

@@ -207,8 +207,8 @@ def test_buffer_reshard_labelled_gives_every_rank_every_class():
         b.load_state_dict(p)
         x, _, labels, _ = b.sample(8, labels=np.array([0, 1, 2, 3] * 2), rng=np.random.default_rng(0))
         assert (labels == np.array([0, 1, 2, 3] * 2)).all() and len(b) == 20
-    with pytest.raises(ValueError, match="class 0 has 2 buffer chains, fewer than the 3"):
-        reshard_buffer_states(_buffer_states(1, 8, num_classes=4), 3, 0)
+    with pytest.raises(ValueError, match="3 buffer chains cannot be split across 4 ranks"):
+        reshard_buffer_states(_buffer_states(1, 3), 4, 0)
 
 
 def test_stream_position_maps_to_the_next_epoch():
