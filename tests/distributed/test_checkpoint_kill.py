@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 TOY = ["--config", "configs/toy_8gaussians.yaml", "model.width=16", "model.depth=2", "data.batch_size=16",
        "buffer.capacity=64", "data.toy_train_size=1000", "sampler.steps=3", "train.log_every=2",
        "train.checkpoint_every=4", "train.sample_every=0", "train.threads=1", "train.progress=false",
-       "train.tensorboard=false", "optim.ema=0.9"]
+       "train.tensorboard=false", "optim.ema=0.9", "buffer.backend=local"]
 N = 10
 
 

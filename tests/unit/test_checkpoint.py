@@ -24,7 +24,7 @@ TOY = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=8", "model.dept
        "buffer.capacity=32", "data.toy_train_size=500", "sampler.steps=2", "sampler.kind=langevin",
        "sampler.step_size=0.1", "train.log_every=1", "train.sample_every=0", "train.checkpoint_every=2",
        "train.threads=1", "train.progress=false", "train.tensorboard=false", "train.device=cpu", "optim.ema=0.9",
-       "optim.lr=1e-3"]
+       "optim.lr=1e-3", "buffer.backend=local"]
 
 
 def cfg(*extra: str):
