@@ -330,8 +330,13 @@ class Trainer:
         }
 
     def state_dict(self) -> dict:
-        """This rank's complete state (shared part and own part) as one dict."""
-        return {**self.shared_state(), **self.rank_state()}
+        """This rank's complete state (shared part and own part) as one dict; with a global buffer
+        it holds the buffer's state too (every shard on rank 0), so that an in-memory round trip
+        restores it. Checkpoints store that part once, as BUFFER_FILE."""
+        state = {**self.shared_state(), **self.rank_state()}
+        if self.buffer_is_global:
+            state["buffer"] = self.buffer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict` output (or a checkpoint's shared state merged with
