@@ -115,26 +115,31 @@ def step_flops(net: nn.Module, x0: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def timed(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> tuple[torch.Tensor, float, float, float]:
-    """(output, first-call seconds, best wall seconds, best CPU seconds) over ``repeats`` calls after
-    the first (which warms up kernels, the allocator and any compile)."""
+def measure_round_robin(fns: list[Callable[[], torch.Tensor]], device: torch.device,
+                        repeats: int) -> list[tuple[torch.Tensor, float, float, float]]:
+    """Per function: (output, first-call seconds, best wall seconds, best CPU seconds of this
+    process). Each is called once to warm up (kernels, allocator, any compile), then the functions
+    are timed in turns, ``repeats`` rounds, so that on a shared machine every row sees the same
+    spells of load rather than the reference one spell and ours another."""
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    t0 = time.perf_counter()
-    out = fn()
-    sync()
-    first = time.perf_counter() - t0
-    best_wall = best_cpu = float("inf")
-    for _ in range(repeats):
-        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        fn()
+    results = []
+    for fn in fns:
+        t0 = time.perf_counter()
+        out = fn()
         sync()
-        wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
-        best_wall = min(best_wall, wall)
-        best_cpu = min(best_cpu, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime))
-    return out, first, best_wall, best_cpu
+        results.append([out, time.perf_counter() - t0, float("inf"), float("inf")])
+    for _ in range(repeats):
+        for res, fn in zip(results, fns):
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            fn()
+            sync()
+            wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+            res[2] = min(res[2], wall)
+            res[3] = min(res[3], (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime))
+    return [tuple(r) for r in results]
 
 
 def main() -> None:
@@ -198,32 +203,34 @@ def main() -> None:
     rows: list[dict] = []
     outputs: dict[str, torch.Tensor] = {}
 
-    def measure(label: str, fn: Callable[[], torch.Tensor], malloc: bool, **setting) -> None:
-        out, first, wall, cpu = timed(fn, device, args.repeats)
-        outputs[label] = out.float().contiguous()
-        row = {"setting": label, **setting, "malloc_reuse": malloc, "image_steps_per_s": image_steps / wall,
-               "image_steps_per_cpu_s": image_steps / cpu if cpu > 0 else float("nan"),
-               "compile_s": max(0.0, first - wall) if setting.get("mode") == "compile" else 0.0,
-               "gflops_per_s": flops_per_image_step * image_steps / wall / 1e9}
-        peak = args.peak_tflops or (None if peaks is None else peaks[0 if setting.get("dtype") in ("bf16", "fp16")
-                                                                      else 1])
-        row["mfu"] = row["gflops_per_s"] / (peak * 1e3) if peak else None
-        rows.append(row)
-        print(f"  {label}: {row['image_steps_per_s']:.1f} image-steps/s", file=sys.stderr, flush=True)
+    def measure(phase: list[tuple[str, Callable[[], torch.Tensor], bool, dict]]) -> None:
+        """Time one phase's rows (same allocator setting) in turns."""
+        for (label, _, malloc, setting), (out, first, wall, cpu) in zip(
+                phase, measure_round_robin([fn for _, fn, _, _ in phase], device, args.repeats)):
+            outputs[label] = out.float().contiguous()
+            row = {"setting": label, **setting, "malloc_reuse": malloc, "image_steps_per_s": image_steps / wall,
+                   "image_steps_per_cpu_s": image_steps / cpu if cpu > 0 else float("nan"),
+                   "compile_s": max(0.0, first - wall) if setting["mode"] == "compile" else 0.0,
+                   "gflops_per_s": flops_per_image_step * image_steps / wall / 1e9}
+            peak = args.peak_tflops or (None if peaks is None else peaks[0 if setting["dtype"] in ("bf16", "fp16")
+                                                                          else 1])
+            row["mfu"] = row["gflops_per_s"] / (peak * 1e3) if peak else None
+            rows.append(row)
+            print(f"  {label}: {row['image_steps_per_s']:.1f} image-steps/s", file=sys.stderr, flush=True)
 
+    plain = {"dtype": "fp32", "format": "contiguous", "mode": "eager"}
     on_cpu_tuning = device.type == "cpu"
-    measure("reference", reference, False, dtype="fp32", format="contiguous", mode="eager")
+    first_phase = [("reference", reference, False, plain)]
     if on_cpu_tuning:
-        measure("ours fp32 contiguous eager, stock malloc", ours("fp32", "contiguous", "eager"), False,
-                dtype="fp32", format="contiguous", mode="eager")
-        on_cpu_tuning = reuse_freed_cpu_memory()
-        if on_cpu_tuning:
-            measure("reference + malloc reuse", reference, True, dtype="fp32", format="contiguous", mode="eager")
-    for mode in modes:
-        for dtype in dtypes:
-            for fmt in args.formats:
-                measure(f"ours {dtype} {fmt} {mode}", ours(dtype, fmt, mode), on_cpu_tuning,
-                        dtype=dtype, format=fmt, mode=mode)
+        first_phase.append(("ours fp32 contiguous eager, stock malloc", ours("fp32", "contiguous", "eager"), False,
+                            plain))
+    measure(first_phase)
+    on_cpu_tuning = on_cpu_tuning and reuse_freed_cpu_memory()
+    phase = [("reference + malloc reuse", reference, True, plain)] if on_cpu_tuning else []
+    phase += [(f"ours {dtype} {fmt} {mode}", ours(dtype, fmt, mode), on_cpu_tuning,
+               {"dtype": dtype, "format": fmt, "mode": mode})
+              for mode in modes for dtype in dtypes for fmt in args.formats]
+    measure(phase)
 
     # Correctness: distance of each row's final chains from our fp32 eager contiguous ones,
     # relative to how far those moved from the start.
