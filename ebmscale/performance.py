@@ -7,11 +7,11 @@ the config's requests into what this device actually gets:
 * ``train.precision: auto`` -> bf16 autocast where the hardware computes bf16 natively (a CUDA GPU
   with ``torch.cuda.is_bf16_supported()``, or a CPU with AMX or AVX512-BF16 units), otherwise fp32.
   On a CPU without those units bf16 is *emulated* and about 10x slower than fp32 (measured on the
-  AVX2 development machine), so auto never picks it there. fp16 is never picked automatically: it
+  AVX2 development machine: ~17x in the sampler), so auto never picks it there. fp16 is never picked automatically: it
   needs loss scaling and buys nothing over bf16 on hardware that has both. Results stay within the
   tolerances stated in ``tests/distributed/test_precision.py``.
 * ``train.channels_last`` (a plain switch): NHWC for convolutional energies. Same maths, and oneDNN
-  and cuDNN run their fastest convolutions in this layout (1.2x-1.5x here on WRN-10-2).
+  and cuDNN run their fastest convolutions in this layout (1.27x here on WRN-10-2's sampler).
 * ``train.compile: auto`` -> ``torch.compile`` of the sampler's energy on CUDA, where its fused
   kernels pay for the compile time (tens of seconds) within a few hundred steps; off on CPU, where
   compiling WRN-10-2's forward and backward took 2-3 minutes on 2 cores and the result was not
@@ -19,9 +19,11 @@ the config's requests into what this device actually gets:
   per-call patching of block ``forward`` would force a recompile every call).
 * ``train.reuse_cpu_memory`` (CPU only): glibc returns every large freed block to the OS and
   page-faults it back in on the next step (each activation of a Langevin step is megabytes), which
-  cost ~20% of CPU time in system calls and page faults. :func:`reuse_freed_cpu_memory` raises
-  glibc's mmap and trim thresholds so freed blocks are reused instead. Process-wide and harmless:
-  the process just keeps its peak heap.
+  cost ~20% of CPU time in system calls and page faults (WRN-10-2, batch 64).
+  :func:`reuse_freed_cpu_memory` raises glibc's mmap and trim thresholds so freed blocks are reused
+  instead (1.3x on that sampler). Process-wide; the process keeps its peak heap. Where activations
+  are small enough for glibc's own adaptive threshold (the default MNIST CNN) it buys nothing, and
+  there it measured ~9% slower on a shared machine: see the README's Speed section.
 """
 from __future__ import annotations
 

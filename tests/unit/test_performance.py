@@ -109,6 +109,7 @@ def test_our_sampler_equals_the_published_loop(net):
     assert bench.step_flops(model, x0) > 0
 
 
+@pytest.mark.slow  # one real inductor compile: 66 s measured on the 2-core machine under a load of ~11
 def test_compiled_sampler_in_the_trainer_matches_eager_and_compiles_once(tmp_path):
     """train.compile=true: the trainer's sampler runs a torch.compile wrapper of its model (inductor,
     a real C++ compile); two training steps -- the parameters' requires_grad flipping between the
