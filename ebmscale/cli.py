@@ -7,6 +7,7 @@ library. Expected failures (bad config, path, data or checkpoint; divergence) pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -96,11 +97,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     from ebmscale.data import data_shape
     from ebmscale.models import build_model, count_parameters
 
+    from ebmscale.parallel import resolve_device
+    from ebmscale.performance import resolve_speed
+
     shape = data_shape(cfg)
     model = build_model(cfg.model, shape)
+    device = resolve_device(cfg.train.device)
+    speed = resolve_speed(cfg.train, device, image_data=len(shape) == 3)
     print(dump_yaml(cfg), end="")
     _print_json_last({"arch": cfg.model.arch, "variant": cfg.model.variant, "input_shape": list(shape),
-                      "parameters": count_parameters(model)})
+                      "parameters": count_parameters(model), "device": str(device),
+                      "speed": dataclasses.asdict(speed)})
     return 0
 
 

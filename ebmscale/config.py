@@ -154,9 +154,14 @@ class TrainConfig:
                               min=0.0, min_exclusive=True)
     threads: int = _f(0, "torch intra-op threads; 0 = torch's default", min=0)
     channels_last: bool = _f(True, "channels_last memory format for conv energies (faster convs, same results)")
-    precision: str = _f("fp32", "energy evaluations (sampler and loss) under autocast: fp32 | bf16 | fp16 (GPUs; "
-                                "chains, losses and the optimizer's master weights stay fp32)",
-                        choices=("fp32", "bf16", "fp16"))
+    precision: str = _f("auto", "energy evaluations (sampler and loss) under autocast: fp32 | bf16 | fp16 (GPUs) | "
+                                "auto (bf16 where the device computes it natively, else fp32; chains, losses "
+                                "and the optimizer's master weights stay fp32)",
+                        choices=("auto", "fp32", "bf16", "fp16"))
+    compile: str = _f("auto", "torch.compile the sampler's energy: true | false | auto (on CUDA only, off with "
+                              "sampler_checkpointing)", choices=("auto", "true", "false"))
+    reuse_cpu_memory: bool = _f(True, "CPU only: keep freed memory for reuse (glibc mallopt) instead of page-faulting "
+                                      "every Langevin step's activations back in")
     distributed: str = _f("auto", "data-parallel wrapper of the loss forward/backward: ddp | deepspeed | auto "
                                   "(deepspeed when launched with a DeepSpeed accelerate config, else ddp)",
                           choices=("auto", "ddp", "deepspeed"))
@@ -209,6 +214,8 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         value = float(value)
     elif typ is str:
+        if isinstance(value, bool) and meta.get("choices") and "true" in meta["choices"]:
+            value = "true" if value else "false"  # YAML reads a bare true/false as a bool
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
     elif typ is list:
@@ -349,6 +356,9 @@ def validate(cfg: Config) -> None:
     if t.distributed == "ddp" and (t.zero_stage or t.deepspeed_config):
         key = "train.zero_stage" if t.zero_stage else "train.deepspeed_config"
         raise ConfigError(f"{key} is only read with train.distributed=deepspeed (or auto under a DeepSpeed launcher)")
+    if t.compile == "true" and t.sampler_checkpointing:
+        raise ConfigError("train.compile=true cannot run with train.sampler_checkpointing (its per-call patching "
+                          "forces a recompile every call); set train.compile=auto or false")
     if t.deepspeed_config and not os.path.isfile(t.deepspeed_config):
         raise ConfigError(f"train.deepspeed_config '{t.deepspeed_config}' does not exist")
 

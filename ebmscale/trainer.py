@@ -43,6 +43,7 @@ from ebmscale.metrics import MetricLogger
 from ebmscale.models import build_model
 from ebmscale.objectives import jem_loss, pcd_loss
 from ebmscale.parallel import Parallel, resolve_device  # noqa: F401 (resolve_device: re-exported)
+from ebmscale.performance import compiled_energy, resolve_speed, reuse_freed_cpu_memory
 from ebmscale.sampling import InputGradScaler, LangevinSettings, NoiseFn, langevin, sampling_mode, uniform_noise
 
 class DivergenceError(RuntimeError):
@@ -107,10 +108,16 @@ class Trainer:
         # Model init from the global seed only: identical on every rank.
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, self.shape).to(self.device)
+        # Precision, layout, compile, allocator: resolved for this device in one place.
+        self.speed = resolve_speed(cfg.train, self.device, image_data=len(self.shape) == 3)
+        if self.speed.reuse_cpu_memory:
+            reuse_freed_cpu_memory()
         # channels_last makes conv kernels markedly faster on CPU and GPU; layout only, same math.
-        self.memory_format = (torch.channels_last if cfg.train.channels_last and len(self.shape) == 3
-                              else torch.contiguous_format)
+        self.memory_format = torch.channels_last if self.speed.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
+        # What the sampler evaluates: the module itself, or one torch.compile wrapper of it, built
+        # once (it shares the module's parameters, so training updates reach it).
+        self.sampler_energy = compiled_energy(self.model) if self.speed.compile else self.model
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.optim.ema > 0 else None
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         o = cfg.optim
@@ -174,7 +181,8 @@ class Trainer:
         if x0.dim() == 4:
             x0 = x0.contiguous(memory_format=self.memory_format)
         # The unwrapped module: no gradient all-reduce, no buffer broadcast, no ZeRO collective.
-        with sampling_mode(self.model, checkpointing=cfg.train.sampler_checkpointing) as m:
+        with sampling_mode(self.model, checkpointing=cfg.train.sampler_checkpointing):
+            m = self.sampler_energy
             fn = (lambda x: m(x, labels)) if labels is not None else m
             x_neg = langevin(fn, x0, self.settings, gen, autocast_dtype=self.parallel.autocast_dtype,
                              noise_fn=self._noise_fn(n, gen), grad_scaler=self.input_grad_scaler)
@@ -549,6 +557,7 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
         dist.print0(f"resumed from {path} at step {trainer.step}")
     if trainer.parallel.distributed:
         dist.print0(f"data parallel: {trainer.parallel.describe()}")
+    dist.print0(f"speed settings on {trainer.device.type}: {trainer.speed.describe()}")
     t = cfg.train
     end = t.steps if max_steps is None else min(t.steps, max_steps)
     if t.rollback_max and not complete_checkpoints(run_dir) and trainer.step < end:
