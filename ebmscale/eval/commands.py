@@ -362,7 +362,10 @@ def cmd_robustness(args: argparse.Namespace) -> dict:
             with sampling_mode(model) as m:
                 return langevin(m, x, settings, gen_r)
 
-    eps_list = [float(e) for e in args.eps.split(",") if e.strip()]
+    try:
+        eps_list = [float(e) for e in args.eps.split(",") if e.strip()]
+    except ValueError:
+        raise ConfigError(f"--eps must be comma-separated numbers, got '{args.eps}'") from None
     rows = []
     for eps in eps_list:
         gen = dist.torch_generator(args.seed, dist.rank(), 0, "eval", device)
