@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--jem-minutes", type=float, default=25.0)
     ap.add_argument("--n", type=int, default=1000, help="samples per FID")
     ap.add_argument("--ref-n", type=int, default=10000, help="MNIST test images in the reference statistics")
+    ap.add_argument("--ref", help="reuse reference statistics of the MNIST test set written by `eval ref-stats`")
     ap.add_argument("--ood-n", type=int, default=10000, help="in-distribution and OOD images per OOD set")
     ap.add_argument("--fid-modes", default="buffer:20,noise:200", help="comma-separated init:steps")
     ap.add_argument("--out", default="")
@@ -65,8 +66,12 @@ def main() -> None:
         jem = run("train", "--run-dir", os.path.join(out, "jem"), "--config", os.path.join(ROOT, "configs", "jem_mnist.yaml"),
                   *common, f"train.max_minutes={args.jem_minutes}")["checkpoint"]
 
-    ref = os.path.join(out, "mnist_test_ref.npz")
-    r = run("eval", "ref-stats", "--data", "mnist", "--split", "test", "--n", args.ref_n, "--out", ref)
+    if args.ref:
+        ref = args.ref
+        r = {"n": int(load_stats(ref)["n"]), "weights": load_stats(ref)["weights"]}
+    else:
+        ref = os.path.join(out, "mnist_test_ref.npz")
+        r = run("eval", "ref-stats", "--data", "mnist", "--split", "test", "--n", args.ref_n, "--out", ref)
     rows = []
     floor = os.path.join(out, "mnist_train_n.npz")
     f = run("eval", "ref-stats", "--data", "mnist", "--split", "train", "--n", args.n, "--out", floor)
