@@ -66,24 +66,8 @@ def main() -> None:
         jem = run("train", "--run-dir", os.path.join(out, "jem"), "--config", os.path.join(ROOT, "configs", "jem_mnist.yaml"),
                   *common, f"train.max_minutes={args.jem_minutes}")["checkpoint"]
 
-    if args.ref:
-        ref = args.ref
-        r = {"n": int(load_stats(ref)["n"]), "weights": load_stats(ref)["weights"]}
-    else:
-        ref = os.path.join(out, "mnist_test_ref.npz")
-        r = run("eval", "ref-stats", "--data", "mnist", "--split", "test", "--n", args.ref_n, "--out", ref)
+    # JEM first: its evaluations need no Inception (a --ref being written meanwhile can finish).
     rows = []
-    floor = os.path.join(out, "mnist_train_n.npz")
-    f = run("eval", "ref-stats", "--data", "mnist", "--split", "train", "--n", args.n, "--out", floor)
-    a, b = load_stats(floor), load_stats(ref)
-    rows.append({"what": f"MNIST train images (N={args.n}): FID floor", "fid": frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"]),
-                 "n": f["n"], "ref_n": r["n"], "seconds": f["seconds"], "weights": r["weights"]})
-    for mode in args.fid_modes.split(","):
-        init, steps = mode.split(":")
-        res = run("eval", "fid", "--checkpoint", pcd, "--ref", ref, "--n", args.n, "--steps", steps, "--init", init,
-                  "--out", os.path.join(out, f"fid_{init}_{steps}"))
-        rows.append({"what": f"default job, {init} starts, K={steps}", "fid": res["fid"], "n": res["n"],
-                     "ref_n": r["n"], "seconds": res["seconds"], "weights": res["weights"]})
     clf = run("eval", "classifier", "--checkpoint", jem, "--out", os.path.join(out, "jem_eval"))
     ood = run("eval", "ood", "--checkpoint", jem, "--n", args.ood_n, "--out", os.path.join(out, "jem_eval"))
     for name, scores in ood["auroc"].items():
@@ -91,6 +75,23 @@ def main() -> None:
                      "n": ood["n_in"], "seconds": ood["seconds"]})
     rows.append({"what": "JEM classifier", "accuracy": clf["accuracy"], "ece": clf["ece"], "n": clf["n"],
                  "seconds": clf["seconds"]})
+    floor = os.path.join(out, "mnist_train_n.npz")
+    f = run("eval", "ref-stats", "--data", "mnist", "--split", "train", "--n", args.n, "--out", floor)
+    if args.ref:
+        ref = args.ref
+        r = {"n": int(load_stats(ref)["n"]), "weights": load_stats(ref)["weights"]}
+    else:
+        ref = os.path.join(out, "mnist_test_ref.npz")
+        r = run("eval", "ref-stats", "--data", "mnist", "--split", "test", "--n", args.ref_n, "--out", ref)
+    a, b = load_stats(floor), load_stats(ref)
+    rows.append({"what": f"MNIST train images (N={args.n}): FID floor", "fid": frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"]),
+                 "n": f["n"], "ref_n": r["n"], "seconds": f["seconds"], "weights": f["weights"]})
+    for mode in args.fid_modes.split(","):
+        init, steps = mode.split(":")
+        res = run("eval", "fid", "--checkpoint", pcd, "--ref", ref, "--n", args.n, "--steps", steps, "--init", init,
+                  "--out", os.path.join(out, f"fid_{init}_{steps}"))
+        rows.append({"what": f"default job, {init} starts, K={steps}", "fid": res["fid"], "n": res["n"],
+                     "ref_n": r["n"], "seconds": res["seconds"], "weights": res["weights"]})
     for row in rows:
         row.update(pcd_checkpoint=pcd, jem_checkpoint=jem)
 
