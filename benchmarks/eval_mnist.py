@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="ebmscale-eval-")
+    if args.ref:
+        load_stats(args.ref)  # fail now, not after the JEM evaluations
     common = ["train.progress=false", "train.tensorboard=false", "train.threads=1"]
     pcd = args.pcd_checkpoint
     if not pcd:
