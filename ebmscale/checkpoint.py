@@ -310,6 +310,25 @@ def load_checkpoint(path: str, rank: int = 0) -> dict:
     return state
 
 
+def load_buffer_state(path: str) -> dict:
+    """Every chain of a checkpoint's replay buffer as one :class:`ReplayBuffer` state (the global
+    buffer's shards, or all ranks' local buffers, pooled in order), for sampling from the buffer
+    at evaluation time. An export holds no buffer: that raises CheckpointError naming it."""
+    from ebmscale.buffer.reshard import reshard_buffer_states
+
+    if path.endswith(".safetensors"):
+        raise CheckpointError(f"'{path}' is an export: it holds weights only, no replay buffer "
+                              "(sample from noise, or pass the run's checkpoint)")
+    ck = StepCheckpoint(resolve(path))
+    if ck.has(BUFFER_FILE):
+        states = list(to_numpy(ck.read(BUFFER_FILE))["shards"])
+    else:
+        states = [to_numpy(ck.read(rank_file(r)).get("buffer")) for r in range(ck.world)]
+        if any(s is None for s in states):
+            raise CheckpointError(f"checkpoint '{ck.path}' holds no replay buffer (short-run sampling keeps none)")
+    return reshard_buffer_states(states, 1, 0)
+
+
 def load_weights(path: str) -> dict:
     """``{"config", "step", "model", "ema"}`` from a checkpoint (step or run directory) or from
     an export (``.safetensors``); ``ema`` is None when the run kept none."""

@@ -1,4 +1,4 @@
-"""Command line: ``ebmscale train | eval | info | data | export``.
+"""Command line: ``ebmscale train | sample | eval | info | data | export``.
 
 Thin entry points: each subcommand parses its arguments, resolves a config and hands it to the
 library. Expected failures (bad config, path, data or checkpoint; divergence) print one line
@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint step directory, run directory or export (.safetensors)")
     p.add_argument("--grid", type=int, default=512, help="quadrature grid points per axis")
     p.add_argument("--out", help="directory for figures and the JSON result (default: the checkpoint's run dir)")
+    from ebmscale.eval.commands import add_eval_parsers, add_sample_parser
+
+    add_eval_parsers(esub)
+    add_sample_parser(sub)
 
     pd = sub.add_parser("data", help="data preparation")
     dsub = pd.add_subparsers(dest="data_command", required=True)
@@ -118,7 +122,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = toy_nll_from_checkpoint(args.checkpoint, grid=args.grid, out_dir=args.out)
         _print_json_last(result)
         return 0
+    from ebmscale.eval.commands import EVAL_COMMANDS
+
+    if args.eval_command in EVAL_COMMANDS:
+        return _distributed_command(EVAL_COMMANDS[args.eval_command], args)
     raise ConfigError(f"unknown eval command '{args.eval_command}'")
+
+
+def _distributed_command(fn, args: argparse.Namespace) -> int:
+    """Run an evaluation/sampling command in the launcher's process group (if any); rank 0
+    prints the figures as the last line."""
+    from ebmscale import dist
+
+    started = dist.init_from_env()
+    try:
+        result = fn(args)
+        if dist.is_main():
+            _print_json_last(result)
+    finally:
+        if started:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from ebmscale.eval.commands import cmd_sample as run
+
+    return _distributed_command(run, args)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -137,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "info": cmd_info, "eval": cmd_eval, "data": cmd_data, "export": cmd_export}
+    handlers = {"train": cmd_train, "info": cmd_info, "eval": cmd_eval, "data": cmd_data, "sample": cmd_sample,
+                "export": cmd_export}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:

