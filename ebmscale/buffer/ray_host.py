@@ -81,6 +81,9 @@ class BufferShard:
     def write(self, idx: np.ndarray, q: np.ndarray) -> None:
         self.buf.write(idx, q)
 
+    def peek(self, n: int, seed: int) -> np.ndarray:
+        return self.buf.peek(n, np.random.default_rng(seed))
+
     def state_dict(self) -> dict:
         return self.buf.state_dict()
 
@@ -299,6 +302,17 @@ class RayBuffer:
         if self.use_prefetch:
             plan = self._plan(n, None, rng)
             self._prefetched = (n, plan, self._submit(plan, None))
+
+    def peek(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` stored chains read across the shards (in proportion to their size, distinct slots
+        within a shard), without re-initialisation or any change of state; after this rank's
+        write-backs have landed."""
+        self.flush()
+        shard = rng.choice(len(self.shards), size=int(n), p=self._p_all)
+        seeds = rng.integers(0, 2 ** 63 - 1, size=len(self.shards))
+        counts = np.bincount(shard, minlength=len(self.shards))
+        parts = [self.shards[k].peek.remote(int(c), int(seeds[k])) for k, c in enumerate(counts) if c]
+        return np.concatenate(ray.get(parts))
 
     def write_back(self, handle: list, x: np.ndarray) -> None:
         """Queue the evolved chains for their slots and return; waits only while more than

@@ -98,6 +98,12 @@ class ReplayBuffer:
         out_labels = None if self.labels is None else self.labels[idx].copy()
         return x, idx, out_labels, reinit
 
+    def peek(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``min(n, capacity)`` stored chains (distinct slots, float32) without re-initialisation
+        or any change of state: what evaluation samples from ("init from the buffer")."""
+        idx = np.sort(rng.choice(self.capacity, size=min(int(n), self.capacity), replace=False))
+        return self._decode(self.data[idx])
+
     def write(self, idx: np.ndarray, x: np.ndarray) -> None:
         """Store evolved chains back into their slots (float chains, or already :func:`encode`-d)."""
         x = np.asarray(x)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ebmscale import dist
-from ebmscale.buffer.replay import ReplayBuffer
+from ebmscale.buffer.replay import decode
 from ebmscale.config import Config, ConfigError
 from ebmscale.sampling import LangevinSettings, langevin, sampling_mode, uniform_noise
 
@@ -85,7 +85,7 @@ def buffer_images(state: dict, n: int, first: int, labels: int | None = None) ->
     if first + n > len(idx):
         raise ConfigError(f"the replay buffer holds {len(idx)} chains{'' if labels is None else f' of class {labels}'}; "
                           f"asked for {first + n} (lower --n or use --init noise)")
-    return ReplayBuffer._decode_with(data[idx[first : first + n]], state["storage"], tuple(state["bounds"]))
+    return decode(data[idx[first : first + n]], state["storage"], tuple(state["bounds"]))
 
 
 @contextlib.contextmanager

@@ -14,10 +14,8 @@ import json
 import os
 import time
 
-import numpy as np
 
 from ebmscale import dist
-from ebmscale.buffer.replay import ReplayBuffer
 from ebmscale.data.transforms import to_uint8
 from ebmscale.eval.fid import fid_against, inception_statistics, load_stats, rank_share
 from ebmscale.eval.generate import generate
@@ -48,9 +46,7 @@ def training_fid(trainer, batch_size: int = 100) -> float:
     starts = None
     if init == "buffer":
         rng = dist.numpy_rng(t.seed, trainer.rank, trainer.step, "eval")
-        b = trainer.buffer
-        idx = rng.permutation(len(b.data))[:count]
-        starts = ReplayBuffer._decode_with(b.data[np.sort(idx)], b.storage, b.bounds)
+        starts = trainer.buffer.peek(count, rng)
     gen = dist.torch_generator(t.seed, trainer.rank, trainer.step, "eval", trainer.device)
     with sampling_mode(trainer.sampling_model()) as model:
         batches = generate(model, count, trainer.shape, settings, gen, init_bounds=trainer.init_bounds, starts=starts,

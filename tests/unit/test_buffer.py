@@ -123,3 +123,15 @@ def test_local_client_loads_a_global_state():
     assert np.array_equal(client.data, np.concatenate([s.data for s in shards]))
     with pytest.raises(ValueError, match="rank 0"):
         client.load_state_dict({"backend": "ray", "num_shards": 2, "shards": None})
+
+
+def test_peek_reads_distinct_stored_chains_without_changing_state():
+    b = ReplayBuffer(20, (3,), (-1.0, 1.0), reinit_prob=1.0, seed=0)  # a draw would re-init everything
+    before = b.state_dict()
+    x = b.peek(8, np.random.default_rng(1))
+    assert x.dtype == np.float32 and len({tuple(r) for r in x.tolist()}) == 8
+    stored = {tuple(r) for r in b.data.tolist()}
+    assert all(tuple(r) in stored for r in x.tolist())
+    after = b.state_dict()
+    assert np.array_equal(before["data"], after["data"]) and before["rng"] == after["rng"]
+    assert len(b.peek(50, np.random.default_rng(2))) == 20
