@@ -5,11 +5,13 @@ import json
 from typing import Callable, Sequence
 
 
-def print_report(rows: Sequence[dict], columns: Sequence[tuple[str, Callable[[dict], str]]]) -> None:
+def print_report(rows: Sequence[dict], columns: Sequence[tuple[str, Callable[[dict], str]]],
+                 meta: dict | None = None) -> None:
     """Print ``rows`` as a Markdown table (``columns``: header and cell formatter) and, as the
-    last line, the rows as one JSON object list."""
+    last line, the rows as one JSON list -- or, with ``meta`` (machine, command, ...), one JSON
+    object ``{**meta, "rows": rows}``."""
     print("| " + " | ".join(h for h, _ in columns) + " |")
     print("|" + "---|" * len(columns))
     for r in rows:
         print("| " + " | ".join(fmt(r) for _, fmt in columns) + " |")
-    print(json.dumps(list(rows)))
+    print(json.dumps(list(rows) if meta is None else {**meta, "rows": list(rows)}))

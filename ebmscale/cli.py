@@ -1,4 +1,4 @@
-"""Command line: ``ebmscale train | eval | info | data``.
+"""Command line: ``ebmscale train | sample | eval | info | data | export``.
 
 Thin entry points: each subcommand parses its arguments, resolves a config and hands it to the
 library. Expected failures (bad config, path, data or checkpoint; divergence) print one line
@@ -7,6 +7,7 @@ library. Expected failures (bad config, path, data or checkpoint; divergence) pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,7 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--run-dir", help="run directory (overrides train.run_dir)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--resume", help="checkpoint path, or 'auto' for the run directory's latest")
+    p.add_argument("--resume", help="'auto' = the run directory's newest complete checkpoint that loads (none: "
+                                    "start afresh), or a checkpoint step directory / run directory")
+
+    p = sub.add_parser("export", help="write a checkpoint's EMA weights (live ones without EMA) as one "
+                                      ".safetensors file plus its config")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory: its newest complete checkpoint")
+    src.add_argument("--checkpoint", help="checkpoint step directory (<run_dir>/checkpoints/step-N)")
+    p.add_argument("--out", required=True, help="output FILE.safetensors (the config goes beside it as FILE.yaml)")
 
     p = sub.add_parser("info", help="print the model's parameter count and the resolved settings")
     _add_config_args(p)
@@ -39,9 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     pe = sub.add_parser("eval", help="evaluation suites")
     esub = pe.add_subparsers(dest="eval_command", required=True)
     p = esub.add_parser("toy-nll", help="exact test NLL of a 2-D model by quadrature, vs true NLL and a KDE")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("--checkpoint", required=True, help="checkpoint step directory, run directory or export (.safetensors)")
     p.add_argument("--grid", type=int, default=512, help="quadrature grid points per axis")
     p.add_argument("--out", help="directory for figures and the JSON result (default: the checkpoint's run dir)")
+    from ebmscale.eval.commands import add_eval_parsers, add_sample_parser
+
+    add_eval_parsers(esub)
+    add_sample_parser(sub)
 
     pd = sub.add_parser("data", help="data preparation")
     dsub = pd.add_subparsers(dest="data_command", required=True)
@@ -76,16 +89,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ebmscale.checkpoint import export_weights
+
+    _print_json_last(export_weights(args.run or args.checkpoint, args.out))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from ebmscale.data import data_shape
     from ebmscale.models import build_model, count_parameters
 
+    from ebmscale.parallel import resolve_device
+    from ebmscale.performance import resolve_speed
+
     shape = data_shape(cfg)
     model = build_model(cfg.model, shape)
+    device = resolve_device(cfg.train.device)
+    speed = resolve_speed(cfg.train, device, image_data=len(shape) == 3)
     print(dump_yaml(cfg), end="")
     _print_json_last({"arch": cfg.model.arch, "variant": cfg.model.variant, "input_shape": list(shape),
-                      "parameters": count_parameters(model)})
+                      "parameters": count_parameters(model), "device": str(device),
+                      "speed": dataclasses.asdict(speed)})
     return 0
 
 
@@ -96,7 +122,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = toy_nll_from_checkpoint(args.checkpoint, grid=args.grid, out_dir=args.out)
         _print_json_last(result)
         return 0
+    from ebmscale.eval.commands import EVAL_COMMANDS
+
+    if args.eval_command in EVAL_COMMANDS:
+        return _distributed_command(EVAL_COMMANDS[args.eval_command], args)
     raise ConfigError(f"unknown eval command '{args.eval_command}'")
+
+
+def _distributed_command(fn, args: argparse.Namespace) -> int:
+    """Run an evaluation/sampling command in the launcher's process group (if any); rank 0
+    prints the figures as the last line."""
+    from ebmscale import dist
+
+    started = dist.init_from_env()
+    try:
+        result = fn(args)
+        if dist.is_main():
+            _print_json_last(result)
+    finally:
+        if started:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from ebmscale.eval.commands import cmd_sample as run
+
+    return _distributed_command(run, args)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -115,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"train": cmd_train, "info": cmd_info, "eval": cmd_eval, "data": cmd_data}
+    handlers = {"train": cmd_train, "info": cmd_info, "eval": cmd_eval, "data": cmd_data, "sample": cmd_sample,
+                "export": cmd_export}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:

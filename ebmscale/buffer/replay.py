@@ -10,6 +10,25 @@ import numpy as np
 _DTYPES = {"fp32": np.float32, "fp16": np.float16, "uint8": np.uint8}
 
 
+def encode(x: np.ndarray, storage: str, bounds: tuple[float, float]) -> np.ndarray:
+    """Chains (float) -> the storage dtype. 'uint8' quantises ``bounds`` to 256 levels (IGEBM);
+    an array already in uint8 is taken as encoded, so a caller may encode before sending."""
+    lo, hi = bounds
+    if storage == "uint8":
+        if x.dtype == np.uint8:
+            return x
+        return np.rint((np.clip(x, lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    return x.astype(_DTYPES[storage], copy=False)
+
+
+def decode(q: np.ndarray, storage: str, bounds: tuple[float, float]) -> np.ndarray:
+    """Stored chains -> float32 (the inverse of :func:`encode` up to quantisation)."""
+    lo, hi = bounds
+    if storage == "uint8":
+        return q.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
+    return q.astype(np.float32)
+
+
 class ReplayBuffer:
     """A fixed-capacity store of chain states, pre-filled with uniform noise over ``bounds``.
 
@@ -45,14 +64,10 @@ class ReplayBuffer:
 
     # ------------------------------------------------------------------ encoding
     def _encode(self, x: np.ndarray) -> np.ndarray:
-        lo, hi = self.bounds
-        if self.storage == "uint8":
-            q = np.rint((np.clip(x, lo, hi) - lo) * (255.0 / (hi - lo)))
-            return q.astype(np.uint8)
-        return x.astype(_DTYPES[self.storage], copy=False)
+        return encode(x, self.storage, self.bounds)
 
     def _decode(self, q: np.ndarray) -> np.ndarray:
-        return self._decode_with(q, self.storage, self.bounds)
+        return decode(q, self.storage, self.bounds)
 
     def noise(self, n: int, rng: np.random.Generator) -> np.ndarray:
         lo, hi = self.bounds
@@ -83,9 +98,18 @@ class ReplayBuffer:
         out_labels = None if self.labels is None else self.labels[idx].copy()
         return x, idx, out_labels, reinit
 
+    def peek(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``min(n, capacity)`` stored chains (distinct slots, float32) without re-initialisation
+        or any change of state: what evaluation samples from ("init from the buffer")."""
+        idx = np.sort(rng.choice(self.capacity, size=min(int(n), self.capacity), replace=False))
+        return self._decode(self.data[idx])
+
     def write(self, idx: np.ndarray, x: np.ndarray) -> None:
-        """Store evolved chains back into their slots."""
-        self.data[np.asarray(idx, dtype=np.int64)] = self._encode(np.asarray(x, dtype=np.float32))
+        """Store evolved chains back into their slots (float chains, or already :func:`encode`-d)."""
+        x = np.asarray(x)
+        if x.dtype != np.uint8:
+            x = x.astype(np.float32, copy=False)
+        self.data[np.asarray(idx, dtype=np.int64)] = self._encode(x)
 
     def __len__(self) -> int:
         return self.capacity
@@ -102,17 +126,10 @@ class ReplayBuffer:
         if data.shape[1:] != self.shape:
             raise ValueError(f"buffer state holds chains of shape {data.shape[1:]}, expected {self.shape}")
         if state["storage"] != self.storage:
-            data = self._encode(ReplayBuffer._decode_with(data, state["storage"], tuple(state["bounds"])))
+            data = self._encode(decode(data, state["storage"], tuple(state["bounds"])))
         self.data = data.astype(_DTYPES[self.storage], copy=True)
         self.capacity = len(self.data)
         if state.get("labels") is not None:
             self.labels = np.asarray(state["labels"], dtype=np.int64).copy()
             self._slots_of = [np.flatnonzero(self.labels == c) for c in range(self.num_classes)]
         self.rng.bit_generator.state = state["rng"]
-
-    @staticmethod
-    def _decode_with(q: np.ndarray, storage: str, bounds: tuple[float, float]) -> np.ndarray:
-        lo, hi = bounds
-        if storage == "uint8":
-            return q.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
-        return q.astype(np.float32)

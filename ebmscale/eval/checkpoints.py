@@ -7,14 +7,16 @@ import os
 import torch
 from torch import nn
 
-from ebmscale.checkpoint import load_checkpoint
+from ebmscale.checkpoint import MARKER, load_weights
 from ebmscale.config import TOY_DATASETS, Config, ConfigError, from_dict
 from ebmscale.models import build_model
 
 
 def load_energy_model(path: str, prefer_ema: bool = True) -> tuple[Config, nn.Module, dict]:
-    """(config, model in eval mode with EMA weights when present, raw checkpoint state)."""
-    state = load_checkpoint(path)
+    """(config, model in eval mode with EMA weights when present, ``{"config", "step", "model",
+    "ema"}``) from a checkpoint step directory, a run directory (its newest complete checkpoint)
+    or an ``ebmscale export`` file (``.safetensors``)."""
+    state = load_weights(path)
     cfg = from_dict(state["config"])
     from ebmscale.data import data_shape
 
@@ -25,7 +27,11 @@ def load_energy_model(path: str, prefer_ema: bool = True) -> tuple[Config, nn.Mo
 
 
 def _run_dir_of(path: str) -> str:
-    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    """Where outputs go by default: the run directory of a checkpoint, or an export's folder."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, MARKER)):  # <run_dir>/checkpoints/step-N
+        return os.path.dirname(os.path.dirname(path))
+    return path if os.path.isdir(path) else os.path.dirname(path)
 
 
 def toy_nll_from_checkpoint(path: str, grid: int = 512, out_dir: str | None = None, kde: dict | None = None,

@@ -33,7 +33,7 @@ PER_RANK_BATCH = 16
 BASE = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=16", "model.depth=2", "model.spectral_norm=true",
         "data.toy_train_size=2000", "sampler.kind=sgld", "sampler.steps=5", "sampler.step_size=0.1",
         "sampler.noise_std=0.05", "buffer.capacity=64", "objective.alpha=0.1", "train.progress=false",
-        "train.tensorboard=false", "train.threads=1", "train.device=cpu", "optim.ema=0"]
+        "train.tensorboard=false", "train.threads=1", "train.device=cpu", "optim.ema=0", "buffer.backend=local"]
 
 # The equivalence run: short-run chains (no per-rank buffer), SGD (Adam's first steps are
 # sign(g) and would magnify summation-order noise in near-zero gradient entries).
@@ -46,7 +46,7 @@ LEARN = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=32", "model.d
          "buffer.capacity=128", "objective.alpha=0.1", "optim.lr=1e-2", "optim.betas=[0.9,0.999]", "optim.ema=0",
          "train.precision=bf16", "train.steps=200", "train.log_every=50", "train.sample_every=0",
          "train.checkpoint_every=0", "train.progress=false", "train.tensorboard=false", "train.threads=1",
-         "train.device=cpu", "data.batch_size=32"]
+         "train.device=cpu", "data.batch_size=32", "buffer.backend=local"]
 
 
 class GlobalNoiseTrainer(Trainer):
@@ -123,7 +123,8 @@ def scenario_ddp(out: str) -> dict:
     res["equiv"] = run_equivalence([], PER_RANK_BATCH, os.path.join(out, "equiv"))
     # 3. bf16 training through train(): learns, and only rank 0 writes anything.
     cfg = load_config(None, LEARN)
-    result = train(cfg, run_dir=os.path.join(out, f"learn-rank{rank}"))
+    # One run directory for both ranks: each writes its own part of the sharded checkpoints.
+    result = train(cfg, run_dir=os.path.join(out, "learn"))
     res["learn"] = _learn_report(result, cfg, rank, out)
     return res
 
@@ -138,7 +139,7 @@ def _learn_report(result, cfg, rank: int, out: str) -> dict:
     report = {"steps": result.steps, "last_metrics": result.last_metrics}
     if rank != 0:
         return report
-    state = load_checkpoint(os.path.join(out, "learn-rank0"))
+    state = load_checkpoint(os.path.join(out, "learn"))
     model = build_model(cfg.model, (2,))
     model.load_state_dict(state["model"])
     model.eval()

@@ -13,7 +13,7 @@ from tests.distributed.dp_scenarios import REPO, _free_port
 
 TOY = ["model.width=16", "model.depth=2", "data.batch_size=16", "buffer.capacity=64", "data.toy_train_size=1000",
        "sampler.steps=3", "train.steps=10", "train.log_every=5", "train.checkpoint_every=0", "train.sample_every=0",
-       "train.threads=1", "train.progress=false", "train.tensorboard=false"]
+       "train.threads=1", "train.progress=false", "train.tensorboard=false", "buffer.backend=local"]
 
 
 def _env() -> dict:

@@ -96,4 +96,7 @@ def test_ray_example_runs_head_workers_and_ranks_from_this_image():
         for path in re.findall(r"(?:launch|configs)/[\w./-]+\.ya?ml", command):
             assert os.path.isfile(os.path.join(REPO, path)), f"{name} references missing {path}"
     assert head_port == "6379" and "ray-head:6379" in " ".join(services["ray-worker"]["command"])
-    assert services["trainer"]["entrypoint"] == ["accelerate"] and "ebmscale.cli" in services["trainer"]["command"]
+    trainer = " ".join(services["trainer"]["command"])
+    assert services["trainer"]["entrypoint"] == ["bash", "-c"] and "accelerate launch" in trainer
+    assert "ebmscale.cli train" in trainer and "buffer.ray_address=auto" in trainer
+    assert trainer.startswith("ray start --address=$$RAY_ADDRESS")  # a driver needs a raylet on its node

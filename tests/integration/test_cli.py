@@ -7,7 +7,8 @@ import pytest
 from tests.conftest import REPO, run_cli
 
 TINY = ["model.width=4", "model.depth=1", "data.batch_size=8", "sampler.steps=3", "buffer.capacity=64",
-        "train.log_every=5", "train.sample_every=10", "train.checkpoint_every=10", "train.progress=false"]
+        "train.log_every=5", "train.sample_every=10", "train.checkpoint_every=10", "train.progress=false",
+        "buffer.backend=local"]
 
 
 def _last_json(stdout: str) -> dict:
@@ -27,7 +28,7 @@ def test_train_20_steps_end_to_end_then_resume(tmp_path, cli_env):
         assert key in lines[-1]
     assert (run / "samples" / "final.png").stat().st_size > 100
     assert (run / "samples" / "step-0000010.png").exists()
-    assert (run / "checkpoint.pt").exists() and (run / "config.yaml").exists()
+    assert (run / "checkpoints" / "step-20" / "COMPLETE").exists() and (run / "config.yaml").exists()
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
     # Resume continues from step 20 to 30 and appends, nothing repeated.
     r = run_cli(["train", "--run-dir", str(run), "--resume", "auto", "train.steps=30", *TINY], cli_env, tmp_path)
@@ -76,7 +77,7 @@ def test_info_prints_parameter_count(tmp_path, cli_env):
 def test_toy_train_then_eval_toy_nll(tmp_path, cli_env):
     run = tmp_path / "toy"
     r = run_cli(["train", "--config", "configs/toy_8gaussians.yaml", "--run-dir", str(run), "train.steps=20",
-                 "data.toy_train_size=2000", "data.batch_size=128", "buffer.capacity=256",
+                 "data.toy_train_size=2000", "data.batch_size=128", "buffer.capacity=256", "buffer.backend=local",
                  "train.progress=false"], cli_env, REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_cli(["eval", "toy-nll", "--checkpoint", str(run), "--grid", "128"], cli_env, REPO)

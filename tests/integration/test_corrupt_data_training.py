@@ -19,7 +19,8 @@ def test_training_reports_skipped_samples(tmp_path):
         fh.write(b"\xff" * 24)
     cfg = load_config(None, ["data.dataset=shards", f"data.path={tmp_path / 's'}", "data.batch_size=4",
                              "model.width=4", "model.depth=2", "sampler.steps=2", "buffer.capacity=16",
-                             "train.steps=8", "train.log_every=8", "train.progress=false", "train.tensorboard=false"])
+                             "train.steps=8", "train.log_every=8", "train.progress=false", "train.tensorboard=false",
+                             "buffer.backend=local"])
     result = train(cfg, run_dir=str(tmp_path / "run"))
     assert result.steps == 8
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])

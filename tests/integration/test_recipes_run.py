@@ -49,7 +49,7 @@ def test_recipe_trains_two_steps_at_tiny_width(name, fake_data, tmp_path):
     arch = load_config(path).model.arch
     cfg = load_config(path, [*_data_overrides(path, fake_data), *TINY[arch], "data.batch_size=4", "data.holdout=0",
                              "sampler.steps=2", "buffer.capacity=1000", "train.steps=2", "train.progress=false",
-                             "train.tensorboard=false", "train.log_every=1"])
+                             "train.tensorboard=false", "train.log_every=1", "buffer.backend=local"])
     result = train(cfg, run_dir=str(tmp_path / "run"))
     assert result.steps == 2 and math.isfinite(result.last_metrics["loss"])
     assert os.path.exists(result.checkpoint)

@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from ebmscale.buffer import ReplayBuffer
+from ebmscale.buffer import LocalBuffer, ReplayBuffer
+from ebmscale.buffer.client import resplit_states, split_capacity
+from ebmscale.buffer.replay import decode, encode
 
 
 def test_reinit_fraction_is_binomial():
@@ -68,3 +70,68 @@ def test_storage_dtypes(storage, tol):
     assert x.dtype == np.float32
     assert np.abs(x - vals[idx]).max() <= tol + 1e-7
     assert buf.data.dtype == {"fp32": np.float32, "fp16": np.float16, "uint8": np.uint8}[storage]
+
+
+def test_encoded_write_is_stored_as_is():
+    buf = ReplayBuffer(8, (3,), bounds=(-1.0, 1.0), reinit_prob=0.0, storage="uint8", seed=0)
+    x = np.array([[-1.0, 0.0, 1.0]] * 2, dtype=np.float32)
+    q = encode(x, "uint8", (-1.0, 1.0))
+    buf.write(np.array([0, 1]), q)  # what a Ray client sends: encoded once, a quarter of the bytes
+    assert np.array_equal(buf.data[:2], q) and np.abs(decode(q, "uint8", (-1.0, 1.0)) - x).max() <= 1 / 255 + 1e-6
+
+
+def test_local_client_is_the_plain_buffer():
+    a, b = ReplayBuffer(32, (2,), seed=3), ReplayBuffer(32, (2,), seed=3)
+    client = LocalBuffer(b)
+    assert client.is_global is False and client.counters() == {}
+    x, idx, _, _ = a.sample(5, rng=np.random.default_rng(1))
+    y, handle = client.draw(5, None, np.random.default_rng(1))
+    assert np.array_equal(x, y) and np.array_equal(idx, handle)
+    client.write_back(handle, np.full_like(y, 0.5))
+    assert np.allclose(b.data[handle], 0.5) and client.data is b.data
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_resplit_deals_every_chain_into_new_shards(num_classes):
+    shards = [ReplayBuffer(c, (2,), num_classes=num_classes, seed=k) for k, c in enumerate((7, 7, 6))]
+    for k, s in enumerate(shards):  # mark every chain: (shard, slot)
+        s.data[:, 0], s.data[:, 1] = k, np.arange(len(s.data))
+    states = [s.state_dict() for s in shards]
+    caps = split_capacity(20, 2)
+    assert caps == [10, 10]
+    out = resplit_states(states, caps, num_classes)
+    assert [len(s["data"]) for s in out] == caps
+    old = {(int(a), int(b)) for s in shards for a, b in s.data}
+    new = [(int(a), int(b)) for s in out for a, b in s["data"]]
+    assert set(new) == old and len(new) == len(old)  # same total: each chain exactly once
+    if num_classes:
+        label_of = {(k, i): int(lab) for k, s in enumerate(shards) for i, lab in enumerate(s.labels)}
+        for s in out:
+            assert [label_of[(int(a), int(b))] for a, b in s["data"]] == list(s["labels"])
+    # Into fewer slots (truncated) and more slots (cycled); a fresh buffer loads the result.
+    for total in (9, 40):
+        dealt = resplit_states(states, [total], num_classes)[0]
+        target = ReplayBuffer(total, (2,), num_classes=num_classes, seed=0)
+        target.load_state_dict(dealt)
+        assert len(target.data) == total
+
+
+def test_local_client_loads_a_global_state():
+    shards = [ReplayBuffer(8, (2,), seed=k) for k in range(2)]
+    client = LocalBuffer(ReplayBuffer(16, (2,), seed=9))
+    client.load_state_dict({"backend": "ray", "num_shards": 2, "shards": [s.state_dict() for s in shards]})
+    assert np.array_equal(client.data, np.concatenate([s.data for s in shards]))
+    with pytest.raises(ValueError, match="rank 0"):
+        client.load_state_dict({"backend": "ray", "num_shards": 2, "shards": None})
+
+
+def test_peek_reads_distinct_stored_chains_without_changing_state():
+    b = ReplayBuffer(20, (3,), (-1.0, 1.0), reinit_prob=1.0, seed=0)  # a draw would re-init everything
+    before = b.state_dict()
+    x = b.peek(8, np.random.default_rng(1))
+    assert x.dtype == np.float32 and len({tuple(r) for r in x.tolist()}) == 8
+    stored = {tuple(r) for r in b.data.tolist()}
+    assert all(tuple(r) in stored for r in x.tolist())
+    after = b.state_dict()
+    assert np.array_equal(before["data"], after["data"]) and before["rng"] == after["rng"]
+    assert len(b.peek(50, np.random.default_rng(2))) == 20

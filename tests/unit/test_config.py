@@ -33,6 +33,10 @@ def test_dotted_overrides_are_typed(tmp_path):
     (["optim.betas=[0.9]"], "optim.betas"),
     (["data.dataset=8gaussians"], "model.arch"),
     (["model.conditional=true"], "model.conditional"),
+    (["buffer.backend=local", "buffer.shards=4"], "buffer.shards"),
+    (["buffer.backend=local", "buffer.ray_address=auto"], "buffer.ray_address"),
+    (["buffer.ray_address=auto", "buffer.ray_dashboard=true"], "buffer.ray_dashboard"),
+    (["buffer.mixing=rank"], "buffer.mixing"),
 ])
 def test_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:

@@ -38,6 +38,7 @@ def test_published_recipe_matches_reference(name):
     assert s.kind == "sgld" and s.init == "buffer"
     assert (s.steps, s.step_size, s.noise_std, s.grad_clip) == (ref["steps"], ref["step"], ref["noise"], ref["clip"])
     assert (b.capacity, b.reinit_prob) == (ref["buffer"], ref["reinit"])
+    assert b.backend == "ray"  # one global buffer across ranks, the point of this project
     assert o.name == "adam" and o.lr == pytest.approx(ref["lr"]) and o.betas == ref["betas"]
     assert d.batch_size == ref["batch"] and d.range == ref["range"] and s.clamp == ref["clamp"]
     assert cfg.objective.alpha == ref["alpha"]

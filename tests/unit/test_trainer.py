@@ -7,7 +7,7 @@ from ebmscale.config import load_config
 from ebmscale.trainer import DivergenceError, Trainer, lr_factor
 
 TINY = ["data.dataset=digits", "model.width=4", "model.depth=2", "data.batch_size=16", "sampler.steps=3",
-        "buffer.capacity=64", "train.progress=false", "train.tensorboard=false"]
+        "buffer.capacity=64", "train.progress=false", "train.tensorboard=false", "buffer.backend=local"]
 
 
 def make(tmp_path, *extra):

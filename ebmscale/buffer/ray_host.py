@@ -1,0 +1,402 @@
+"""The global replay buffer, hosted on Ray (the only module of ebmscale that imports ray).
+
+The logic stays in :class:`ebmscale.buffer.replay.ReplayBuffer`; Ray only hosts it. Rank 0 creates
+``buffer.shards`` named actors (one per rank by default), each holding a NumPy
+:class:`ReplayBuffer` of an equal part of ``capacity x ranks`` chains, plus one small registry
+actor that counts restarts and keeps references to the last checkpointed shard states. Every rank
+holds a :class:`RayBuffer` client with the interface of :class:`ebmscale.buffer.client.LocalBuffer`:
+
+* draws: the client spends the caller's ``rng`` on a plan (which shard serves each start, one seed
+  per shard), then asks the shards in parallel; the shards' own RNGs are never used, so one process
+  with a fixed seed repeats a run exactly, prefetched or not. ``mixing=random`` picks shards in
+  proportion to their size (uniform over all slots of all ranks' history); ``mixing=affine`` takes
+  ``1 - mix_fraction`` of the starts from the rank's own shard(s) and the rest from any shard.
+* prefetch: right after a step's write-backs are queued, the next step's (unlabelled) draw is sent;
+  calls from one caller to one actor run in order, so it sees this rank's own writes. Labelled
+  draws need the next batch's labels and are fetched when asked.
+* write-backs are encoded to the storage dtype here (fp16/uint8 halve/quarter the transfer) and
+  sent without waiting; at most ``max_inflight`` requests stay in flight per rank.
+* faults: shard actors restart automatically (Ray retries the calls in flight); a restarted shard
+  reloads the state of the last checkpoint saved or loaded in this run (kept in Ray's object store
+  through the registry), or else refills itself with noise, and the registry counts the restart
+  (metric ``buffer_restarts``).
+* with several ranks, the order in which ranks' writes land is not deterministic: a bitwise-exact
+  multi-rank resume needs ``buffer.backend=local``.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import uuid
+from typing import Any, Callable
+
+# Before ray starts anything: no token file in $HOME, no usage-stats prompt or report.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+
+from ebmscale.buffer.client import as_numpy, resplit_states, split_capacity  # noqa: E402
+from ebmscale.buffer.replay import ReplayBuffer, encode  # noqa: E402
+from ebmscale.config import ConfigError  # noqa: E402
+
+
+
+def current_cluster_file() -> str:
+    """Where `ray start` records the running cluster of this node (Ray's default temp dir:
+    $RAY_TMPDIR, else $TMPDIR, else /tmp, then ray/ray_current_cluster)."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return os.path.join(base, "ray", "ray_current_cluster")
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class BufferShard:
+    """One shard: a :class:`ReplayBuffer` in a Ray actor (NumPy only, no torch)."""
+
+    def __init__(self, shard_id: int, kwargs: dict, registry: str):
+        self.shard_id, self.incarnation = shard_id, 0
+        ctx = ray.get_runtime_context()
+        if ctx.was_current_actor_reconstructed:
+            # A restart after a crash: restore the last checkpoint if the registry holds one.
+            snapshot, self.incarnation = ray.get(ray.get_actor(registry).restarted.remote(shard_id))
+            if snapshot is None:  # no checkpoint yet: fresh noise, from a stream new to this incarnation
+                kwargs = dict(kwargs, seed=int(np.random.SeedSequence([kwargs["seed"], self.incarnation])
+                                               .generate_state(1)[0]))
+            self.buf = ReplayBuffer(**kwargs)
+            if snapshot is not None:
+                self.buf.load_state_dict(ray.get(snapshot[0]))
+        else:
+            self.buf = ReplayBuffer(**kwargs)
+
+    def sample(self, n: int, labels: np.ndarray | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        x, idx, _, _ = self.buf.sample(n, labels=labels, rng=np.random.default_rng(seed))
+        return x, idx
+
+    def write(self, idx: np.ndarray, q: np.ndarray) -> None:
+        self.buf.write(idx, q)
+
+    def peek(self, n: int, seed: int) -> np.ndarray:
+        return self.buf.peek(n, np.random.default_rng(seed))
+
+    def state_dict(self) -> dict:
+        return self.buf.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buf.load_state_dict(state)
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "incarnation": self.incarnation, "capacity": self.buf.capacity,
+                "node": ray.get_runtime_context().get_node_id(), "torch_loaded": "torch" in sys.modules}
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class BufferRegistry:
+    """Counts shard restarts and holds references to the last checkpointed shard states (the
+    objects stay in Ray's object store while rank 0, their owner, lives)."""
+
+    def __init__(self):
+        self.snapshots: list = []
+        self.restarts = 0
+
+    def set_snapshots(self, refs: list) -> None:
+        self.snapshots = list(refs)  # refs inside a list arrive unresolved: no copy of the data here
+
+    def restarted(self, shard_id: int) -> tuple[list | None, int]:
+        self.restarts += 1
+        ref = self.snapshots[shard_id] if shard_id < len(self.snapshots) else None
+        return ([ref] if ref is not None else None), self.restarts
+
+    def count(self) -> int:
+        return self.restarts
+
+
+class _Session:
+    """This process's connection to Ray: who started it, and what to remove at the end."""
+
+    def __init__(self, owned: bool, temp_dir: str | None):
+        self.owned, self.temp_dir = owned, temp_dir
+        if owned:  # a run that never reached close(): still stop Ray before removing its files
+            atexit.register(self.close)
+
+    def close(self) -> None:
+        if self.owned and ray.is_initialized():
+            ray.shutdown()
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+_QUIET = dict(log_to_driver=False, logging_level=logging.ERROR)
+
+
+def start_embedded(namespace: str, dashboard: bool = False, temp_dir: str = "") -> _Session:
+    """Start a local Ray instance in this process (or reuse the one already connected)."""
+    if ray.is_initialized():
+        return _Session(owned=False, temp_dir=None)
+    own_temp = not temp_dir
+    temp_dir = temp_dir or tempfile.mkdtemp(prefix="ebmscale-ray-", dir="/tmp")
+    # address='local': a new instance even where `ray start` left one (or a stale record of one);
+    # num_cpus=1: the actors ask for none, and Ray would otherwise pre-start a worker per core.
+    ray.init(address="local", namespace=namespace, include_dashboard=dashboard, _temp_dir=os.path.abspath(temp_dir), num_cpus=1,
+             **_QUIET)
+    return _Session(owned=True, temp_dir=temp_dir if own_temp else None)
+
+
+def _cluster_address(address: str) -> str:
+    """host:port of the cluster ``address`` means ('auto': $RAY_ADDRESS or this node's cluster)."""
+    if address != "auto":
+        return address
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:
+        with open(current_cluster_file()) as fh:
+            return fh.read().strip()
+    except OSError:
+        raise ConfigError("buffer.ray_address=auto found no running Ray cluster on this node (start one with "
+                          "launch/ray/head.sh and launch/ray/worker.sh, or set RAY_ADDRESS)") from None
+
+
+def connect_cluster(address: str, namespace: str, timeout_s: float = 10.0) -> _Session:
+    """Join a running cluster; an address that does not answer fails here, naming it (Ray itself
+    would retry for minutes)."""
+    target = _cluster_address(address)
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at '{target}' (buffer.ray_address={address}): "
+                          f"{exc or type(exc).__name__}") from None
+    if ray.is_initialized():  # already connected in this process (a test, a benchmark): reuse it
+        return _Session(owned=False, temp_dir=None)
+    try:
+        ray.init(address=target, namespace=namespace, **_QUIET)
+    except ConnectionError as exc:
+        raise ConfigError(f"cannot join the Ray cluster at '{target}' (buffer.ray_address={address}): {exc}") from None
+    return _Session(owned=True, temp_dir=None)
+
+
+class RayBuffer:
+    """This rank's client of the global sharded buffer (see the module docstring).
+
+    ``share(obj)`` returns rank 0's ``obj`` on every rank and ``barrier()`` waits for all ranks
+    (``ebmscale.dist`` provides both over torch.distributed); ``shard_seed(k)`` seeds shard k's
+    initial noise.
+    """
+
+    is_global = True
+
+    def __init__(self, b: Any, shape: tuple[int, ...], bounds: tuple[float, float], num_classes: int, rank: int,
+                 world: int, shard_seed: Callable[[int], int], share: Callable[[Any], Any] = lambda o: o,
+                 barrier: Callable[[], None] = lambda: None):
+        self.rank, self.world = rank, world
+        self.shape, self.bounds, self.storage = tuple(shape), tuple(bounds), b.storage
+        self.num_classes, self.mixing, self.mix_fraction = num_classes, b.mixing, b.mix_fraction
+        self.use_prefetch, self.max_inflight = b.prefetch, b.max_inflight
+        self._share, self._barrier = share, barrier
+        n_shards = b.shards or world
+        self.capacities = split_capacity(b.capacity * world, n_shards)
+        if min(self.capacities) < max(num_classes, 1):
+            raise ConfigError(f"buffer.shards={n_shards} leaves {min(self.capacities)} chains per shard, fewer than "
+                              f"the {num_classes} classes; use fewer shards or a larger buffer.capacity")
+        if not b.ray_address and world > int(os.environ.get("LOCAL_WORLD_SIZE", world)):
+            raise ConfigError("buffer.ray_address='' (embedded Ray) runs on one node; on several nodes start a "
+                              "cluster with launch/ray/ and set buffer.ray_address=auto")
+        self._session: _Session | None = None
+        self._owned: list = []
+        self.closed = False
+        if rank == 0:
+            try:
+                self._session = (start_embedded(b.ray_namespace, b.ray_dashboard, b.ray_temp_dir) if not b.ray_address
+                                 else connect_cluster(b.ray_address, b.ray_namespace))
+                info = self._create(b, n_shards, shard_seed)
+            except Exception as exc:
+                share({"error": str(exc)})  # the other ranks fail with it instead of waiting forever
+                raise
+            share(info)
+        else:
+            info = share(None)
+            if "error" in info:
+                raise ConfigError(f"rank 0 could not start the Ray replay buffer: {info['error']}")
+            self._session = (connect_cluster(info["address"], b.ray_namespace) if not b.ray_address
+                             else connect_cluster(b.ray_address, b.ray_namespace))
+        self.names = info["shards"]
+        self.shards = [ray.get_actor(n, namespace=b.ray_namespace) for n in self.names]
+        self.registry = ray.get_actor(info["registry"], namespace=b.ray_namespace)
+        # P(shard) for a start: proportional to size (uniform over slots); 'own' = this rank's shards.
+        caps = np.asarray(self.capacities, dtype=np.float64)
+        self._p_all = caps / caps.sum()
+        own = np.array([k % world == rank for k in range(n_shards)]) if n_shards >= world else \
+            (np.arange(n_shards) == rank % n_shards)
+        self._p_own = np.where(own, caps, 0.0) / caps[own].sum()
+        self._inflight: list = []
+        self._prefetched: tuple | None = None
+        self._restart_poll = None
+        self._restarts_seen = 0
+        self._snapshot_refs: list = []
+
+    def _create(self, b: Any, n_shards: int, shard_seed: Callable[[int], int]) -> dict:
+        run = uuid.uuid4().hex[:10]
+        registry = f"ebmscale-{run}-registry"
+        # Rank 0 keeps these handles: a (non-detached) actor whose handles are all dropped is stopped.
+        self._owned = [BufferRegistry.options(name=registry, namespace=b.ray_namespace).remote()]
+        names = [f"ebmscale-{run}-shard-{k}" for k in range(n_shards)]
+        actors = []
+        for k, name in enumerate(names):
+            kwargs = dict(capacity=self.capacities[k], shape=self.shape, bounds=self.bounds, reinit_prob=b.reinit_prob,
+                          storage=b.storage, num_classes=self.num_classes, seed=int(shard_seed(k)))
+            # SPREAD: on a cluster the shards (and their memory) go to different nodes.
+            actors.append(BufferShard.options(name=name, namespace=b.ray_namespace, scheduling_strategy="SPREAD")
+                          .remote(k, kwargs, registry))
+        self._owned += actors
+        ray.get([a.info.remote() for a in actors])  # created and filled before any rank draws
+        return {"address": ray.get_runtime_context().gcs_address, "shards": names, "registry": registry}
+
+    # ------------------------------------------------------------------ draw / write back
+    def _plan(self, n: int, labels: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Which shard serves each start, and one draw seed per shard: all of it from ``rng``."""
+        m = n if labels is None else len(labels)
+        n_shards = len(self.shards)
+        if self.mixing == "affine":
+            own = rng.random(m) >= self.mix_fraction
+            shard = np.where(own, rng.choice(n_shards, size=m, p=self._p_own), rng.choice(n_shards, size=m, p=self._p_all))
+        else:
+            shard = rng.choice(n_shards, size=m, p=self._p_all)
+        seeds = rng.integers(0, 2 ** 63 - 1, size=n_shards)
+        return shard, seeds
+
+    def _submit(self, plan: tuple[np.ndarray, np.ndarray], labels: np.ndarray | None) -> list:
+        shard, seeds = plan
+        parts = []
+        for k in np.unique(shard):
+            pos = np.flatnonzero(shard == k)
+            sub = None if labels is None else labels[pos]
+            parts.append((int(k), pos, self.shards[k].sample.remote(len(pos), sub, int(seeds[k]))))
+        return parts
+
+    def draw(self, n: int, labels: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, list]:
+        """``n`` chain starts drawn across the shards; the handle lists (shard, positions, slots)."""
+        labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        plan = self._plan(n, labels, rng)
+        pre, self._prefetched = self._prefetched, None
+        if (pre is not None and labels is None and pre[0] == n and np.array_equal(pre[1][0], plan[0])
+                and np.array_equal(pre[1][1], plan[1])):
+            parts = pre[2]
+        else:
+            parts = self._submit(plan, labels)
+        results = ray.get([ref for _, _, ref in parts])
+        x = np.empty((len(plan[0]), *self.shape), dtype=np.float32)
+        handle = []
+        for (k, pos, _), (xk, idx) in zip(parts, results):
+            x[pos] = xk
+            handle.append((k, pos, idx))
+        return x, handle
+
+    def prefetch(self, n: int, rng: np.random.Generator) -> None:
+        """Send the draw ``draw(n, None, rng')`` will make with ``rng'`` equal to ``rng`` now."""
+        if self.use_prefetch:
+            plan = self._plan(n, None, rng)
+            self._prefetched = (n, plan, self._submit(plan, None))
+
+    def peek(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` stored chains read across the shards (in proportion to their size, distinct slots
+        within a shard), without re-initialisation or any change of state; after this rank's
+        write-backs have landed."""
+        self.flush()
+        shard = rng.choice(len(self.shards), size=int(n), p=self._p_all)
+        seeds = rng.integers(0, 2 ** 63 - 1, size=len(self.shards))
+        counts = np.bincount(shard, minlength=len(self.shards))
+        parts = [self.shards[k].peek.remote(int(c), int(seeds[k])) for k, c in enumerate(counts) if c]
+        return np.concatenate(ray.get(parts))
+
+    def write_back(self, handle: list, x: np.ndarray) -> None:
+        """Queue the evolved chains for their slots and return; waits only while more than
+        ``max_inflight`` write requests of this rank are unfinished."""
+        x = np.asarray(x)
+        for k, pos, idx in handle:
+            self._inflight.append(self.shards[k].write.remote(idx, encode(x[pos], self.storage, self.bounds)))
+        if len(self._inflight) > self.max_inflight:
+            done, self._inflight = ray.wait(self._inflight, num_returns=len(self._inflight) - self.max_inflight)
+            ray.get(done)  # surfaces a shard that could not be restarted
+
+    def flush(self) -> None:
+        """Wait until this rank's write-backs have landed."""
+        if self._inflight:
+            ray.get(self._inflight)
+            self._inflight = []
+
+    def counters(self) -> dict[str, float]:
+        """Shard restarts since the last call (rank 0 counts, others report 0: the metric is a sum).
+        Polled without blocking: a restart shows up within a step or two."""
+        delta = 0
+        if self.rank == 0:
+            if self._restart_poll is not None and ray.wait([self._restart_poll], timeout=0)[0]:
+                total = int(ray.get(self._restart_poll))
+                delta, self._restarts_seen, self._restart_poll = total - self._restarts_seen, total, None
+            if self._restart_poll is None:
+                self._restart_poll = self.registry.count.remote()
+        return {"buffer_restarts": float(delta)}
+
+    def shard_info(self) -> list[dict]:
+        """Per shard: pid, incarnation (restarts), capacity, node, and whether torch got imported."""
+        return ray.get([s.info.remote() for s in self.shards])
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """On rank 0: every shard's :meth:`ReplayBuffer.state_dict` (contents, labels, RNG) and the
+        shard count; these states also become what a crashed shard restarts from. On other ranks
+        ``shards`` is None (a global buffer is saved once)."""
+        if self.rank != 0:
+            return {"backend": "ray", "num_shards": len(self.shards), "shards": None}
+        self.flush()
+        self._take_snapshot([s.state_dict.remote() for s in self.shards])
+        # ray.get maps the arrays read-only from the object store: hand out writable copies.
+        states = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()}
+                  for st in ray.get(self._snapshot_refs)]
+        return {"backend": "ray", "num_shards": len(self.shards), "shards": states}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Rank 0 pushes the saved shards into the actors (re-split when the shard count or sizes
+        differ, or from a local buffer's state); other ranks do nothing, so every rank may call it."""
+        if self.rank != 0:
+            return
+        state = as_numpy(state)
+        shards = state.get("shards") if "shards" in state else [state]
+        if not shards:
+            raise ValueError("this replay-buffer state holds no shards (a global buffer is saved by rank 0 only)")
+        if len(shards) != len(self.shards) or [len(s["data"]) for s in shards] != self.capacities:
+            shards = resplit_states(list(shards), self.capacities, self.num_classes)
+        self.flush()
+        self._prefetched = None
+        ray.get([a.load_state_dict.remote(s) for a, s in zip(self.shards, shards)])
+        self._take_snapshot([ray.put(s) for s in shards])
+
+    def _take_snapshot(self, refs: list) -> None:
+        self._snapshot_refs = refs  # rank 0 owns these objects: keep them referenced
+        ray.get(self.registry.set_snapshots.remote(refs))
+
+    # ------------------------------------------------------------------ shutdown
+    def close(self, clean: bool = True) -> None:
+        """Release Ray. ``clean``: flush, and take the shards down only after every rank has
+        (collective); after a failure just disconnect (rank 0's exit takes its actors along)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if clean:
+                self.flush()
+                self._barrier()  # every rank's writes have landed
+                if self.rank != 0 and self._session is not None:
+                    self._session.close()
+                self._barrier()  # the other ranks have disconnected before rank 0 stops Ray
+            if self.rank == 0 and self._session is not None and not self._session.owned:
+                for a in [*self.shards, self.registry]:  # a Ray we did not start keeps running: free its actors
+                    ray.kill(a, no_restart=True)
+        finally:
+            if self._session is not None:
+                self._session.close()

@@ -1,0 +1,62 @@
+"""FID during training: every ``train.fid_every`` steps, ``train.fid_samples`` samples of the
+sampling weights (EMA when kept), split over ranks, scored against ``train.fid_ref_stats``.
+
+Samples come from the run's own Langevin settings (``train.fid_steps`` steps) started from
+uniform noise or from each rank's replay buffer (read, never written). Randomness comes from the
+'eval' stream of (seed, rank, step), so an evaluation never shifts the training streams and a
+resumed run stays bitwise identical. Every rank gets the same FID (the statistics are
+all-reduced); rank 0 also appends it, with the Inception's provenance, to ``fid.jsonl``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+
+from ebmscale import dist
+from ebmscale.data.transforms import to_uint8
+from ebmscale.eval.fid import fid_against, inception_statistics, load_stats, rank_share
+from ebmscale.eval.generate import generate
+from ebmscale.sampling import sampling_mode
+
+_DETECTORS: dict = {}  # (weights, device) -> FIDInception: loaded once per process
+
+
+def _detector(weights: str, device):
+    key = (weights, str(device))
+    if key not in _DETECTORS:
+        from ebmscale.eval.inception import load_fid_inception
+
+        with dist.rank0_first():  # rank 0 converts and caches the weights; the others then read the cache
+            _DETECTORS[key] = load_fid_inception(weights or None, device=device)
+    return _DETECTORS[key]
+
+
+def training_fid(trainer, batch_size: int = 100) -> float:
+    """FID of the trainer's current model (a collective: every rank calls it at the same step)."""
+    cfg, t = trainer.cfg, trainer.cfg.train
+    t0 = time.perf_counter()
+    detector = _detector(t.fid_weights, trainer.device)
+    ref = load_stats(t.fid_ref_stats)
+    first, count = rank_share(t.fid_samples, trainer.rank, trainer.world)
+    settings = dataclasses.replace(trainer.settings, steps=t.fid_steps or trainer.settings.steps)
+    init = t.fid_init or cfg.sampler.init
+    starts = None
+    if init == "buffer":
+        rng = dist.numpy_rng(t.seed, trainer.rank, trainer.step, "eval")
+        starts = trainer.buffer.peek(count, rng)
+    gen = dist.torch_generator(t.seed, trainer.rank, trainer.step, "eval", trainer.device)
+    with sampling_mode(trainer.sampling_model()) as model:
+        batches = generate(model, count, trainer.shape, settings, gen, init_bounds=trainer.init_bounds, starts=starts,
+                           batch_size=batch_size, device=trainer.device, autocast_dtype=trainer.parallel.autocast_dtype)
+        stats, _ = inception_statistics((to_uint8(x, cfg.data.range) for x in batches), detector, first,
+                                        trainer.device)
+    fid = fid_against(stats, ref)
+    if dist.is_main():
+        with open(os.path.join(trainer.run_dir, "fid.jsonl"), "a") as fh:
+            fh.write(json.dumps({"step": trainer.step, "fid": fid, "n": stats.n, "steps": settings.steps,
+                                 "init": init, "seconds": round(time.perf_counter() - t0, 2),
+                                 "weights": detector.provenance}) + "\n")
+    return fid

@@ -1,0 +1,77 @@
+"""The Ray-hosted buffer under ``accelerate launch`` (2 gloo ranks on CPU), embedded mode:
+
+    accelerate launch --config_file launch/accelerate/cpu_gloo.yaml tests/distributed/ray_scenarios.py OUT_DIR
+
+Rank 0 starts a local Ray and passes its address to rank 1 over torch.distributed; both train
+through ``train()``. At step 2 rank 1 writes marked chains back and rank 0 reads them from the
+shards. Each rank writes ``OUT_DIR/rank<r>.json``. Not collected by pytest (no ``test_`` prefix).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+if __name__ == "__main__":  # launched as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import ebmscale.trainer as trainer_module  # noqa: E402
+from ebmscale import dist  # noqa: E402
+from ebmscale.config import load_config  # noqa: E402
+
+CONFIG = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=16", "model.depth=2", "data.toy_train_size=1000",
+          "data.batch_size=16", "sampler.steps=3", "sampler.step_size=0.1", "sampler.noise_std=0.05",
+          "buffer.backend=ray", "buffer.capacity=64", "buffer.reinit_prob=0.0", "train.steps=6", "train.log_every=3",
+          "train.checkpoint_every=3", "train.sample_every=0", "train.progress=false", "train.tensorboard=false",
+          "train.threads=1", "train.device=cpu"]
+MARK = 0.375  # exactly representable, inside the toy box
+
+
+class CrossRankTrainer(trainer_module.Trainer):
+    """At step 2, rank 1 writes MARK into the slots it drew; rank 0 then reads those slots."""
+
+    instances: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cross: dict = {}
+        CrossRankTrainer.instances.append(self)
+
+    def train_step(self):
+        if self.step == 2:
+            x, handle = self.buffer.draw(8, None, np.random.default_rng(1234 + self.rank))
+            if self.rank == 1:
+                self.buffer.write_back(handle, np.full_like(x, MARK))
+                self.buffer.flush()
+            slots = dist.broadcast_object([(k, idx.tolist()) for k, _, idx in handle], src=1)
+            dist.barrier()
+            if self.rank == 0:
+                shards = self.buffer.state_dict()["shards"]
+                self.cross = {"seen": all(bool(np.all(shards[k]["data"][idx] == MARK)) for k, idx in slots),
+                              "shards_touched": sorted({k for k, _ in slots}), "num_shards": len(shards)}
+        return super().train_step()
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    out = sys.argv[1]
+    trainer_module.Trainer = CrossRankTrainer  # train() builds this subclass
+    cfg = load_config(None, CONFIG)
+    result = trainer_module.train(cfg, run_dir=os.path.join(out, "run"))
+    tr = CrossRankTrainer.instances[0]
+    import ray  # only to check that train() disconnected
+
+    res = {"rank": dist.rank(), "world": dist.world_size(), "steps": result.steps, "cross": tr.cross,
+           "ray_connected_after": ray.is_initialized(), "is_global": tr.buffer.is_global,
+           "temp_dir": tr.buffer._session.temp_dir,
+           "temp_dir_left": bool(tr.buffer._session.temp_dir and os.path.exists(tr.buffer._session.temp_dir))}
+    with open(os.path.join(out, f"rank{dist.rank()}.json"), "w") as fh:
+        json.dump(res, fh)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""The global replay buffer on a real local Ray: draw statistics, cross-rank visibility, shard
+restarts (restored from the last checkpoint, or refilled), reproducibility and checkpoint round
+trips through the trainer, and the embedded mode under a 2-process ``accelerate launch``.
+
+Starting Ray costs seconds and about 0.6 GiB, so the in-process tests share one instance
+(module fixture); every client creates its own shard actors in it and removes them on close.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ebmscale.config import ConfigError, load_config
+from tests.conftest import run_cli
+from tests.distributed.dp_scenarios import REPO, _free_port
+
+pytest.importorskip("ray")
+
+from ebmscale.buffer.ray_host import RayBuffer, start_embedded  # noqa: E402
+
+TOY = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=8", "model.depth=2", "data.toy_train_size=500",
+       "data.batch_size=16", "sampler.steps=2", "sampler.step_size=0.1", "sampler.noise_std=0.05",
+       "buffer.capacity=64", "train.progress=false", "train.tensorboard=false", "train.threads=1",
+       "train.device=cpu", "train.sample_every=0", "buffer.backend=ray"]
+
+
+# --------------------------------------------------------------------------- 2 processes, embedded Ray
+def test_embedded_mode_under_accelerate_launch(tmp_path):
+    """Rank 0 starts Ray, rank 1 joins through torch.distributed; a write-back of rank 1 is seen
+    by rank 0; training ends with Ray shut down, its session directory removed, nothing in $HOME
+    and no Ray log lines."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RAY_"))}
+    env.update(PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               HOME=str(home))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(REPO, "launch", "accelerate", "cpu_gloo.yaml"), "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(_free_port()), os.path.join(REPO, "tests", "distributed", "ray_scenarios.py"),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert (r0["world"], r0["steps"], r1["steps"]) == (2, 6, 6) and r0["is_global"]
+    assert r0["cross"]["seen"] and r0["cross"]["num_shards"] == 2
+    assert r0["temp_dir"] and r1["temp_dir"] is None  # rank 0 owned the session directory
+    for r in (r0, r1):
+        assert not r["ray_connected_after"] and not r["temp_dir_left"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in records] == [3, 6] and records[-1]["buffer_restarts"] == 0
+    assert not any("ray" in name.lower() for _, dirs, files in os.walk(home) for name in dirs + files)
+    for noise in ("(raylet)", "Started a local Ray", "INFO worker", "ray.init", "Ray dashboard"):
+        assert noise not in log, noise
+
+
+def test_cluster_mode_with_the_launch_scripts(tmp_path, cli_env):
+    """launch/ray/head.sh starts a cluster; training with buffer.ray_address=auto joins it."""
+    ray_tmp = tempfile.mkdtemp(prefix="ebr", dir="/tmp")  # short: Ray puts unix sockets under it
+    env = dict(cli_env, RAY_TMPDIR=ray_tmp, RAY_PORT=str(_free_port()),
+               RAY_BIN=os.path.join(os.path.dirname(sys.executable), "ray"))
+    # --block keeps the cluster's processes in our own process group, so we stop exactly them.
+    head = subprocess.Popen(["bash", os.path.join(REPO, "launch", "ray", "head.sh"), "--block",
+                             "--ray-client-server-port", str(_free_port()),
+                             "--dashboard-agent-listen-port", str(_free_port())],
+                            env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        record = os.path.join(ray_tmp, "ray", "ray_current_cluster")
+        for _ in range(1200):
+            if os.path.exists(record) or head.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert os.path.exists(record), head.stderr.read() if head.poll() is not None else "no cluster record"
+        run = tmp_path / "run"
+        r = run_cli(["train", "--run-dir", str(run), "buffer.ray_address=auto", "train.steps=4", "train.log_every=2",
+                     *TOY], env, tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 4
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # Ray drains for up to 30 s; its group is ours to end
+        except ProcessLookupError:
+            pass
+        head.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- one process, one Ray
+@pytest.fixture(scope="module")
+def ray_session():
+    session = start_embedded("ebmscale")
+    yield session
+    session.close()
+
+
+def _client(session, rank: int = 0, world: int = 1, num_classes: int = 0, bounds=(5.0, 6.0), share=None,
+            **buffer) -> RayBuffer:
+    overrides = [f"buffer.{k}={v}" for k, v in buffer.items()]
+    b = load_config(None, ["buffer.backend=ray", "data.batch_size=1", *overrides]).buffer
+    return RayBuffer(b, (2,), bounds, num_classes, rank, world, shard_seed=lambda k: 100 + k,
+                     share=share or (lambda o: o))
+
+
+def _fill(client: RayBuffer, value: float) -> None:
+    """Set every stored chain to ``value`` (through the checkpoint path)."""
+    state = client.state_dict()
+    for s in state["shards"]:
+        s["data"][:] = value
+    client.load_state_dict(state)
+
+
+def test_draws_reinit_fraction_and_uniform_over_all_shards(ray_session):
+    c = _client(ray_session, capacity=200, shards=4, reinit_prob=0.1)
+    try:
+        assert not any(i["torch_loaded"] for i in c.shard_info())  # actors hold NumPy only
+        _fill(c, 0.0)  # stored chains are 0, fresh noise lies in [5, 6]
+        counts = np.zeros((4, 50))
+        fresh, total = 0, 0
+        rng = np.random.default_rng(0)
+        for _ in range(20):
+            x, handle = c.draw(300, None, rng)
+            reinit = (x >= 5.0).all(axis=1)
+            assert np.array_equal(reinit | (x == 0.0).all(axis=1), np.ones(300, bool))
+            fresh, total = fresh + reinit.sum(), total + 300
+            for k, _, idx in handle:
+                np.add.at(counts[k], idx, 1)
+        assert abs(fresh / total - 0.1) < 4 * np.sqrt(0.1 * 0.9 / total)
+        expected = total / 200  # uniform over all 200 slots of all shards
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        assert chi2 < 199 + 5 * np.sqrt(2 * 199)
+    finally:
+        c.close()
+
+
+def test_affine_mixing_and_class_labels(ray_session):
+    box: dict = {}
+    kw = dict(world=2, num_classes=4, capacity=40, mixing="affine", mix_fraction=0.2)
+    a = _client(ray_session, rank=0, share=lambda o: box.setdefault("i", o), **kw)
+    b = _client(ray_session, rank=1, share=lambda o: box["i"], **kw)
+    try:
+        assert b.state_dict()["shards"] is None  # a global buffer is saved by rank 0 only
+        rng = np.random.default_rng(1)
+        own, n = 0, 0
+        want = np.tile(np.arange(4), 50)
+        for _ in range(20):
+            _, handle = b.draw(len(want), want, rng)
+            for k, pos, idx in handle:
+                # Labelled starts come from slots of their class (slot i of a shard holds class i % 4).
+                assert np.array_equal(idx % 4, want[pos])
+                own += len(pos) * (k == 1)
+                n += len(pos)
+        # Rank 1's own shard with probability 0.8 + 0.2 * 1/2.
+        assert abs(own / n - 0.9) < 4 * np.sqrt(0.9 * 0.1 / n)
+    finally:
+        b.close()
+        a.close()
+
+
+def test_write_back_by_one_rank_is_visible_to_another(ray_session):
+    box: dict = {}
+    a = _client(ray_session, rank=0, world=2, capacity=16, reinit_prob=0.0, share=lambda o: box.setdefault("i", o))
+    b = _client(ray_session, rank=1, world=2, capacity=16, reinit_prob=0.0, share=lambda o: box["i"])
+    try:
+        assert a.names == b.names and len(a.names) == 2
+        x, handle = b.draw(12, None, np.random.default_rng(5))
+        b.write_back(handle, np.full_like(x, 5.5))
+        b.flush()
+        shards = a.state_dict()["shards"]
+        for k, _, idx in handle:
+            assert np.all(shards[k]["data"][idx] == 5.5)
+        assert {k for k, _, _ in handle} == {0, 1}  # rank 1 wrote into rank 0's shard too
+    finally:
+        b.close()
+        a.close()
+
+
+def _wait_restarted(c: RayBuffer, shard: int) -> None:
+    """Kill ``shard``'s process and wait until Ray has brought it back."""
+    os.kill(c.shard_info()[shard]["pid"], 9)
+    for _ in range(600):
+        try:
+            if c.shard_info()[shard]["incarnation"] >= 1:
+                return
+        except Exception:  # noqa: BLE001 - calls fail while the actor restarts
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the shard did not come back")
+
+
+def test_restarted_shard_restores_the_last_checkpoint(ray_session):
+    c = _client(ray_session, capacity=20, shards=2, reinit_prob=0.0)
+    try:
+        saved = c.state_dict()["shards"]
+        x, handle = c.draw(10, None, np.random.default_rng(0))
+        c.write_back(handle, np.full_like(x, 5.25))  # after the checkpoint: lost with the shard
+        c.flush()
+        _wait_restarted(c, 0)
+        now = c.state_dict()["shards"]
+        assert np.array_equal(now[0]["data"], saved[0]["data"])
+        assert now[0]["rng"] == saved[0]["rng"]
+        for k, _, idx in handle:
+            if k == 1:  # the shard that lived on kept its newer chains
+                assert np.all(now[1]["data"][idx] == 5.25)
+        # The draw path still works, and rank 0 reports the restart exactly once.
+        c.draw(10, None, np.random.default_rng(1))
+        seen = 0.0
+        for _ in range(20):
+            seen += c.counters()["buffer_restarts"]
+            time.sleep(0.05)
+        assert seen == 1
+    finally:
+        c.close()
+
+
+def test_restarted_shard_without_checkpoint_refills_with_noise(ray_session):
+    c = _client(ray_session, capacity=20, shards=2, reinit_prob=0.0)
+    try:
+        before = c.state_dict()  # this also becomes the restore point; drop it to test the refill
+        c._take_snapshot([])
+        _wait_restarted(c, 1)
+        after = c.state_dict()["shards"][1]["data"]
+        assert not np.array_equal(after, before["shards"][1]["data"])
+        assert after.min() >= 5.0 and after.max() <= 6.0
+    finally:
+        c.close()
+
+
+def test_unreachable_cluster_fails_at_start_naming_it(ray_session):
+    with pytest.raises(ConfigError, match=r"127\.0\.0\.1:9.*buffer\.ray_address"):
+        _client(ray_session, ray_address="127.0.0.1:9")
+
+
+def _train_steps(tmp_path, name: str, steps: int, *extra, state=None):
+    from ebmscale.trainer import Trainer
+
+    tr = Trainer(load_config(None, [*TOY, "train.seed=4", *extra]), str(tmp_path / name))
+    try:
+        if state is not None:
+            tr.load_state_dict(state)
+        for _ in range(steps):
+            tr.train_step()
+        return tr.state_dict()
+    finally:
+        tr.buffer.close()
+
+
+def test_one_process_run_is_reproducible_and_resumes_bitwise(ray_session, tmp_path):
+    full = _train_steps(tmp_path, "a", 6)
+    assert full["buffer"]["num_shards"] == 1 and len(full["buffer"]["shards"]) == 1
+    again = _train_steps(tmp_path, "b", 6, "buffer.prefetch=false")  # prefetching changes nothing
+    half = _train_steps(tmp_path, "c", 3)
+    resumed = _train_steps(tmp_path, "d", 3, state=half)
+    for other in (again, resumed):
+        for name, p in full["model"].items():
+            assert torch.equal(p, other["model"][name]), name
+        assert np.array_equal(full["buffer"]["shards"][0]["data"], other["buffer"]["shards"][0]["data"])
+
+
+def test_killing_a_shard_during_training(ray_session, tmp_path, monkeypatch):
+    import ebmscale.trainer as trainer_module
+
+    class Killer(trainer_module.Trainer):
+        def train_step(self):
+            if self.step == 3:
+                _wait_restarted(self.buffer, 0)
+            return super().train_step()
+
+    monkeypatch.setattr(trainer_module, "Trainer", Killer)
+    cfg = load_config(None, [*TOY, "buffer.shards=2", "train.steps=12", "train.log_every=4",
+                             "train.checkpoint_every=2"])
+    result = trainer_module.train(cfg, run_dir=str(tmp_path / "run"))
+    assert result.steps == 12
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8, 12]
+    assert sum(r["buffer_restarts"] for r in records) == 1
+    assert all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_cli_names_an_unreachable_address(tmp_path, cli_env):
+    r = run_cli(["train", "--run-dir", str(tmp_path / "run"), "buffer.ray_address=127.0.0.1:9", "train.steps=1",
+                 *TOY[:-1]], cli_env, tmp_path)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "127.0.0.1:9" in err[0] and "Traceback" not in r.stderr, r.stderr
