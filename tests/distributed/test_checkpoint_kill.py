@@ -41,7 +41,8 @@ def _start(run_dir, nproc: int, *args: str, **env: str) -> subprocess.Popen:
     cli = ["-m", "ebmscale.cli", "train", "--run-dir", str(run_dir), *TOY, *args]
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                                       "--master_port", str(_free_port())]
-    # A session of its own, so that one killpg reaches torchrun and every rank.
+    # A session of its own for the launcher (torchrun puts every rank in a session of its own too:
+    # see _kill_tree).
     return subprocess.Popen([sys.executable, *launcher, *cli], env=_env(**env), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -53,18 +54,48 @@ def run(run_dir, nproc: int, *args: str) -> str:
     return out
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc), children before grandchildren."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    """kill -9 the launcher and every rank at once, as a preempted node would. A killpg of the
+    launcher's group is not enough: torchrun starts each rank in a session of its own, and ranks
+    left behind would sleep on as orphans."""
+    for p in [pid, *_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run_and_kill(run_dir, nproc: int, hang: str, *args: str) -> None:
     """Start a run, wait until every rank sits at ``hang`` (e.g. 'step:6'), then kill -9 them all."""
     proc = _start(run_dir, nproc, *args, EBMSCALE_TEST_HANG=hang)
-    seen, log = 0, []
-    while seen < nproc:
+    log: list[str] = []
+    # Count announcements in everything read so far: two ranks writing at once can share a line.
+    while "".join(log).count(f"test hang ({hang})") < nproc:
         line = proc.stderr.readline()
         if not line:  # the run ended without reaching the hang point
             proc.wait(timeout=60)
             pytest.fail("run ended before the kill point:\n" + "".join(log)[-4000:] + proc.stdout.read()[-2000:])
         log.append(line)
-        seen += f"test hang ({hang})" in line
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_tree(proc.pid)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     proc.stdout.close()
