@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ebmscale import dist
+from ebmscale.buffer.client import as_numpy
 
 CHECKPOINTS_DIR = "checkpoints"
 MARKER = "COMPLETE"
@@ -76,16 +77,9 @@ def _to_tensors(obj: Any) -> Any:
     return obj
 
 
-def to_numpy(obj: Any) -> Any:
-    """Tensors -> NumPy arrays (recursively): the inverse of the conversion on save, for states
-    that are NumPy by contract (replay buffers)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numpy()
-    if isinstance(obj, dict):
-        return {k: to_numpy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_numpy(v) for v in obj)
-    return obj
+# Tensors -> NumPy arrays (recursively): the inverse of the conversion on save, for states that
+# are NumPy by contract (replay buffers). One implementation, the buffer client's.
+to_numpy = as_numpy
 
 
 def file_digest(path: str, algorithm: str = "sha256") -> str:

@@ -8,7 +8,6 @@ relative), with N exact. The Inception-Score sums are checked the same way.
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 from ebmscale.eval.fid import FeatureStats, InceptionScoreStats, frechet_distance, rank_share
+from tests.distributed.dp_scenarios import _free_port
 
 N, D, WORLD = 301, 64, 2  # N odd: the ranks' shares differ in size
 
@@ -50,12 +50,6 @@ def _worker(rank: int, port: int, out: str) -> None:
                  is_score=np.array(is_stats.score()))
     finally:
         tdist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
