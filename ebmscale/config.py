@@ -85,6 +85,8 @@ class SamplerConfig:
     clamp: bool = _f(True, "clamp chains to the data range after every step")
     init: str = _f("buffer", "'buffer' = persistent chains (PCD); 'noise' = short-run chains from fresh noise",
                    choices=("buffer", "noise"))
+    batch_size: int = _f(0, "pcd/jem: negatives (chains) per rank per step; 0 = data.batch_size. Fewer chains "
+                            "than data examples make a step cheaper at the cost of a noisier p(x) gradient", min=0)
 
 
 @dataclass
@@ -384,8 +386,17 @@ def validate(cfg: Config) -> None:
         key = "buffer.ray_dashboard" if b.ray_dashboard else "buffer.ray_temp_dir"
         raise ConfigError(f"{key} only applies to the embedded Ray (buffer.ray_address=''); a cluster sets it at "
                           "'ray start'")
-    if s.init == "buffer" and cfg.buffer.capacity < d.batch_size:
-        raise ConfigError(f"buffer.capacity ({cfg.buffer.capacity}) must be >= data.batch_size ({d.batch_size})")
+    if s.batch_size and cfg.objective.kind not in ("pcd", "jem"):
+        raise ConfigError(f"sampler.batch_size is only read by objective.kind=pcd or jem, not {cfg.objective.kind!r}")
+    chains = s.batch_size or d.batch_size
+    conditional_chains = cfg.model.conditional or (cfg.objective.kind == "jem" and cfg.objective.pxy_weight > 0)
+    if conditional_chains and chains > d.batch_size:
+        # Class-conditional chains take their labels from the data batch.
+        raise ConfigError(f"sampler.batch_size ({chains}) must be <= data.batch_size ({d.batch_size}) when chains "
+                          "are class-conditional (their labels come from the data batch)")
+    if s.init == "buffer" and cfg.buffer.capacity < chains:
+        key = "sampler.batch_size" if s.batch_size else "data.batch_size"
+        raise ConfigError(f"buffer.capacity ({cfg.buffer.capacity}) must be >= {key} ({chains})")
     t = cfg.train
     if t.distributed == "ddp" and (t.zero_stage or t.deepspeed_config):
         key = "train.zero_stage" if t.zero_stage else "train.deepspeed_config"

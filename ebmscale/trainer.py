@@ -225,32 +225,34 @@ class Trainer:
         gen = dist.torch_generator(seed, self.rank, self.step, "langevin", self.device)
         o = cfg.objective
         self.model.train()
+        # Chains per step: sampler.batch_size, or one per data example.
+        m = cfg.sampler.batch_size or n
         if o.kind == "jem":
             parts = [x_pos]
             if o.px_weight > 0:
-                parts.append(self._negatives(n, None, rng, gen)[0])
+                parts.append(self._negatives(m, None, rng, gen)[0])
             if o.pxy_weight > 0:
-                x_neg_y, y_neg = self._negatives(n, y, rng, gen)
+                x_neg_y, y_neg = self._negatives(m, y[:m], rng, gen)
                 parts.append(x_neg_y)
             t2 = time.perf_counter()
-            self._prefetch_next(n, unlabelled=o.px_weight > 0)
+            self._prefetch_next(m, unlabelled=o.px_weight > 0)
             self.parallel.zero_grad(self.optimizer)
             # One wrapped forward over every batch: one spectral-norm power iteration per step.
             with self.parallel.autocast():
-                logits = self.wrapped(self.parallel.cast_input(torch.cat(parts))).split(n)
+                logits = self.wrapped(self.parallel.cast_input(torch.cat(parts))).split([n] + [m] * (len(parts) - 1))
             it = iter(logits[1:])
             l_neg = next(it) if o.px_weight > 0 else None
             l_neg_y = next(it) if o.pxy_weight > 0 else None
-            loss, stats = jem_loss(logits[0], y, l_neg, l_neg_y, y if o.pxy_weight > 0 else None,
+            loss, stats = jem_loss(logits[0], y, l_neg, l_neg_y, y_neg if o.pxy_weight > 0 else None,
                                    clf_weight=o.clf_weight, px_weight=o.px_weight, pxy_weight=o.pxy_weight,
                                    alpha=o.alpha)
             x_neg = parts[1] if len(parts) > 1 else x_pos
         elif self.estimator is not None:
             x_neg, loss, stats, t2 = self._objective_step(x_pos, t1)
         else:
-            x_neg, y_neg = self._negatives(n, y if self.conditional else None, rng, gen)
+            x_neg, y_neg = self._negatives(m, y[:m] if self.conditional else None, rng, gen)
             t2 = time.perf_counter()
-            self._prefetch_next(n, unlabelled=not self.conditional)
+            self._prefetch_next(m, unlabelled=not self.conditional)
             x_all = self.parallel.cast_input(torch.cat([x_pos, x_neg]))
             self.parallel.zero_grad(self.optimizer)
             # One wrapped forward over [x+, x-]: one spectral-norm power iteration per step.

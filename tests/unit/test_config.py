@@ -37,6 +37,9 @@ def test_dotted_overrides_are_typed(tmp_path):
     (["buffer.backend=local", "buffer.ray_address=auto"], "buffer.ray_address"),
     (["buffer.ray_address=auto", "buffer.ray_dashboard=true"], "buffer.ray_dashboard"),
     (["buffer.mixing=rank"], "buffer.mixing"),
+    (["sampler.batch_size=8", "objective.kind=dsm"], "sampler.batch_size"),
+    (["sampler.batch_size=128", "model.num_classes=10", "model.conditional=true"], "sampler.batch_size"),
+    (["sampler.batch_size=20000"], "sampler.batch_size"),
 ])
 def test_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:

@@ -82,3 +82,18 @@ def test_short_run_mode_leaves_buffer_untouched(tmp_path):
     before = tr.buffer.data.copy()
     tr.train_step()
     assert (tr.buffer.data == before).all()
+
+
+@pytest.mark.parametrize("extra", [(), ("objective.kind=jem", "model.num_classes=10", "objective.pxy_weight=1.0"),
+                                   ("model.conditional=true", "model.num_classes=10")])
+def test_sampler_batch_size_sets_the_number_of_chains(tmp_path, extra):
+    """sampler.batch_size chains per step, independent of the data batch (16): every set of
+    chains writes back exactly that many states, and the loss is finite."""
+    tr = make(tmp_path, "sampler.batch_size=5", *extra)
+    written, write_back = [], tr.buffer.write_back
+    tr.buffer.write_back = lambda idx, x: (written.append((len(idx), len(x))), write_back(idx, x))
+    stats = tr.train_step()
+    assert math.isfinite(stats["loss"])
+    assert tr.last_negatives.shape[0] == 5
+    # JEM with the p(x, y) term runs two sets of chains: unconditional and class-conditional.
+    assert written == [(5, 5)] * (2 if "objective.pxy_weight=1.0" in extra else 1)
