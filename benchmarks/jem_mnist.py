@@ -5,7 +5,7 @@ cross-entropy term (objective.px_weight=0: no sampling) for exactly as many step
 test accuracy and expected calibration error (20 bins) of both on the 10,000 MNIST test images,
 plus a reliability diagram per model.
 
-    .venv/bin/python benchmarks/jem_mnist.py [--minutes 25] [--out DIR] [key=value ...]
+    .venv/bin/python benchmarks/jem_mnist.py [--minutes 28] [--out DIR] [key=value ...]
 
 Prints a Markdown table and, as its last line, one JSON object.
 """
@@ -45,7 +45,8 @@ def test_probs(checkpoint: str) -> tuple[np.ndarray, np.ndarray]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "jem_mnist.yaml"))
-    ap.add_argument("--minutes", type=float, default=25.0, help="JEM training budget (the classifier is faster)")
+    ap.add_argument("--minutes", type=float, default=28.0,
+                    help="JEM training budget (the target allows 30 minutes; the classifier is faster)")
     ap.add_argument("--out", default="")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
