@@ -601,6 +601,11 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
         while trainer.step < end:
             if budget_s and trainer.step > 0 and _out_of_time(t_start, budget_s):
                 end = trainer.step
+                # The run's last FID belongs to its last step, whether it ended on steps or on time.
+                if t.fid_every and end % t.fid_every:
+                    from ebmscale.eval.training import training_fid
+
+                    trainer.metrics.report("fid", training_fid(trainer))
                 if trainer.metrics.pending:
                     last = trainer.metrics.flush(end)
                 break

@@ -73,6 +73,19 @@ def test_ref_stats_file_and_training_fid(run):
     assert [m["fid"] for m in metrics if "fid" in m] == pytest.approx([f["fid"] for f in fids])
 
 
+def test_run_stopped_by_its_time_budget_ends_with_an_fid(run):
+    """train.max_minutes stops the run between FID steps: the last step still gets its FID."""
+    base, ref, _ = run
+    run_dir = base / "jem_budget"
+    assert main(["train", "--run-dir", str(run_dir), "--config", "configs/jem_mnist.yaml", *JEM, "train.steps=50",
+                 "train.max_minutes=1e-6", "train.fid_every=40", "train.fid_samples=3", f"train.fid_ref_stats={ref}",
+                 f"data.cache_dir={base / 'cache'}"]) == 0
+    fids = [json.loads(line) for line in (run_dir / "fid.jsonl").read_text().splitlines()]
+    assert [f["step"] for f in fids] == [1] and fids[0]["fid"] > 0
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 1 and metrics[-1]["fid"] == pytest.approx(fids[0]["fid"])
+
+
 def test_eval_fid_from_buffer(run, capsys):
     base, ref, run_dir = run
     code, out, err = cli(capsys, "eval", "fid", "--checkpoint", run_dir, "--ref", ref, "--n", 5, "--steps", 3,
