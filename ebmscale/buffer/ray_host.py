@@ -14,7 +14,8 @@ holds a :class:`RayBuffer` client with the interface of :class:`ebmscale.buffer.
 * prefetch: right after a step's write-backs are queued, the next step's (unlabelled) draw is sent;
   calls from one caller to one actor run in order, so it sees this rank's own writes. Labelled
   draws need the next batch's labels and are fetched when asked.
-* write-backs are encoded to the storage dtype here (fp16/uint8 halve/quarter the transfer) and
+* draws and write-backs cross the wire in the storage dtype (fp16/uint8 halve/quarter the
+  transfer; the client decodes draws, the shards' fresh-noise starts stay float32); write-backs are
   sent without waiting; at most ``max_inflight`` requests stay in flight per rank.
 * faults: shard actors restart automatically (Ray retries the calls in flight); a restarted shard
   reloads the state of the last checkpoint saved or loaded in this run (kept in Ray's object store
@@ -43,7 +44,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from ebmscale.buffer.client import as_numpy, resplit_states, split_capacity  # noqa: E402
-from ebmscale.buffer.replay import ReplayBuffer, encode  # noqa: E402
+from ebmscale.buffer.replay import ReplayBuffer, encode, starts_from_encoded  # noqa: E402
 from ebmscale.config import ConfigError  # noqa: E402
 
 
@@ -74,9 +75,11 @@ class BufferShard:
         else:
             self.buf = ReplayBuffer(**kwargs)
 
-    def sample(self, n: int, labels: np.ndarray | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        x, idx, _, _ = self.buf.sample(n, labels=labels, rng=np.random.default_rng(seed))
-        return x, idx
+    def sample(self, n: int, labels: np.ndarray | None, seed: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Encoded starts (the client decodes): fp16/uint8 storage halves/quarters the transfer."""
+        q, idx, _, reinit, noise = self.buf.sample_encoded(n, labels=labels, rng=np.random.default_rng(seed))
+        return q, idx, reinit, noise
 
     def write(self, idx: np.ndarray, q: np.ndarray) -> None:
         self.buf.write(idx, q)
@@ -292,8 +295,8 @@ class RayBuffer:
         results = ray.get([ref for _, _, ref in parts])
         x = np.empty((len(plan[0]), *self.shape), dtype=np.float32)
         handle = []
-        for (k, pos, _), (xk, idx) in zip(parts, results):
-            x[pos] = xk
+        for (k, pos, _), (q, idx, reinit, noise) in zip(parts, results):
+            x[pos] = starts_from_encoded(q, reinit, noise, self.storage, self.bounds)
             handle.append((k, pos, idx))
         return x, handle
 

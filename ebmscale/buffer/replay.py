@@ -29,6 +29,16 @@ def decode(q: np.ndarray, storage: str, bounds: tuple[float, float]) -> np.ndarr
     return q.astype(np.float32)
 
 
+def starts_from_encoded(q: np.ndarray, reinit: np.ndarray, noise: np.ndarray, storage: str,
+                        bounds: tuple[float, float]) -> np.ndarray:
+    """Chain starts (float32) from an encoded draw: the stored chains decoded, with the
+    re-initialised positions replaced by their noise (see :meth:`ReplayBuffer.sample_encoded`)."""
+    x = decode(q, storage, bounds)
+    if len(noise):
+        x[reinit] = noise
+    return x
+
+
 class ReplayBuffer:
     """A fixed-capacity store of chain states, pre-filled with uniform noise over ``bounds``.
 
@@ -79,6 +89,15 @@ class ReplayBuffer:
         """Draw ``n`` chain starts: ``(x float32 [n, *shape], slot indices, labels or None,
         reinit mask)``. Re-initialised starts still own their slot, so the write-back replaces
         that slot's chain with the new one."""
+        q, idx, out_labels, reinit, noise = self.sample_encoded(n, labels, rng)
+        return starts_from_encoded(q, reinit, noise, self.storage, self.bounds), idx, out_labels, reinit
+
+    def sample_encoded(self, n: int, labels: np.ndarray | None = None, rng: np.random.Generator | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+        """:meth:`sample` before decoding, for a host that sends the draw elsewhere (the Ray shards):
+        ``(stored chains in the storage dtype, slot indices, labels or None, reinit mask, float32
+        noise for the re-initialised starts)``; :func:`starts_from_encoded` turns it into exactly
+        what :meth:`sample` returns. uint8 storage thus crosses the wire at a quarter of float32."""
         rng = self.rng if rng is None else rng
         if labels is not None:
             if not self.num_classes:
@@ -91,12 +110,12 @@ class ReplayBuffer:
                 idx[where] = slots[rng.integers(0, len(slots), size=len(where))]
         else:
             idx = rng.integers(0, self.capacity, size=n).astype(np.int64)
-        x = self._decode(self.data[idx])
+        q = self.data[idx]
         reinit = rng.random(len(idx)) < self.reinit_prob
-        if reinit.any():
-            x[reinit] = self.noise(int(reinit.sum()), rng)
+        # Fresh starts are float noise, never quantised (the same numbers as a local draw).
+        noise = self.noise(int(reinit.sum()), rng) if reinit.any() else np.empty((0, *self.shape), np.float32)
         out_labels = None if self.labels is None else self.labels[idx].copy()
-        return x, idx, out_labels, reinit
+        return q, idx, out_labels, reinit, noise
 
     def peek(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``min(n, capacity)`` stored chains (distinct slots, float32) without re-initialisation

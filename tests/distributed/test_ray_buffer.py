@@ -148,6 +148,26 @@ def test_draws_reinit_fraction_and_uniform_over_all_shards(ray_session):
         c.close()
 
 
+def test_uint8_draws_are_decoded_by_the_client(ray_session):
+    """uint8 chains cross the wire as uint8 and are decoded here; fresh-noise starts stay float."""
+    c = _client(ray_session, capacity=100, shards=2, reinit_prob=0.5, storage="uint8")
+    try:
+        state = c.state_dict()
+        for s in state["shards"]:
+            s["data"][:] = 128
+        c.load_state_dict(state)
+        x, _ = c.draw(200, None, np.random.default_rng(0))
+        stored = np.float32(128) * np.float32(1.0 / 255) + np.float32(5.0)
+        kept = (x == stored).all(axis=1)
+        assert x.dtype == np.float32 and 0 < kept.sum() < 200
+        fresh = x[~kept]
+        assert ((fresh >= 5.0) & (fresh <= 6.0)).all()
+        # Not on the uint8 grid: noise is not quantised on its way.
+        assert np.abs((fresh - 5.0) * 255 - np.rint((fresh - 5.0) * 255)).max() > 0.1
+    finally:
+        c.close()
+
+
 def test_affine_mixing_and_class_labels(ray_session):
     box: dict = {}
     kw = dict(world=2, num_classes=4, capacity=40, mixing="affine", mix_fraction=0.2)

@@ -3,7 +3,7 @@ import pytest
 
 from ebmscale.buffer import LocalBuffer, ReplayBuffer
 from ebmscale.buffer.client import resplit_states, split_capacity
-from ebmscale.buffer.replay import decode, encode
+from ebmscale.buffer.replay import decode, encode, starts_from_encoded
 
 
 def test_reinit_fraction_is_binomial():
@@ -70,6 +70,22 @@ def test_storage_dtypes(storage, tol):
     assert x.dtype == np.float32
     assert np.abs(x - vals[idx]).max() <= tol + 1e-7
     assert buf.data.dtype == {"fp32": np.float32, "fp16": np.float16, "uint8": np.uint8}[storage]
+
+
+@pytest.mark.parametrize("storage", ["fp32", "fp16", "uint8"])
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_encoded_draw_decodes_to_exactly_the_plain_draw(storage, num_classes):
+    """What the Ray shards send (storage dtype + float noise for fresh starts) decodes to the very
+    starts, slots and labels of a local draw with the same generator."""
+    a, b = (ReplayBuffer(60, (4,), bounds=(-1.0, 1.0), reinit_prob=0.3, storage=storage,
+                         num_classes=num_classes, seed=7) for _ in range(2))
+    labels = np.array([0, 2, 2, 1, 0] * 4) if num_classes else None
+    x, idx, lab, reinit = a.sample(20, labels, np.random.default_rng(5))
+    q, idx2, lab2, reinit2, noise = b.sample_encoded(20, labels, np.random.default_rng(5))
+    assert q.dtype == b.data.dtype and noise.dtype == np.float32 and len(noise) == reinit.sum() > 0
+    assert np.array_equal(starts_from_encoded(q, reinit2, noise, storage, (-1.0, 1.0)), x)
+    assert np.array_equal(idx, idx2) and np.array_equal(reinit, reinit2)
+    assert (lab is None and lab2 is None) or np.array_equal(lab, lab2)
 
 
 def test_encoded_write_is_stored_as_is():
