@@ -57,8 +57,7 @@ def main() -> None:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="ebmscale-eval-")
-    if args.ref:
-        load_stats(args.ref)  # fail now, not after the JEM evaluations
+    ref_stats = load_stats(args.ref) if args.ref else None  # fail now, not after the JEM evaluations
     common = ["train.progress=false", "train.tensorboard=false", "train.threads=1"]
     pcd = args.pcd_checkpoint
     if not pcd:
@@ -81,11 +80,12 @@ def main() -> None:
     f = run("eval", "ref-stats", "--data", "mnist", "--split", "train", "--n", args.n, "--out", floor)
     if args.ref:
         ref = args.ref
-        r = {"n": int(load_stats(ref)["n"]), "weights": load_stats(ref)["weights"]}
+        r = {"n": int(ref_stats["n"]), "weights": ref_stats["weights"]}
     else:
         ref = os.path.join(out, "mnist_test_ref.npz")
         r = run("eval", "ref-stats", "--data", "mnist", "--split", "test", "--n", args.ref_n, "--out", ref)
-    a, b = load_stats(floor), load_stats(ref)
+        ref_stats = load_stats(ref)
+    a, b = load_stats(floor), ref_stats
     rows.append({"what": f"MNIST train images (N={args.n}): FID floor", "fid": frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"]),
                  "n": f["n"], "ref_n": r["n"], "seconds": f["seconds"], "weights": f["weights"]})
     for mode in args.fid_modes.split(","):

@@ -77,10 +77,6 @@ def _to_tensors(obj: Any) -> Any:
     return obj
 
 
-# Tensors -> NumPy arrays (recursively): the inverse of the conversion on save, for states that
-# are NumPy by contract (replay buffers). One implementation, the buffer client's.
-to_numpy = as_numpy
-
 
 def file_digest(path: str, algorithm: str = "sha256") -> str:
     """Hex digest of a file, read in 1 MiB blocks."""
@@ -316,9 +312,9 @@ def load_buffer_state(path: str) -> dict:
                               "(sample from noise, or pass the run's checkpoint)")
     ck = StepCheckpoint(resolve(path))
     if ck.has(BUFFER_FILE):
-        states = list(to_numpy(ck.read(BUFFER_FILE))["shards"])
+        states = list(as_numpy(ck.read(BUFFER_FILE))["shards"])
     else:
-        states = [to_numpy(ck.read(rank_file(r)).get("buffer")) for r in range(ck.world)]
+        states = [as_numpy(ck.read(rank_file(r)).get("buffer")) for r in range(ck.world)]
         if any(s is None for s in states):
             raise CheckpointError(f"checkpoint '{ck.path}' holds no replay buffer (short-run sampling keeps none)")
     return reshard_buffer_states(states, 1, 0)

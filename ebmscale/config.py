@@ -346,6 +346,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     return cfg
 
 
+def class_conditional_chains(cfg: Config) -> bool:
+    """Whether the sampler runs class-conditional chains (a conditional energy, or JEM's p(x, y)
+    term): their labels come from the data batch and the buffer is split per class."""
+    return cfg.model.conditional or (cfg.objective.kind == "jem" and cfg.objective.pxy_weight > 0)
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; each failure names the key to change."""
     d, m, s = cfg.data, cfg.model, cfg.sampler
@@ -389,8 +395,7 @@ def validate(cfg: Config) -> None:
     if s.batch_size and cfg.objective.kind not in ("pcd", "jem"):
         raise ConfigError(f"sampler.batch_size is only read by objective.kind=pcd or jem, not {cfg.objective.kind!r}")
     chains = s.batch_size or d.batch_size
-    conditional_chains = cfg.model.conditional or (cfg.objective.kind == "jem" and cfg.objective.pxy_weight > 0)
-    if conditional_chains and chains > d.batch_size:
+    if class_conditional_chains(cfg) and chains > d.batch_size:
         # Class-conditional chains take their labels from the data batch.
         raise ConfigError(f"sampler.batch_size ({chains}) must be <= data.batch_size ({d.batch_size}) when chains "
                           "are class-conditional (their labels come from the data batch)")

@@ -32,11 +32,11 @@ from torch import nn
 
 from ebmscale import dist
 from ebmscale.buffer import build_buffer
+from ebmscale.buffer.client import as_numpy
 from ebmscale.buffer.reshard import reshard_buffer_states
 from ebmscale.checkpoint import (BUFFER_FILE, DEEPSPEED_DIR, SHARED_FILE, CheckpointError, StepCheckpoint,
-                                 complete_checkpoints, hang_for_tests, rank_file, resolve, save_checkpoint, step_dir,
-                                 to_numpy)
-from ebmscale.config import TOY_DATASETS, Config, ConfigError, dump_yaml, to_dict
+                                 complete_checkpoints, hang_for_tests, rank_file, resolve, save_checkpoint, step_dir)
+from ebmscale.config import TOY_DATASETS, Config, ConfigError, class_conditional_chains, dump_yaml, to_dict
 from ebmscale.data import build_train_stream, data_shape
 from ebmscale.data.reshard import remap_stream_state
 from ebmscale.data.transforms import data_bounds, to_model_input
@@ -135,7 +135,7 @@ class Trainer:
         self.stream = build_train_stream(cfg, self.rank, self.world)
         self.conditional = cfg.model.conditional
         # Class-partitioned buffer whenever chains are class-conditional (JEM's p(x, y) term too).
-        partitioned = self.conditional or (cfg.objective.kind == "jem" and cfg.objective.pxy_weight > 0)
+        partitioned = class_conditional_chains(cfg)
         # One in-process buffer per rank, or the global one on Ray (config buffer.backend). The other
         # estimators keep no persistent chains: a one-slot in-process buffer keeps the state layout
         # and starts no Ray.
@@ -390,7 +390,7 @@ class Trainer:
         if self.input_grad_scaler is not None and state.get("sampler_grad_scaler"):
             self.input_grad_scaler.load_state_dict(state["sampler_grad_scaler"])
         if state.get("buffer") is not None:
-            self.buffer.load_state_dict(to_numpy(state["buffer"]))
+            self.buffer.load_state_dict(as_numpy(state["buffer"]))
         self.stream.load_state_dict(state["stream"])
         if self.estimator is not None and state.get("objective") is not None:
             self.estimator.load_state_dict(state["objective"])
@@ -410,7 +410,7 @@ class Trainer:
     def save(self) -> str:
         """Write checkpoint ``<run_dir>/checkpoints/step-<step>/`` (collective: call on every
         rank) and keep the newest ``train.keep_checkpoints``; see :mod:`ebmscale.checkpoint`."""
-        extra = {BUFFER_FILE: to_numpy(self.buffer.state_dict())} \
+        extra = {BUFFER_FILE: as_numpy(self.buffer.state_dict())} \
             if self.buffer_is_global and self.rank == 0 else None
         path = save_checkpoint(self.run_dir, self.step, shared=self.shared_state() if self.rank == 0 else None,
                                rank_state=self.rank_state(), extra_files=extra,
@@ -436,7 +436,7 @@ class Trainer:
             mine["stream"] = remap_stream_state([o["stream"] for o in old], self.stream.state_dict())
             if old[0].get("buffer") is not None and not self.buffer_is_global:
                 try:
-                    mine["buffer"] = reshard_buffer_states([to_numpy(o["buffer"]) for o in old], self.world, self.rank)
+                    mine["buffer"] = reshard_buffer_states([as_numpy(o["buffer"]) for o in old], self.world, self.rank)
                 except ValueError as exc:
                     raise CheckpointError(f"checkpoint '{ck.path}': cannot re-shard the replay buffer ({exc})") from None
             state.update(mine)
@@ -444,7 +444,7 @@ class Trainer:
             ck.verify_tree(DEEPSPEED_DIR)
         global_buffer = None
         if self.buffer_is_global and self.rank == 0 and ck.has(BUFFER_FILE):
-            global_buffer = to_numpy(ck.read(BUFFER_FILE))
+            global_buffer = as_numpy(ck.read(BUFFER_FILE))
         return state, global_buffer
 
     def load_checkpoint(self, path: str) -> None:
@@ -549,6 +549,13 @@ def save_scatter(points: np.ndarray, path: str) -> None:
     plt.close(fig)
 
 
+def _report_fid(trainer: Trainer) -> None:
+    """Training-time FID of the current step (collective: every rank calls it) into the metrics."""
+    from ebmscale.eval.training import training_fid  # Inception and scipy only when FID is on
+
+    trainer.metrics.report("fid", training_fid(trainer))
+
+
 def _out_of_time(t_start: float, budget_s: float) -> bool:
     """True once the wall-clock budget is spent (decided on rank 0, broadcast, so that every
     rank stops at the same step)."""
@@ -603,9 +610,7 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
                 end = trainer.step
                 # The run's last FID belongs to its last step, whether it ended on steps or on time.
                 if t.fid_every and end % t.fid_every:
-                    from ebmscale.eval.training import training_fid
-
-                    trainer.metrics.report("fid", training_fid(trainer))
+                    _report_fid(trainer)
                 if trainer.metrics.pending:
                     last = trainer.metrics.flush(end)
                 break
@@ -631,9 +636,7 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
             skipped_seen = skipped
             s = trainer.step
             if t.fid_every and (s % t.fid_every == 0 or s == end):
-                from ebmscale.eval.training import training_fid
-
-                trainer.metrics.report("fid", training_fid(trainer))
+                _report_fid(trainer)
             if s % t.log_every == 0 or s == end:
                 last = trainer.metrics.flush(s)
                 if bar is not None:

@@ -34,10 +34,10 @@ def _run_dir_of(path: str) -> str:
     return path if os.path.isdir(path) else os.path.dirname(path)
 
 
-def toy_nll_from_checkpoint(path: str, grid: int = 512, out_dir: str | None = None, kde: dict | None = None,
-                            figures: bool = True) -> dict:
+def toy_nll_from_checkpoint(path: str, grid: int = 512, out_dir: str | None = None, kde: dict | None = None
+                            ) -> dict:
     """Exact test NLL (quadrature log Z) of a 2-D checkpoint beside the true NLL and a KDE whose
-    bandwidth is chosen on a validation split; writes ``eval_toy_nll.json`` and, with ``figures``,
+    bandwidth is chosen on a validation split; writes ``eval_toy_nll.json`` and
     the density plots. ``kde``: a precomputed ``ebmscale.eval.toy.kde_nll`` result for this
     checkpoint's data (it depends on the data only), so evaluating many runs pays for it once."""
     from ebmscale.data import toy_splits
@@ -54,7 +54,7 @@ def toy_nll_from_checkpoint(path: str, grid: int = 512, out_dir: str | None = No
     def energy_fn(x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
-    result = evaluate_toy(energy_fn, get_toy(cfg.data.dataset), splits, out_dir=out_dir if figures else None,
+    result = evaluate_toy(energy_fn, get_toy(cfg.data.dataset), splits, out_dir=out_dir,
                           n_grid=grid, kde=kde)
     result = {"dataset": cfg.data.dataset, "step": int(state["step"]), **result}
     with open(os.path.join(out_dir, "eval_toy_nll.json"), "w") as fh:

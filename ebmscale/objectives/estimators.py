@@ -44,8 +44,6 @@ from ebmscale.objectives.score_matching import dsm_loss, exact_sm_loss, ssm_loss
 from ebmscale.sampling import langevin, sampling_mode
 
 ESTIMATOR_KINDS = ("cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd")
-# Kinds whose loss needs d/dx of the energy inside the graph (double backward).
-SCORE_KINDS = ("sm", "dsm", "ssm", "ksd")
 
 
 class Host(Protocol):
@@ -91,8 +89,6 @@ def domain_wall(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 class Estimator:
     """Base class: ``loss(x_pos, gen)`` -> (loss, stats, negatives or None)."""
-
-    uses_buffer = False
 
     def __init__(self, host: Host):
         self.host = host

@@ -19,6 +19,7 @@ import torch
 from torch.nn import functional as F
 
 from ebmscale import dist
+from ebmscale.sampling import uniform_noise
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -66,7 +67,7 @@ class UniformNoise:
         self.lo, self.hi, self.dim = float(lo), float(hi), int(dim)
 
     def sample(self, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.rand(n, self.dim, generator=generator, device=device) * (self.hi - self.lo) + self.lo
+        return uniform_noise(n, (self.dim,), (self.lo, self.hi), generator, device)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
