@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from typing import Any, Callable
 
@@ -35,6 +34,7 @@ import torch
 
 from ebmscale import dist
 from ebmscale.buffer.client import as_numpy
+from ebmscale.utils import atomic_path, atomic_write_bytes
 
 CHECKPOINTS_DIR = "checkpoints"
 MARKER = "COMPLETE"
@@ -44,9 +44,6 @@ DEEPSPEED_DIR = "deepspeed"
 FORMAT = 2
 EXPORT_FORMAT = "ebmscale-export-1"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-# Test-only: "step:N" or "save:N" makes every rank sleep (so that a kill -9 lands at a known
-# point) after step N, or inside the save of step N just before the completion marker.
-TEST_HANG_ENV = "EBMSCALE_TEST_HANG"
 
 
 class CheckpointError(RuntimeError):
@@ -79,22 +76,9 @@ def _to_tensors(obj: Any) -> Any:
 
 
 def file_digest(path: str, algorithm: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB blocks."""
-    h = hashlib.new(algorithm)
+    """Hex digest of a file (``hashlib.file_digest``)."""
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """``write(fh)`` into a temporary file, fsync, rename over ``path``."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+        return hashlib.file_digest(fh, algorithm).hexdigest()
 
 
 def write_file(path: str, state: Any) -> dict:
@@ -103,7 +87,7 @@ def write_file(path: str, state: Any) -> dict:
     data = io.BytesIO()
     torch.save(_to_tensors(state), data)
     raw = data.getvalue()
-    _atomic_write(path, lambda fh: fh.write(raw))
+    atomic_write_bytes(path, raw)
     return {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
 
 
@@ -206,6 +190,20 @@ def resolve(path: str) -> str:
     raise CheckpointError(f"checkpoint '{path}' does not exist")
 
 
+def run_dir_of(path: str) -> str:
+    """The run directory a checkpoint path belongs to: where evaluation outputs go by default, so
+    that keep-last-k pruning of step directories never deletes them. A step directory
+    (``<run_dir>/checkpoints/step-N``, complete or not) gives its run directory, a run directory
+    itself, an export file its folder."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    if _STEP_RE.match(os.path.basename(path)) and os.path.basename(parent) == CHECKPOINTS_DIR:
+        return os.path.dirname(parent)
+    if os.path.isfile(os.path.join(path, MARKER)):  # a step directory moved out of its run
+        return parent
+    return path if os.path.isdir(path) else parent
+
+
 def prune(run_dir: str, keep: int) -> list[str]:
     """Delete all but the ``keep`` newest complete checkpoints, and incomplete directories
     older than the newest complete one (left by killed saves). Returns what was removed."""
@@ -227,13 +225,9 @@ def prune(run_dir: str, keep: int) -> list[str]:
 
 # --------------------------------------------------------------------------- saving
 
-def hang_for_tests(where: str, step: int) -> None:
-    """Test-only seam (``EBMSCALE_TEST_HANG=step:N|save:N``): announce and sleep so that a test
-    can ``kill -9`` the process at a known point. Never set in production."""
-    spec = os.environ.get(TEST_HANG_ENV, "")
-    if spec == f"{where}:{step}":
-        print(f"ebmscale: test hang ({where}:{step}) on rank {dist.rank()}", file=sys.stderr, flush=True)
-        time.sleep(3600)
+def write_marker(path: str, marker: dict) -> None:
+    """Write the completion marker of step directory ``path`` atomically: from here on it counts."""
+    atomic_write_bytes(os.path.join(path, MARKER), json.dumps(marker, indent=1).encode())
 
 
 def save_checkpoint(run_dir: str, step: int, *, shared: dict | None, rank_state: dict,
@@ -279,9 +273,7 @@ def save_checkpoint(run_dir: str, step: int, *, shared: dict | None, rank_state:
             for name in names:
                 full = os.path.join(root, name)
                 files[os.path.relpath(full, path)] = {"bytes": os.path.getsize(full), "sha256": file_digest(full)}
-        hang_for_tests("save", step)
-        marker = {"format": FORMAT, "step": step, "world": world, "time": time.time(), "files": files}
-        _atomic_write(os.path.join(path, MARKER), lambda fh: fh.write(json.dumps(marker, indent=1).encode()))
+        write_marker(path, {"format": FORMAT, "step": step, "world": world, "time": time.time(), "files": files})
         if keep:
             prune(run_dir, keep)
     dist.barrier()
@@ -351,11 +343,10 @@ def export_weights(src: str, out: str) -> dict:
     meta = {"format": EXPORT_FORMAT, "weights": kind, "step": str(w["step"]),
             "config": json.dumps(w["config"], sort_keys=False)}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        save_file(tensors, tmp, metadata=meta)
     yaml_path = out[: -len(".safetensors")] + ".yaml"
-    _atomic_write(yaml_path, lambda fh: fh.write(dump_yaml(cfg).encode()))
+    atomic_write_bytes(yaml_path, dump_yaml(cfg).encode())
     return {"export": out, "config": yaml_path, "weights": kind, "step": w["step"], "tensors": len(tensors),
             "bytes": os.path.getsize(out)}
 

@@ -201,10 +201,6 @@ class TrainConfig:
                               "0 = stop at the first divergence", min=0)
     rollback_lr_factor: float = _f(0.5, "divergence: multiply the learning rate by this at each rollback",
                                    min=0.0, max=1.0, min_exclusive=True)
-    inject_nan_at_step: int = _f(0, "debug/tests: rank 0's loss is NaN at this step (1-based) to exercise the "
-                                    "rollback; 0 = off", min=0)
-    inject_nan_repeats: int = _f(1, "debug/tests: the injected NaN recurs while fewer rollbacks than this have "
-                                    "happened (> rollback_max tests giving up)", min=1)
     sampler_checkpointing: bool = _f(False, "activation checkpointing of the energy network inside the sampler "
                                             "(less memory per chain at high resolution, ~1 extra forward per step)")
     fid_every: int = _f(0, "steps between FID evaluations during training (all ranks, into metrics.jsonl and "

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from ebmscale.utils import hash_seed
+
 # Named sub-streams so that adding a new consumer of randomness never shifts another's stream.
 STREAMS = {"langevin": 1, "buffer": 2, "data": 3, "augment": 4, "init": 5, "eval": 6, "objective": 7,
            "sampler-init": 8, "rollback": 9}
@@ -129,8 +131,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 def derive_seed(seed: int, rank: int, step: int, stream: str) -> int:
     """A 63-bit seed for (seed, rank, step, stream) via NumPy's SeedSequence hashing."""
-    ss = np.random.SeedSequence([int(seed), int(rank), int(step), STREAMS[stream]])
-    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return hash_seed(seed, rank, step, STREAMS[stream]) >> 1
 
 
 def torch_generator(seed: int, rank: int, step: int, stream: str, device: torch.device | str = "cpu") -> torch.Generator:

@@ -35,11 +35,11 @@ from ebmscale.buffer import build_buffer
 from ebmscale.buffer.client import as_numpy
 from ebmscale.buffer.reshard import reshard_buffer_states
 from ebmscale.checkpoint import (BUFFER_FILE, DEEPSPEED_DIR, SHARED_FILE, CheckpointError, StepCheckpoint,
-                                 complete_checkpoints, hang_for_tests, rank_file, resolve, save_checkpoint, step_dir)
+                                 complete_checkpoints, rank_file, resolve, save_checkpoint, step_dir)
 from ebmscale.config import TOY_DATASETS, Config, ConfigError, class_conditional_chains, dump_yaml, to_dict
 from ebmscale.data import build_train_stream, data_shape
 from ebmscale.data.reshard import remap_stream_state
-from ebmscale.data.transforms import data_bounds, to_model_input
+from ebmscale.data.transforms import data_bounds, save_image_grid, to_model_input, to_uint8
 from ebmscale.metrics import MetricLogger
 from ebmscale.models import build_model
 from ebmscale.objectives import ESTIMATOR_KINDS, build_estimator, jem_loss, pcd_loss
@@ -216,15 +216,45 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimisation step; returns this rank's (unreduced) statistics."""
-        cfg, seed = self.cfg, self.seed
+        cfg = self.cfg
         t0 = time.perf_counter()
         x_pos, y = self._positives(next(self.stream))
         n = x_pos.shape[0]
         t1 = time.perf_counter()
+        self.model.train()
+        x_neg, loss, stats, t2 = self._loss(x_pos, y, t1)
+        # Backward averages the gradients across ranks (and under DeepSpeed also steps).
+        self.parallel.backward(loss)
+        grad_norm, overflow = self.parallel.clip_grad_norm(self.optimizer, self.model.parameters(),
+                                                           cfg.optim.grad_clip_norm)
+        self._check_divergence(stats, grad_norm, overflow)
+        self.parallel.step(self.optimizer)
+        if self.estimator is not None:
+            self.estimator.after_step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self._update_ema()
+        self.step += 1
+        self.last_negatives = x_neg
+        t3 = time.perf_counter()
+        out: dict[str, float | None] = {k: float(v) for k, v in stats.items()}
+        # None = no value this step (an fp16 overflow, or DeepSpeed not computing the norm).
+        out.update(grad_norm=grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
+                   sampler_time=t2 - t1, data_time=t1 - t0, step_time=t3 - t0,
+                   samples_per_s=n / (t3 - t0), lr=self.optimizer.param_groups[0]["lr"])
+        if cfg.train.precision == "fp16":
+            out.update(skipped_step=float(overflow), grad_scale=self.parallel.grad_scale(),
+                       sampler_grad_scale=self.input_grad_scaler.scale)
+        return out
+
+    def _loss(self, x_pos: torch.Tensor, y: torch.Tensor | None,
+              t1: float) -> tuple[torch.Tensor | None, torch.Tensor, dict, float]:
+        """The objective's loss of this step (gradients zeroed, the energy forward through the
+        wrapper); returns (negatives or None, loss, stats, end of the sampling time)."""
+        cfg, seed, n = self.cfg, self.seed, x_pos.shape[0]
         rng = dist.numpy_rng(seed, self.rank, self.step, "buffer")
         gen = dist.torch_generator(seed, self.rank, self.step, "langevin", self.device)
         o = cfg.objective
-        self.model.train()
         # Chains per step: sampler.batch_size, or one per data example.
         m = cfg.sampler.batch_size or n
         if o.kind == "jem":
@@ -259,33 +289,7 @@ class Trainer:
             with self.parallel.autocast():
                 e_all = self.wrapped(x_all, torch.cat([y, y_neg])) if self.conditional else self.wrapped(x_all)
             loss, stats = pcd_loss(e_all[:n], e_all[n:], o.alpha)
-        if cfg.train.inject_nan_at_step == self.step + 1 and self.rank == 0 \
-                and self.rollbacks < cfg.train.inject_nan_repeats:
-            loss = loss * math.nan  # debug/tests: a real NaN through backward and the divergence check
-            stats = {**stats, "loss": loss.detach()}
-        # Backward averages the gradients across ranks (and under DeepSpeed also steps).
-        self.parallel.backward(loss)
-        grad_norm, overflow = self.parallel.clip_grad_norm(self.optimizer, self.model.parameters(),
-                                                           cfg.optim.grad_clip_norm)
-        self._check_divergence(stats, grad_norm, overflow)
-        self.parallel.step(self.optimizer)
-        if self.estimator is not None:
-            self.estimator.after_step()
-        self.scheduler.step()
-        if self.ema is not None:
-            self._update_ema()
-        self.step += 1
-        self.last_negatives = x_neg
-        t3 = time.perf_counter()
-        out: dict[str, float | None] = {k: float(v) for k, v in stats.items()}
-        # None = no value this step (an fp16 overflow, or DeepSpeed not computing the norm).
-        out.update(grad_norm=grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
-                   sampler_time=t2 - t1, data_time=t1 - t0, step_time=t3 - t0,
-                   samples_per_s=n / (t3 - t0), lr=self.optimizer.param_groups[0]["lr"])
-        if cfg.train.precision == "fp16":
-            out.update(skipped_step=float(overflow), grad_scale=self.parallel.grad_scale(),
-                       sampler_grad_scale=self.input_grad_scaler.scale)
-        return out
+        return x_neg, loss, stats, t2
 
     def _objective_step(self, x_pos: torch.Tensor, t1: float) -> tuple[torch.Tensor | None, torch.Tensor, dict, float]:
         """The loss of an estimator of ``ebmscale.objectives.estimators`` (its energy forward goes
@@ -522,16 +526,8 @@ class Trainer:
         if self.toy:
             save_scatter(x.numpy(), path)
         else:
-            save_grid(x[:64], path, self.cfg.data.range)
+            save_image_grid(to_uint8(x[:64], self.cfg.data.range), path)
         return path
-
-
-def save_grid(x: torch.Tensor, path: str, range_name: str, nrow: int = 8) -> None:
-    """Save images (model range, NCHW) as one PNG grid."""
-    from torchvision.utils import save_image
-
-    lo, hi = data_bounds(range_name)
-    save_image(((x.float() - lo) / (hi - lo)).clamp(0, 1), path, nrow=nrow, padding=2)
 
 
 def save_scatter(points: np.ndarray, path: str) -> None:
@@ -648,7 +644,6 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
                 trainer.save_samples(f"step-{s:07d}")
             if t.checkpoint_every and s % t.checkpoint_every == 0 and s != end:
                 ckpt = trainer.save()
-            hang_for_tests("step", s)
         if trainer.step == end and end > 0:
             trainer.save_samples(f"step-{end:07d}")
             trainer.save_samples("final")

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from ebmscale.buffer.replay import ReplayBuffer, decode, encode
+from ebmscale.utils import even_share
 
 if TYPE_CHECKING:
     from ebmscale.buffer.ray_host import RayBuffer
@@ -109,7 +110,7 @@ def as_numpy(obj: Any) -> Any:
 
 def split_capacity(total: int, parts: int) -> list[int]:
     """``total`` slots in ``parts`` near-equal shards (the first ones take the remainder)."""
-    return [total // parts + (k < total % parts) for k in range(parts)]
+    return [even_share(total, parts, k)[1] for k in range(parts)]
 
 
 def resplit_states(states: list[dict], capacities: list[int], num_classes: int) -> list[dict]:

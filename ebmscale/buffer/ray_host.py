@@ -46,6 +46,7 @@ import ray  # noqa: E402
 from ebmscale.buffer.client import as_numpy, resplit_states, split_capacity  # noqa: E402
 from ebmscale.buffer.replay import ReplayBuffer, encode, starts_from_encoded  # noqa: E402
 from ebmscale.config import ConfigError  # noqa: E402
+from ebmscale.utils import hash_seed  # noqa: E402
 
 
 
@@ -67,8 +68,7 @@ class BufferShard:
             # A restart after a crash: restore the last checkpoint if the registry holds one.
             snapshot, self.incarnation = ray.get(ray.get_actor(registry).restarted.remote(shard_id))
             if snapshot is None:  # no checkpoint yet: fresh noise, from a stream new to this incarnation
-                kwargs = dict(kwargs, seed=int(np.random.SeedSequence([kwargs["seed"], self.incarnation])
-                                               .generate_state(1)[0]))
+                kwargs = dict(kwargs, seed=hash_seed(kwargs["seed"], self.incarnation) & 0xFFFFFFFF)
             self.buf = ReplayBuffer(**kwargs)
             if snapshot is not None:
                 self.buf.load_state_dict(ray.get(snapshot[0]))

@@ -9,6 +9,8 @@ within an epoch, and the following epochs are complete.
 """
 from __future__ import annotations
 
+from ebmscale.utils import even_share
+
 # The keys that hold a position inside an epoch (ArrayStream: position; ShardStream: chunk, offset).
 _POSITION_KEYS = ("position", "chunk", "offset")
 
@@ -37,5 +39,5 @@ def remap_stream_state(old_states: list[dict], fresh: dict) -> dict:
     for key in ("samples", "skipped"):
         if key in new:
             total = sum(int(s.get(key, 0)) for s in old_states)
-            new[key] = total // world + (1 if rank < total % world else 0)
+            new[key] = even_share(total, world, rank)[1]
     return new

@@ -24,9 +24,6 @@ bottleneck); webdataset and any tar tool read them. This module does not import 
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -43,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from filelock import FileLock
 
 from ebmscale.data.builtin import BUILTIN_IMAGE_SETS, DataError, load_builtin
 
@@ -493,7 +491,7 @@ def _output_shape(src: Source, resolution: int) -> tuple[int, int, int]:
     return src.shape
 
 
-def _claim_output(out_dir: str, overwrite: bool) -> None:
+def claim_output(out_dir: str, overwrite: bool) -> None:
     """Fail early (before any work) when ``out_dir`` holds something we may not replace."""
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
@@ -516,7 +514,7 @@ def write_shards(src: Source, out_dir: str, *, resolution: int = 0, shard_size: 
     if len(src) == 0:
         raise DataError(f"source '{src.path or src.kind}' holds no images")
     out_dir = os.path.abspath(out_dir)
-    _claim_output(out_dir, overwrite)
+    claim_output(out_dir, overwrite)
     shape = _output_shape(src, resolution)
     order = np.random.default_rng([seed, 0x5A4D]).permutation(len(src)) if shuffle else np.arange(len(src))
     parent = os.path.dirname(out_dir)
@@ -548,7 +546,7 @@ def write_shards(src: Source, out_dir: str, *, resolution: int = 0, shard_size: 
         }
         with open(os.path.join(tmp, MANIFEST_NAME), "w") as fh:
             json.dump(manifest, fh, indent=1)
-        if os.path.exists(out_dir):  # checked by _claim_output: empty, or overwrite allowed
+        if os.path.exists(out_dir):  # checked by claim_output: empty, or overwrite allowed
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)
     except BaseException:
@@ -660,17 +658,6 @@ def cache_key(kind: str, path: str, split: str, resolution: int) -> str:
     return f"{base}-{split or 'all'}-r{resolution}-{digest}"
 
 
-@contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
-    """An exclusive advisory lock, so that ranks on one machine convert a source once."""
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def cached_shards(kind: str, path: str, cache_dir: str, *, split: str = "train", resolution: int = 0,
                   shard_size: int = 5000, processes: int = 0, progress: bool = False,
                   log: Any = None) -> str:
@@ -686,7 +673,8 @@ def cached_shards(kind: str, path: str, cache_dir: str, *, split: str = "train",
     out = os.path.join(root, key)
     if os.path.isfile(os.path.join(out, MANIFEST_NAME)):
         return out
-    with _file_lock(os.path.join(root, f".{key}.lock")):
+    # An exclusive lock: ranks on one machine convert a source once, the others wait and reuse.
+    with FileLock(os.path.join(root, f".{key}.lock")):
         if os.path.isfile(os.path.join(out, MANIFEST_NAME)):
             return out  # another rank finished it while we waited
         for name in os.listdir(root):
@@ -702,65 +690,3 @@ def cached_shards(kind: str, path: str, cache_dir: str, *, split: str = "train",
         if log is not None:
             log(f"converted {kind} ({len(src)} images) into shards at {out} in {time.perf_counter() - t0:.1f} s")
     return out
-
-
-# --------------------------------------------------------------------------- command line
-
-def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``ebmscale data shards``."""
-    parser.add_argument("source", choices=SOURCE_KINDS + ("verify",),
-                        help="what to convert: folder (ImageNet-style tree), cifar10 / cifar100 (python archive "
-                             "or its folder), npz, mnist, digits; or 'verify' to check the checksums of --input")
-    parser.add_argument("--input", "-i", default="",
-                        help="the source's path (folder, .tar.gz, .npz; a shard folder for verify); "
-                             "unused for mnist and digits")
-    parser.add_argument("--out", "-o", default="", help="output folder for the shards and manifest.json")
-    parser.add_argument("--split", default="train", choices=("train", "test"),
-                        help="split of CIFAR and the built-in sets")
-    parser.add_argument("--resolution", type=int, default=0,
-                        help="side of the square output images: shorter-side resize + centre crop; "
-                             "0 = native size (required for folder)")
-    parser.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
-    parser.add_argument("--processes", type=int, default=0, help="writer processes; 0 = all available cores")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample order written to the shards")
-    parser.add_argument("--no-shuffle", action="store_true", help="keep the source order (default: seeded shuffle)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--images-key", default=None, help="npz: name of the image array (default: auto)")
-    parser.add_argument("--labels-key", default=None, help="npz: name of the label array (default: auto)")
-    parser.add_argument("--cifar100-labels", default="fine", choices=("fine", "coarse"),
-                        help="cifar100: fine (100) or coarse (20) labels")
-
-
-def shards_command(args: argparse.Namespace) -> dict:
-    """Run ``ebmscale data shards``; returns a JSON-able summary."""
-    if args.source == "verify":
-        if not args.input:
-            raise DataError("verify needs --input: the shard folder or its manifest.json")
-        report = verify_shards(args.input)
-        if report["problems"]:
-            raise DataError(f"{len(report['problems'])} of {report['shards']} shards are damaged: "
-                            + "; ".join(report["problems"][:5]))
-        return {"verified": os.path.abspath(args.input), **report}
-    if not args.out:
-        raise DataError("--out is required: the folder to write shards into")
-    if args.source not in BUILTIN_IMAGE_SETS and not args.input:
-        raise DataError(f"--input is required for source '{args.source}'")
-    if args.source == "folder" and args.resolution <= 0:
-        raise DataError("--resolution is required for folder sources (images are resized and centre-cropped)")
-    if args.processes < 0:
-        raise DataError(f"--processes must be >= 0, got {args.processes}")
-    _claim_output(os.path.abspath(args.out), args.overwrite)  # before reading a large source
-    src = load_source(args.source, args.input, args.split, images_key=args.images_key,
-                      labels_key=args.labels_key, cifar100_labels=args.cifar100_labels)
-    n_shards = -(-len(src) // max(1, args.shard_size))
-    processes = min(args.processes or default_processes(), n_shards)
-    m = write_shards(src, args.out, resolution=args.resolution, shard_size=args.shard_size, processes=processes,
-                     seed=args.seed, shuffle=not args.no_shuffle, progress=not args.no_progress,
-                     overwrite=args.overwrite)
-    s = m.pop("_summary")
-    return {"out": os.path.abspath(args.out), "manifest": os.path.join(os.path.abspath(args.out), MANIFEST_NAME),
-            "source": args.source, "samples": m["num_samples"], "shards": len(m["shards"]),
-            "shape": m["shape"], "classes": m["num_classes"], "skipped": m["skipped_sources"],
-            "skipped_examples": s["skipped_examples"], "processes": processes,
-            "seconds": round(s["seconds"], 3), "images_per_s": round(m["num_samples"] / max(s["seconds"], 1e-9), 1)}

@@ -61,6 +61,7 @@ import torch
 
 from ebmscale.data.builtin import DataError
 from ebmscale.data.shards import MANIFEST_NAME, read_manifest
+from ebmscale.utils import even_share, hash_seed
 
 log = logging.getLogger(__name__)
 
@@ -210,17 +211,6 @@ def _take(segments: Sequence[Segment], start: int, stop: int) -> list[Segment]:
     return out
 
 
-def _even_bounds(n: int, parts: int, i: int) -> tuple[int, int]:
-    """Bounds of part ``i`` when ``n`` items are cut into ``parts`` contiguous near-equal parts."""
-    q, r = divmod(n, parts)
-    start = i * q + min(i, r)
-    return start, start + q + (1 if i < r else 0)
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0])
-
-
 @dataclass(frozen=True)
 class StreamPlan:
     """Everything that defines a rank's sample sequence; picklable, sent to loader workers."""
@@ -254,7 +244,8 @@ class StreamPlan:
         order = np.random.default_rng([self.seed, epoch, _SHARD_ORDER_TAG]).permutation(len(self.segments))
         permuted = [self.segments[i] for i in order]
         r0 = self.rank * self.per_rank
-        s0, s1 = _even_bounds(self.per_rank, self.splits, split)
+        s0, count = even_share(self.per_rank, self.splits, split)
+        s1 = s0 + count
         return _take(permuted, r0 + s0, r0 + s1)
 
     def chunks(self, split: int, epoch: int, first_chunk: int) -> Iterator["Chunk"]:
@@ -266,7 +257,7 @@ class StreamPlan:
             reader = _SegmentReader()
             raw: Iterator[dict] = reader.samples(self.split_segments(epoch, split))
             if self.shuffle_buffer > 1:
-                rng = random.Random(_seed(self.seed, self.rank, epoch, split, _SAMPLE_ORDER_TAG))
+                rng = random.Random(hash_seed(self.seed, self.rank, epoch, split, _SAMPLE_ORDER_TAG))
                 raw = wds.filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(raw)
             for j in range(k_per_split):
                 k = j * self.splits + split

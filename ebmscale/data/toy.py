@@ -38,6 +38,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from ebmscale.utils import hash_seed
+
 __all__ = ["ToyDensity", "TOY_NAMES", "get_toy", "make_splits", "split_generator"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -304,9 +306,9 @@ def split_generator(name: str, split: str, seed: int) -> torch.Generator:
     name_key = int.from_bytes(name.encode(), "little") % (2 ** 63)
     # SeedSequence takes non-negative integers only; masking keeps negative seeds usable.
     entropy = [int(seed) & (2 ** 64 - 1), name_key, _SPLIT_STREAM[split]]
-    state = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
+    h = hash_seed(*entropy)
     g = torch.Generator(device="cpu")
-    g.manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+    g.manual_seed((h & 0xFFFFFFFF) << 31 | (h >> 32) >> 1)
     return g
 
 

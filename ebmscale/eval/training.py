@@ -21,25 +21,16 @@ from ebmscale.eval.fid import fid_against, inception_statistics, load_stats, ran
 from ebmscale.eval.generate import generate
 from ebmscale.sampling import sampling_mode
 
-_DETECTORS: dict = {}  # (weights, device) -> FIDInception: loaded once per process
 _REF_STATS: dict = {}  # (path, mtime, size) -> statistics: read once per file version, not per evaluation
-
-
-def _detector(weights: str, device):
-    key = (weights, str(device))
-    if key not in _DETECTORS:
-        from ebmscale.eval.inception import load_fid_inception
-
-        with dist.rank0_first():  # rank 0 converts and caches the weights; the others then read the cache
-            _DETECTORS[key] = load_fid_inception(weights or None, device=device)
-    return _DETECTORS[key]
 
 
 def training_fid(trainer, batch_size: int = 100) -> float:
     """FID of the trainer's current model (a collective: every rank calls it at the same step)."""
     cfg, t = trainer.cfg, trainer.cfg.train
     t0 = time.perf_counter()
-    detector = _detector(t.fid_weights, trainer.device)
+    from ebmscale.eval.inception import cached_fid_inception  # Inception only when FID is on
+
+    detector = cached_fid_inception(t.fid_weights or None, None, trainer.device)
     st = os.stat(t.fid_ref_stats)
     key = (os.path.abspath(t.fid_ref_stats), st.st_mtime_ns, st.st_size)
     if key not in _REF_STATS:

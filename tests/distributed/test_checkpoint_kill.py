@@ -3,7 +3,7 @@ torchrun): kill -9 and resume is bitwise identical to an uninterrupted run; a ki
 leaves the previous checkpoint loadable; resuming on a different number of processes works; an
 injected NaN rolls back across both ranks and training continues.
 
-The kill lands at a known point through the test-only hook ``EBMSCALE_TEST_HANG`` (every rank
+The kill lands at a known point through the test-only faults of ``tests.faults`` (every rank
 announces itself on stderr and sleeps); the whole process group then gets SIGKILL.
 """
 from __future__ import annotations
@@ -31,24 +31,26 @@ N = 10
 
 
 def _env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "EBMSCALE_TEST_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env.update(PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                **extra)
     return env
 
 
-def _start(run_dir, nproc: int, *args: str, **env: str) -> subprocess.Popen:
-    cli = ["-m", "ebmscale.cli", "train", "--run-dir", str(run_dir), *TOY, *args]
+def _start(run_dir, nproc: int, *args: str, faults: tuple[str, ...] = ()) -> subprocess.Popen:
+    """The CLI, through ``tests.faults`` when ``faults`` (its options, e.g. ``--hang step:6``) are given."""
+    entry = ["-m", "tests.faults", *faults, "--"] if faults else ["-m", "ebmscale.cli"]
+    cli = [*entry, "train", "--run-dir", str(run_dir), *TOY, *args]
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                                       "--master_port", str(_free_port())]
     # A session of its own for the launcher (torchrun puts every rank in a session of its own too:
     # see _kill_tree).
-    return subprocess.Popen([sys.executable, *launcher, *cli], env=_env(**env), cwd=REPO, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, *launcher, *cli], env=_env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def run(run_dir, nproc: int, *args: str) -> str:
-    proc = _start(run_dir, nproc, *args)
+def run(run_dir, nproc: int, *args: str, faults: tuple[str, ...] = ()) -> str:
+    proc = _start(run_dir, nproc, *args, faults=faults)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, (out + err)[-4000:]
     return out
@@ -86,7 +88,7 @@ def _kill_tree(pid: int) -> None:
 
 def run_and_kill(run_dir, nproc: int, hang: str, *args: str) -> None:
     """Start a run, wait until every rank sits at ``hang`` (e.g. 'step:6'), then kill -9 them all."""
-    proc = _start(run_dir, nproc, *args, EBMSCALE_TEST_HANG=hang)
+    proc = _start(run_dir, nproc, *args, faults=("--hang", hang))
     log: list[str] = []
     # Count announcements in everything read so far: two ranks writing at once can share a line.
     while "".join(log).count(f"test hang ({hang})") < nproc:
@@ -162,7 +164,7 @@ def test_resume_on_a_different_number_of_processes_and_rollback_on_two(tmp_path)
     run(run_dir, 1, "train.steps=4")
     # 1 -> 2 processes; rank 0's loss turns NaN at step 7: both ranks roll back to the newest
     # checkpoint, step 4 (written by the one process, so it is re-sharded again).
-    out = run(run_dir, 2, "train.steps=8", "train.inject_nan_at_step=7", "--resume", "auto")
+    out = run(run_dir, 2, "train.steps=8", "--resume", "auto", faults=("--nan-at", "7"))
     assert "training diverged at step 6: loss=nan on some rank" in out
     assert f"rollback 1/3 from step 6 to {step_dir(str(run_dir), 4)}" in out
     shared, ranks = state(run_dir)

@@ -88,3 +88,29 @@ def test_toy_train_then_eval_toy_nll(tmp_path, cli_env):
     assert res["kde_train_size"] == 2000 and abs(res["true_nll"] - 2.82) < 0.1
     assert res["gap"] == pytest.approx(res["nll"] - res["true_nll"])
     assert (run / "density.png").exists() and (run / "eval_toy_nll.json").exists()
+
+
+def test_overrides_stand_anywhere_on_the_line(capsys):
+    from ebmscale import cli
+
+    parser = cli.build_parser()
+    # The example: overrides before and after --resume.
+    args = cli.parse_args(parser, ["train", "--run-dir", "R", "train.progress=false", "--resume", "auto",
+                                   "train.steps=80"])
+    assert (args.run_dir, args.resume, args.overrides) == ("R", "auto", ["train.progress=false", "train.steps=80"])
+    args = cli.parse_args(parser, ["info", "a.b=1", "--config", "x.yaml", "c.d=2", "a.b=3"])
+    assert (args.config, args.overrides) == ("x.yaml", ["a.b=1", "c.d=2", "a.b=3"])
+    # Anything else that argparse does not know is still an error (exit 2), as are overrides
+    # given to a command that takes none.
+    for argv in (["train", "a.b=1", "--resume", "auto", "stray"], ["export", "--run", "R", "--out", "x.safetensors", "a=1"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.parse_args(parser, argv)
+        assert exc.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_overrides_after_options_reach_the_config(tmp_path, capsys):
+    from ebmscale import cli
+
+    assert cli.main(["train", "--run-dir", str(tmp_path), "train.progress=false", "--dry-run", "train.steps=80"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 80" in out and "progress: false" in out and str(tmp_path) in out

@@ -169,3 +169,21 @@ def test_ref_stats_under_torchrun_equal_single_process(run, capsys):
         assert int(b["n"]) == 5
         np.testing.assert_allclose(b["mu"], a["mu"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(b["sigma"], a["sigma"], rtol=1e-4, atol=1e-6)
+
+
+def test_outputs_of_a_step_directory_land_in_the_run_directory_and_survive_pruning(run, capsys, tmp_path):
+    import shutil
+
+    base, ref, run_dir = run
+    copy = tmp_path / "jem"
+    shutil.copytree(run_dir, copy)
+    step4 = copy / "checkpoints" / "step-4"
+    code, out, err = cli(capsys, "eval", "classifier", "--checkpoint", step4, "--n", 10)
+    assert code == 0, err
+    assert out["reliability_png"] == str(copy / "reliability.png") and (copy / "eval_classifier.json").exists()
+    assert not (step4 / "eval_classifier.json").exists()
+    # Two more steps keeping one checkpoint: step-4 is pruned, the evaluation's files stay.
+    assert main(["train", "--run-dir", str(copy), "--config", "configs/jem_mnist.yaml", *JEM, "train.steps=6",
+                 "train.keep_checkpoints=1", f"data.cache_dir={base / 'cache'}", "--resume", "auto"]) == 0
+    assert not step4.exists() and (copy / "checkpoints" / "step-6").exists()
+    assert (copy / "eval_classifier.json").exists() and (copy / "reliability.png").exists()

@@ -19,6 +19,7 @@ from ebmscale.data.memory import ArrayStream
 from ebmscale.data.reshard import remap_stream_state
 from ebmscale.eval.checkpoints import load_energy_model
 from ebmscale.trainer import DivergenceError, train
+from tests.faults import install
 
 TOY = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=8", "model.depth=2", "data.batch_size=16",
        "buffer.capacity=32", "data.toy_train_size=500", "sampler.steps=2", "sampler.kind=langevin",
@@ -123,9 +124,10 @@ def test_prune_removes_stale_incomplete_directories(tmp_path):
     assert [(s, c) for s, _, c in list_checkpoints(run)] == [(3, True), (4, True), (5, False)]
 
 
-def test_injected_nan_rolls_back_and_training_continues(tmp_path):
+def test_injected_nan_rolls_back_and_training_continues(tmp_path, monkeypatch):
+    install(monkeypatch.setattr, nan_at=7)
     run = tmp_path / "run"
-    result = train(cfg("train.steps=8", "train.inject_nan_at_step=7", "train.rollback_lr_factor=0.25"), str(run))
+    result = train(cfg("train.steps=8", "train.rollback_lr_factor=0.25"), str(run))
     assert result.steps == 8
     m = metrics(run)
     # Steps 5 and 6 ran, step 7 diverged, back to the checkpoint at step 6, steps 7 and 8 again.
@@ -136,19 +138,21 @@ def test_injected_nan_rolls_back_and_training_continues(tmp_path):
     assert counters["rollbacks"] == 1 and counters["lr_scale"] == 0.25 and counters["seed"] != 0
     # Reproducible: the same run again gives the same weights.
     again = tmp_path / "again"
-    train(cfg("train.steps=8", "train.inject_nan_at_step=7", "train.rollback_lr_factor=0.25"), str(again))
+    train(cfg("train.steps=8", "train.rollback_lr_factor=0.25"), str(again))
     assert_same(final_params(run), final_params(again))
 
 
-def test_gives_up_after_rollback_max(tmp_path):
-    c = cfg("train.steps=6", "train.inject_nan_at_step=3", "train.inject_nan_repeats=5", "train.rollback_max=2")
+def test_gives_up_after_rollback_max(tmp_path, monkeypatch):
+    install(monkeypatch.setattr, nan_at=3, nan_repeats=5)
+    c = cfg("train.steps=6", "train.rollback_max=2")
     with pytest.raises(DivergenceError, match=r"diverged at step 2: loss=nan.*gave up after 2 rollback\(s\) "
                                               r"\(train.rollback_max\)"):
         train(c, str(tmp_path / "run"))
 
 
-def test_rollback_off_stops_at_once(tmp_path):
-    c = cfg("train.steps=6", "train.inject_nan_at_step=3", "train.rollback_max=0")
+def test_rollback_off_stops_at_once(tmp_path, monkeypatch):
+    install(monkeypatch.setattr, nan_at=3)
+    c = cfg("train.steps=6", "train.rollback_max=0")
     with pytest.raises(DivergenceError, match=r"gave up after 0 rollback"):
         train(c, str(tmp_path / "run"))
     assert [s for s, _, _ in list_checkpoints(str(tmp_path / "run"))] == [2]  # rollback off: no step-0 one
@@ -227,3 +231,14 @@ def test_stream_position_maps_to_the_next_epoch():
     # Nobody had read from the newest epoch yet: start at that epoch itself.
     fresh = [ArrayStream(x, None, 8, seed=1, rank=r, world=2).state_dict() for r in range(2)]
     assert remap_stream_state(fresh, new.state_dict())["epoch"] == 0
+
+
+def test_run_dir_of_every_kind_of_checkpoint_path(straight, tmp_path):
+    from ebmscale.checkpoint import run_dir_of
+
+    run = str(straight)
+    assert run_dir_of(step_dir(run, 8)) == run_dir_of(run) == os.path.abspath(run)
+    assert run_dir_of(step_dir(run, 8) + "/") == os.path.abspath(run)
+    export = tmp_path / "model.safetensors"
+    export.write_bytes(b"")
+    assert run_dir_of(str(export)) == str(tmp_path)

@@ -18,8 +18,9 @@ from PIL import Image
 from ebmscale.config import ConfigError, load_config
 from ebmscale.data.builtin import DataError, load_builtin
 from ebmscale.data.images import build_image_stream, image_shape
-from ebmscale.data.shards import (add_shards_arguments, cache_key, cached_shards, encode_png_batch, load_source,
-                                  read_manifest, resize_center_crop, shards_command, verify_shards, write_shards)
+from ebmscale.cli.data import add_shards_arguments, shards_command
+from ebmscale.data.shards import (cache_key, cached_shards, encode_png_batch, load_source,
+                                  read_manifest, resize_center_crop, verify_shards, write_shards)
 from ebmscale.data.stream import ShardStream, open_shard_set, read_samples
 
 

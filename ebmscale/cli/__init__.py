@@ -1,7 +1,8 @@
 """Command line: ``ebmscale train | sample | eval | info | data | export``.
 
 Thin entry points: each subcommand parses its arguments, resolves a config and hands it to the
-library. Expected failures (bad config, path, data or checkpoint; divergence) print one line
+library. argparse lives here only (``cli/eval.py``: eval and sample; ``cli/data.py``: data);
+``key=value`` config overrides may stand anywhere on the line. Expected failures (bad config, path, data or checkpoint; divergence) print one line
 ``ebmscale: error: ...`` and exit non-zero, never a traceback.
 """
 from __future__ import annotations
@@ -9,19 +10,44 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from typing import Sequence
 
+from ebmscale.cli.data import add_shards_arguments
+from ebmscale.cli.eval import add_eval_parsers, add_sample_parser, eval_function, function_kwargs
 from ebmscale.config import ConfigError, dump_yaml, load_config
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
 
-def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
-    p.add_argument("--config", required=config_required, help="YAML recipe (default: the built-in MNIST job)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sampler.steps=40")
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe (default: the built-in MNIST job)")
+    # Parsed by hand (see parse_args): an argparse positional list must be one group, and the
+    # overrides may stand anywhere, e.g. between --run-dir and --resume.
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. sampler.steps=40 "
+                                                                      "(anywhere on the line)")
+    p.set_defaults(accepts_overrides=True)
+
+
+def _is_override(arg: str) -> bool:
+    return not arg.startswith("-") and "=" in arg
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv`` with the ``key=value`` overrides taken from wherever they stand."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "accepts_overrides", False):
+        stray = [a for a in extra if not _is_override(a)]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        # argparse fills the positional list with the first group only (possibly empty, at the
+        # start), so the first group precedes the rest: the line's order (later wins) is kept.
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,18 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pe = sub.add_parser("eval", help="evaluation suites")
     esub = pe.add_subparsers(dest="eval_command", required=True)
-    p = esub.add_parser("toy-nll", help="exact test NLL of a 2-D model by quadrature, vs true NLL and a KDE")
-    p.add_argument("--checkpoint", required=True, help="checkpoint step directory, run directory or export (.safetensors)")
-    p.add_argument("--grid", type=int, default=512, help="quadrature grid points per axis")
-    p.add_argument("--out", help="directory for figures and the JSON result (default: the checkpoint's run dir)")
-    from ebmscale.eval.commands import add_eval_parsers, add_sample_parser
-
     add_eval_parsers(esub)
     add_sample_parser(sub)
 
     pd = sub.add_parser("data", help="data preparation")
     dsub = pd.add_subparsers(dest="data_command", required=True)
-    from ebmscale.data.shards import add_shards_arguments
 
     p = dsub.add_parser("shards", help="write webdataset shards + manifest from a folder, CIFAR archive, "
                                        ".npz or a built-in set")
@@ -116,17 +135,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    fn = eval_function(args.eval_command)
     if args.eval_command == "toy-nll":
-        from ebmscale.eval.checkpoints import toy_nll_from_checkpoint
-
-        result = toy_nll_from_checkpoint(args.checkpoint, grid=args.grid, out_dir=args.out)
-        _print_json_last(result)
+        _print_json_last(fn(**function_kwargs(args)))
         return 0
-    from ebmscale.eval.commands import EVAL_COMMANDS
-
-    if args.eval_command in EVAL_COMMANDS:
-        return _distributed_command(EVAL_COMMANDS[args.eval_command], args)
-    raise ConfigError(f"unknown eval command '{args.eval_command}'")
+    return _distributed_command(fn, args)
 
 
 def _distributed_command(fn, args: argparse.Namespace) -> int:
@@ -136,7 +149,7 @@ def _distributed_command(fn, args: argparse.Namespace) -> int:
 
     started = dist.init_from_env()
     try:
-        result = fn(args)
+        result = fn(**function_kwargs(args))
         if dist.is_main():
             _print_json_last(result)
     finally:
@@ -148,14 +161,12 @@ def _distributed_command(fn, args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ebmscale.eval.commands import cmd_sample as run
-
-    return _distributed_command(run, args)
+    return _distributed_command(eval_function("sample"), args)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "shards":
-        from ebmscale.data.shards import shards_command
+        from ebmscale.cli.data import shards_command
 
         _print_json_last(shards_command(args))
         return 0
@@ -168,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ebmscale.data.builtin import DataError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     handlers = {"train": cmd_train, "info": cmd_info, "eval": cmd_eval, "data": cmd_data, "sample": cmd_sample,
                 "export": cmd_export}
     try:
