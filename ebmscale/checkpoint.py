@@ -231,14 +231,14 @@ def write_marker(path: str, marker: dict) -> None:
 
 
 def save_checkpoint(run_dir: str, step: int, *, shared: dict | None, rank_state: dict,
-                    extra_files: dict[str, dict] | None = None,
-                    write_sharded: Callable[[str], None] | None = None, keep: int = 0) -> str:
+                    write_more: Callable[[str], dict[str, dict]] | None = None, keep: int = 0) -> str:
     """Write checkpoint ``step`` (collective: call on every rank) and return its directory.
 
-    ``shared`` and ``extra_files`` (name -> state) are written by rank 0, ``rank_state`` by
-    every rank as ``rank-RRRRR.pt``; ``write_sharded(dir)``, when given, is called on every rank
-    to write per-rank shards under ``deepspeed/``. Rank 0 writes the marker last and then keeps
-    the ``keep`` newest complete checkpoints (0 = all).
+    ``shared`` is written by rank 0, ``rank_state`` by every rank as ``rank-RRRRR.pt``;
+    ``write_more(dir)``, when given, is called on every rank to write further files (a global
+    part's, per-rank shards under ``deepspeed/``) and returns the marker entries of the files it
+    hashed itself (files under ``deepspeed/`` are hashed by rank 0). Rank 0 writes the marker last
+    and then keeps the ``keep`` newest complete checkpoints (0 = all).
     """
     rank, world = dist.rank(), dist.world_size()
     path = step_dir(run_dir, step)
@@ -253,10 +253,8 @@ def save_checkpoint(run_dir: str, step: int, *, shared: dict | None, rank_state:
     entries = {rank_file(rank): write_file(os.path.join(path, rank_file(rank)), rank_state)}
     if rank == 0:
         entries[SHARED_FILE] = write_file(os.path.join(path, SHARED_FILE), shared)
-        for name, state in (extra_files or {}).items():
-            entries[name] = write_file(os.path.join(path, name), state)
-    if write_sharded is not None:
-        write_sharded(os.path.join(path, DEEPSPEED_DIR))
+    if write_more is not None:
+        entries.update(write_more(path))
     # Each rank hashed its own files; they reach rank 0 as small JSON side files.
     with open(os.path.join(path, f".entries-{rank:05d}.json"), "w") as fh:
         json.dump(entries, fh)

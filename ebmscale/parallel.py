@@ -245,37 +245,51 @@ class Parallel:
             optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward with gradient averaging across ranks (DDP hooks / ZeRO reduce-scatter). Under
-        DeepSpeed this also clips and steps the optimizer (accelerate runs ``engine.step()``)."""
+        """Backward with gradient averaging across ranks (DDP hooks / ZeRO reduce-scatter). No
+        parameter changes here on any backend: the update is :meth:`step`, after the caller's
+        divergence check."""
         if self.is_deepspeed:
+            # The engine's own backward, not accelerate's (which also runs engine.step()).
             self._skipped_before = self.engine.skipped_steps
-            self.accelerator.backward(loss)
+            self.engine.backward(loss)
         elif self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
 
-    def clip_grad_norm(self, optimizer: torch.optim.Optimizer, params, max_norm: float) -> tuple[float, bool]:
-        """Clip the averaged gradients and return (their norm before clipping, overflowed). An fp16
-        overflow is a skipped step, not a divergence. Under DeepSpeed the engine has already
-        clipped and stepped; its norm is returned."""
+    def clip_grad_norm(self, optimizer: torch.optim.Optimizer, params, max_norm: float) -> tuple[float | None, bool]:
+        """The averaged gradients' norm before clipping, and whether they overflowed (an fp16
+        overflow is a skipped step, not a divergence); before any parameter update. DDP clips here;
+        DeepSpeed clips inside its step (``gradient_clipping``): its ZeRO optimizer's norm is read
+        first (None where the optimizer has no such norm, ZeRO stage 0)."""
         if self.is_deepspeed:
-            gn = self.engine.get_global_grad_norm()
-            overflow = self.engine.skipped_steps > self._skipped_before
-            return (math.nan if gn is None else float(gn)), overflow
+            opt = self.engine.optimizer
+            if not hasattr(opt, "scaled_global_norm"):
+                return None, False
+            gn = float(opt.scaled_global_norm()) / float(getattr(opt, "loss_scale", 1.0) or 1.0)
+            return gn, self.precision == "fp16" and not math.isfinite(gn)
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         gn = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
         return gn, self.scaler is not None and not math.isfinite(gn)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The parameter update (clip and step under DeepSpeed; an fp16 overflow skips it)."""
         if self.is_deepspeed:
-            return  # done inside backward()
-        if self.scaler is not None:
+            self.engine.step()
+        elif self.scaler is not None:
             self.scaler.step(optimizer)  # skips the update when the gradients overflowed
             self.scaler.update()
         else:
             optimizer.step()
+
+    def stepped(self) -> tuple[float | None, bool]:
+        """After :meth:`step` under DeepSpeed: the norm its step computed and whether it skipped the
+        update (fp16 overflow); (None, False) elsewhere."""
+        if not self.is_deepspeed:
+            return None, False
+        gn = self.engine.get_global_grad_norm()
+        return (math.nan if gn is None else float(gn)), self.engine.skipped_steps > self._skipped_before
 
     def grad_scale(self) -> float | None:
         """Current fp16 loss scale (None when there is none)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -34,18 +35,18 @@ from ebmscale import dist
 from ebmscale.buffer import build_buffer
 from ebmscale.buffer.client import as_numpy
 from ebmscale.buffer.reshard import reshard_buffer_states
-from ebmscale.checkpoint import (BUFFER_FILE, DEEPSPEED_DIR, SHARED_FILE, CheckpointError, StepCheckpoint,
-                                 complete_checkpoints, rank_file, resolve, save_checkpoint, step_dir)
-from ebmscale.config import TOY_DATASETS, Config, ConfigError, class_conditional_chains, dump_yaml, to_dict
+from ebmscale.checkpoint import complete_checkpoints, resolve, step_dir
+from ebmscale.checkpoint_manager import CheckpointManager
+from ebmscale.config import TOY_DATASETS, Config, class_conditional_chains, dump_yaml, to_dict
 from ebmscale.data import build_train_stream, data_shape
 from ebmscale.data.reshard import remap_stream_state
 from ebmscale.data.transforms import data_bounds, save_image_grid, to_model_input, to_uint8
 from ebmscale.metrics import MetricLogger
 from ebmscale.models import build_model
-from ebmscale.objectives import ESTIMATOR_KINDS, build_estimator, jem_loss, pcd_loss
+from ebmscale.objectives import Context, Streams, estimator_class
 from ebmscale.parallel import Parallel, resolve_device  # noqa: F401 (resolve_device: re-exported)
 from ebmscale.performance import compiled_energy, resolve_speed, reuse_freed_cpu_memory
-from ebmscale.sampling import InputGradScaler, LangevinSettings, NoiseFn, langevin, sampling_mode, uniform_noise
+from ebmscale.sampling import InputGradScaler, LangevinSettings, NoiseFn, uniform_noise
 
 class DivergenceError(RuntimeError):
     """Training diverged; the message names the step and the metric that tripped."""
@@ -71,19 +72,6 @@ def build_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     return cls(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-
-
-class LogitsForward(nn.Module):
-    """What the data-parallel wrapper runs for JEM: the classifier's logits. DDP and DeepSpeed only
-    hook a module's ``forward``, and JEM's one training forward per step needs ``logits``; the
-    adapter owns no parameters of its own, so wrapping it wraps exactly the model's."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(x)
 
 
 class Trainer:
@@ -129,18 +117,16 @@ class Trainer:
             self.optimizer, lambda s: self.lr_scale * lr_factor(s, o.warmup_steps, o.decay_steps, o.decay_factor))
         # Only the loss forward/backward goes through the wrapper (after the EMA copy, which
         # stays fp32 even where DeepSpeed casts the module to half precision).
-        forward_module = LogitsForward(self.model) if cfg.objective.kind == "jem" else self.model
-        self.wrapped = self.parallel.prepare(forward_module, self.optimizer)
+        objective = estimator_class(cfg.objective.kind)
+        self.wrapped = self.parallel.prepare(objective.forward_module(self.model), self.optimizer)
         self.input_grad_scaler = InputGradScaler() if cfg.train.precision == "fp16" else None
         self.stream = build_train_stream(cfg, self.rank, self.world)
-        self.conditional = cfg.model.conditional
         # Class-partitioned buffer whenever chains are class-conditional (JEM's p(x, y) term too).
         partitioned = class_conditional_chains(cfg)
-        # One in-process buffer per rank, or the global one on Ray (config buffer.backend). The other
-        # estimators keep no persistent chains: a one-slot in-process buffer keeps the state layout
-        # and starts no Ray.
+        # One in-process buffer per rank, or the global one on Ray (config buffer.backend). Objectives
+        # without persistent chains get a one-slot in-process buffer: the state layout stays, no Ray.
         bcfg = cfg
-        if cfg.objective.kind in ESTIMATOR_KINDS:
+        if not objective.keeps_chains:
             bcfg = dataclasses.replace(cfg, buffer=dataclasses.replace(cfg.buffer, capacity=1, backend="local"))
         self.buffer = build_buffer(bcfg, self.shape, self.init_bounds, cfg.model.num_classes if partitioned else 0,
                                    self.rank, self.world, cfg.train.seed)
@@ -149,9 +135,15 @@ class Trainer:
         self.step = 0
         self.metrics = MetricLogger(self.run_dir if dist.is_main() else None, tensorboard=cfg.train.tensorboard)
         self.last_negatives: torch.Tensor | None = None
-        # CD-k, score matching, NCE, adversarial, KSD (None for pcd/jem): ebmscale.objectives.estimators.
-        self.estimator = build_estimator(self)
-        self.saved_step: int | None = None  # step of the checkpoint last written or loaded
+        # The objective sees this narrow context, never the trainer (ebmscale.objectives.base).
+        self.context = Context(cfg=cfg, model=self.model, wrapped=self.wrapped, parallel=self.parallel,
+                               sampler_energy=self.sampler_energy, settings=self.settings,
+                               grad_scaler=self.input_grad_scaler, buffer=self.buffer, device=self.device,
+                               shape=self.shape, init_bounds=self.init_bounds, toy=self.toy, world=self.world,
+                               memory_format=self.memory_format, chain_init=self._chain_init,
+                               noise_fn=self._noise_fn)
+        self.estimator = objective(self.context)
+        self.checkpoints = self._register_parts()
 
     def _init_bounds(self) -> tuple[float, float]:
         """Range of uniform chain initialisation: the data range for images, the quadrature
@@ -174,36 +166,6 @@ class Trainer:
         x = to_model_input(x, d.range, flip=d.flip, noise_std=d.noise_std, generator=g)
         return x.contiguous(memory_format=self.memory_format), y
 
-    def _negatives(self, n: int, labels: torch.Tensor | None, rng: np.random.Generator,
-                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Chain starts -> K Langevin steps -> write back. With ``labels`` the chains are
-        class-conditional: starts come from those classes' buffer partitions and the energy is
-        E(x, y). Returns (x-, labels of x-)."""
-        cfg = self.cfg
-        if cfg.sampler.init == "buffer":
-            x0_np, idx = self.buffer.draw(n, None if labels is None else labels.cpu().numpy(), rng)
-            x0 = torch.from_numpy(x0_np).to(self.device)
-        else:
-            x0 = self._chain_init(n, gen)
-            idx = None
-        if x0.dim() == 4:
-            x0 = x0.contiguous(memory_format=self.memory_format)
-        # The unwrapped module: no gradient all-reduce, no buffer broadcast, no ZeRO collective.
-        with sampling_mode(self.model, checkpointing=cfg.train.sampler_checkpointing):
-            m = self.sampler_energy
-            fn = (lambda x: m(x, labels)) if labels is not None else m
-            x_neg = langevin(fn, x0, self.settings, gen, autocast_dtype=self.parallel.autocast_dtype,
-                             noise_fn=self._noise_fn(n, gen), grad_scaler=self.input_grad_scaler)
-        if idx is not None:
-            self.buffer.write_back(idx, x_neg.cpu().numpy())
-        return x_neg, labels
-
-    def _prefetch_next(self, n: int, unlabelled: bool) -> None:
-        """Send the next step's first buffer draw now (after this step's write-backs), so it
-        overlaps the loss forward/backward; only unlabelled draws (the next labels are unknown)."""
-        if unlabelled and self.cfg.sampler.init == "buffer":
-            self.buffer.prefetch(n, dist.numpy_rng(self.seed, self.rank, self.step + 1, "buffer"))
-
     def _chain_init(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """Fresh chain starts for short-run sampling (uniform over the data range, this rank's
         stream). A seam for tests that feed every world size the same global starts."""
@@ -222,15 +184,20 @@ class Trainer:
         n = x_pos.shape[0]
         t1 = time.perf_counter()
         self.model.train()
-        x_neg, loss, stats, t2 = self._loss(x_pos, y, t1)
-        # Backward averages the gradients across ranks (and under DeepSpeed also steps).
+        self.parallel.zero_grad(self.optimizer)
+        loss, stats, x_neg = self._loss(x_pos, y)
+        t2 = t1 + float(stats.pop("sampler_time", 0.0))
+        # Backward averages the gradients across ranks; the divergence check comes before the
+        # update on every backend (DeepSpeed too: its step is separate).
         self.parallel.backward(loss)
         grad_norm, overflow = self.parallel.clip_grad_norm(self.optimizer, self.model.parameters(),
                                                            cfg.optim.grad_clip_norm)
         self._check_divergence(stats, grad_norm, overflow)
         self.parallel.step(self.optimizer)
-        if self.estimator is not None:
-            self.estimator.after_step()
+        if self.parallel.is_deepspeed:
+            ds_norm, ds_skipped = self.parallel.stepped()
+            grad_norm, overflow = (ds_norm if grad_norm is None else grad_norm), overflow or ds_skipped
+        self.estimator.after_step()
         self.scheduler.step()
         if self.ema is not None:
             self._update_ema()
@@ -247,57 +214,10 @@ class Trainer:
                        sampler_grad_scale=self.input_grad_scaler.scale)
         return out
 
-    def _loss(self, x_pos: torch.Tensor, y: torch.Tensor | None,
-              t1: float) -> tuple[torch.Tensor | None, torch.Tensor, dict, float]:
-        """The objective's loss of this step (gradients zeroed, the energy forward through the
-        wrapper); returns (negatives or None, loss, stats, end of the sampling time)."""
-        cfg, seed, n = self.cfg, self.seed, x_pos.shape[0]
-        rng = dist.numpy_rng(seed, self.rank, self.step, "buffer")
-        gen = dist.torch_generator(seed, self.rank, self.step, "langevin", self.device)
-        o = cfg.objective
-        # Chains per step: sampler.batch_size, or one per data example.
-        m = cfg.sampler.batch_size or n
-        if o.kind == "jem":
-            parts = [x_pos]
-            if o.px_weight > 0:
-                parts.append(self._negatives(m, None, rng, gen)[0])
-            if o.pxy_weight > 0:
-                x_neg_y, y_neg = self._negatives(m, y[:m], rng, gen)
-                parts.append(x_neg_y)
-            t2 = time.perf_counter()
-            self._prefetch_next(m, unlabelled=o.px_weight > 0)
-            self.parallel.zero_grad(self.optimizer)
-            # One wrapped forward over every batch: one spectral-norm power iteration per step.
-            with self.parallel.autocast():
-                logits = self.wrapped(self.parallel.cast_input(torch.cat(parts))).split([n] + [m] * (len(parts) - 1))
-            it = iter(logits[1:])
-            l_neg = next(it) if o.px_weight > 0 else None
-            l_neg_y = next(it) if o.pxy_weight > 0 else None
-            loss, stats = jem_loss(logits[0], y, l_neg, l_neg_y, y_neg if o.pxy_weight > 0 else None,
-                                   clf_weight=o.clf_weight, px_weight=o.px_weight, pxy_weight=o.pxy_weight,
-                                   alpha=o.alpha)
-            x_neg = parts[1] if len(parts) > 1 else x_pos
-        elif self.estimator is not None:
-            x_neg, loss, stats, t2 = self._objective_step(x_pos, t1)
-        else:
-            x_neg, y_neg = self._negatives(m, y[:m] if self.conditional else None, rng, gen)
-            t2 = time.perf_counter()
-            self._prefetch_next(m, unlabelled=not self.conditional)
-            x_all = self.parallel.cast_input(torch.cat([x_pos, x_neg]))
-            self.parallel.zero_grad(self.optimizer)
-            # One wrapped forward over [x+, x-]: one spectral-norm power iteration per step.
-            with self.parallel.autocast():
-                e_all = self.wrapped(x_all, torch.cat([y, y_neg])) if self.conditional else self.wrapped(x_all)
-            loss, stats = pcd_loss(e_all[:n], e_all[n:], o.alpha)
-        return x_neg, loss, stats, t2
-
-    def _objective_step(self, x_pos: torch.Tensor, t1: float) -> tuple[torch.Tensor | None, torch.Tensor, dict, float]:
-        """The loss of an estimator of ``ebmscale.objectives.estimators`` (its energy forward goes
-        through the wrapper); returns (negatives or None, loss, stats, end of its sampling time)."""
-        gen = dist.torch_generator(self.seed, self.rank, self.step, "objective", self.device)
-        self.parallel.zero_grad(self.optimizer)
-        loss, stats, x_neg = self.estimator.loss(x_pos, gen)
-        return x_neg, loss, stats, t1 + float(stats.pop("sampler_time", 0.0))
+    def _loss(self, x_pos: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+        """The objective's loss of this step on its streams of (seed, rank, step): (loss, stats,
+        negatives or None). One call, whatever the objective."""
+        return self.estimator.loss(x_pos, y, Streams(self.seed, self.rank, self.step, self.device))
 
     def _check_divergence(self, stats: dict, grad_norm: float | None, overflow: bool = False) -> None:
         """Raise :class:`DivergenceError` naming the step and the metric. With several ranks the
@@ -333,75 +253,78 @@ class Trainer:
     # ------------------------------------------------------------------ state
     @property
     def buffer_is_global(self) -> bool:
-        """A global (Ray-hosted) buffer is saved once by rank 0; a local one by every rank."""
+        """A global (Ray-hosted) buffer is saved once, as its own file; a local one by every rank."""
         return bool(getattr(self.buffer, "is_global", False))
 
-    def shared_state(self) -> dict:
-        """What is identical on every rank (written once, by rank 0): config, counters, model,
-        EMA, optimizer, scheduler, loss scaler."""
-        return {
-            "config": to_dict(self.cfg),
-            "step": self.step,
-            "counters": {"rollbacks": self.rollbacks, "seed": self.seed, "lr_scale": self.lr_scale},
-            "model": self.model.state_dict(),
-            "ema": None if self.ema is None else self.ema.state_dict(),
-            # Under DeepSpeed the optimizer state is sharded across ranks: it lives in DEEPSPEED_DIR.
-            "optimizer": None if self.parallel.is_deepspeed else self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "precision": self.parallel.state_dict(),
-        }
-
-    def rank_state(self) -> dict:
-        """What each rank owns: RNG states, data position, its buffer shard, the sampler's scaler."""
-        return {
-            "rank": self.rank,
-            "world": self.world,
-            "buffer": None if self.buffer_is_global else self.buffer.state_dict(),
-            "stream": self.stream.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            "sampler_grad_scaler": None if self.input_grad_scaler is None else self.input_grad_scaler.state_dict(),
-            "objective": None if self.estimator is None else self.estimator.state_dict(),
-        }
-
-    def state_dict(self) -> dict:
-        """This rank's complete state (shared part and own part) as one dict; with a global buffer
-        it holds the buffer's state too (every shard on rank 0), so that an in-memory round trip
-        restores it. Checkpoints store that part once, as BUFFER_FILE."""
-        state = {**self.shared_state(), **self.rank_state()}
+    def _register_parts(self) -> CheckpointManager:
+        """Everything that must survive a restart, as parts of the checkpoint manager (loaded in
+        this order): shared ones written once by rank 0, every rank's own, the global buffer."""
+        ds = self.parallel.is_deepspeed
+        ckpt = CheckpointManager(self.run_dir, self.rank, self.world, keep=self.cfg.train.keep_checkpoints,
+                                 sharded=(self.parallel.save_sharded, self.parallel.load_sharded) if ds else None)
+        shared = functools.partial(ckpt.register, scope="shared")
+        mine = functools.partial(ckpt.register, scope="rank")
+        shared("config", save=lambda: to_dict(self.cfg))
+        shared("model", save=self.model.state_dict, load=self.model.load_state_dict)
+        shared("ema", save=lambda: None if self.ema is None else self.ema.state_dict(),
+               load=lambda s: s is not None and self.ema is not None and self.ema.load_state_dict(s))
+        # Under DeepSpeed the optimizer state is sharded across ranks: it lives in DEEPSPEED_DIR.
+        shared("optimizer", save=lambda: None if ds else self.optimizer.state_dict(), load=self._load_optimizer)
+        shared("counters", save=lambda: {"rollbacks": self.rollbacks, "seed": self.seed, "lr_scale": self.lr_scale},
+               load=self._load_counters)
+        shared("scheduler", save=self.scheduler.state_dict, load=self._load_scheduler)
+        shared("precision", save=self.parallel.state_dict, load=lambda s: self.parallel.load_state_dict(s or {}))
+        mine("rank", save=lambda: self.rank)
+        mine("world", save=lambda: self.world)
+        mine("sampler_grad_scaler",
+             save=lambda: None if self.input_grad_scaler is None else self.input_grad_scaler.state_dict(),
+             load=lambda s: s and self.input_grad_scaler is not None and self.input_grad_scaler.load_state_dict(s))
         if self.buffer_is_global:
-            state["buffer"] = self.buffer.state_dict()
-        return state
+            ckpt.register("buffer", "global", save=lambda: as_numpy(self.buffer.state_dict()),
+                          load=lambda s: s is not None and self.buffer.load_state_dict(as_numpy(s)))
+        else:  # every rank's shard; re-dealt over a new number of ranks
+            mine("buffer", save=self.buffer.state_dict,
+                 load=lambda s: s is not None and self.buffer.load_state_dict(as_numpy(s)),
+                 remap=lambda olds: None if olds[0] is None else
+                 reshard_buffer_states([as_numpy(o) for o in olds], self.world, self.rank))
+        mine("stream", save=self.stream.state_dict, load=self.stream.load_state_dict,
+             remap=lambda olds: remap_stream_state(olds, self.stream.state_dict()))
+        mine("objective", save=self.estimator.state_dict,
+             load=lambda s: s is not None and self.estimator.load_state_dict(s))
+        mine("torch_rng", save=torch.get_rng_state, load=torch.set_rng_state)
+        cuda = self.device.type == "cuda"
+        mine("cuda_rng", save=lambda: torch.cuda.get_rng_state(self.device) if cuda else None,
+             load=lambda s: s is not None and cuda and torch.cuda.set_rng_state(s, self.device))
+        shared("step", save=lambda: self.step, load=lambda s: setattr(self, "step", int(s)))
+        return ckpt
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict` output (or a checkpoint's shared state merged with
-        one rank's part, re-sharded to this rank when the world size changed)."""
-        self.model.load_state_dict(state["model"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-        if state["optimizer"] is not None and not self.parallel.is_deepspeed:
-            self.optimizer.load_state_dict(state["optimizer"])
-        elif state["optimizer"] is None and not self.parallel.is_deepspeed:
+    def _load_optimizer(self, state: dict | None) -> None:
+        if self.parallel.is_deepspeed:
+            return  # restored from the ZeRO shards
+        if state is None:
             dist.print0("warning: the checkpoint's optimizer state is in DeepSpeed shards; "
                         "this DDP run starts the optimizer afresh")
-        counters = state.get("counters") or {}
+        else:
+            self.optimizer.load_state_dict(state)
+
+    def _load_counters(self, counters: dict | None) -> None:
+        counters = counters or {}
         self.rollbacks = int(counters.get("rollbacks", 0))
         self.seed = int(counters.get("seed", self.cfg.train.seed))
         self.lr_scale = float(counters.get("lr_scale", 1.0))
-        self.scheduler.load_state_dict(state["scheduler"])
+
+    def _load_scheduler(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
         self._apply_lr()
-        self.parallel.load_state_dict(state.get("precision") or {})
-        if self.input_grad_scaler is not None and state.get("sampler_grad_scaler"):
-            self.input_grad_scaler.load_state_dict(state["sampler_grad_scaler"])
-        if state.get("buffer") is not None:
-            self.buffer.load_state_dict(as_numpy(state["buffer"]))
-        self.stream.load_state_dict(state["stream"])
-        if self.estimator is not None and state.get("objective") is not None:
-            self.estimator.load_state_dict(state["objective"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        self.step = int(state["step"])
+
+    def state_dict(self) -> dict:
+        """This rank's complete state as one dict (with a global buffer, its state on this rank:
+        every shard on rank 0), so that an in-memory round trip restores it."""
+        return self.checkpoints.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict` output (or a checkpoint's read by the manager)."""
+        self.checkpoints.load_state_dict(state)
 
     def _apply_lr(self) -> None:
         """Set the optimizer's learning rate from the scheduler at its current step (after a load
@@ -413,82 +336,22 @@ class Trainer:
 
     def save(self) -> str:
         """Write checkpoint ``<run_dir>/checkpoints/step-<step>/`` (collective: call on every
-        rank) and keep the newest ``train.keep_checkpoints``; see :mod:`ebmscale.checkpoint`."""
-        extra = {BUFFER_FILE: as_numpy(self.buffer.state_dict())} \
-            if self.buffer_is_global and self.rank == 0 else None
-        path = save_checkpoint(self.run_dir, self.step, shared=self.shared_state() if self.rank == 0 else None,
-                               rank_state=self.rank_state(), extra_files=extra,
-                               write_sharded=self.parallel.save_sharded if self.parallel.is_deepspeed else None,
-                               keep=self.cfg.train.keep_checkpoints)
-        self.saved_step = self.step
-        return path
+        rank) and keep the newest ``train.keep_checkpoints``; see :mod:`ebmscale.checkpoint_manager`."""
+        return self.checkpoints.save(self.step)
 
-    def _read_checkpoint(self, ck: StepCheckpoint) -> tuple[dict, dict | None]:
-        """Read and verify everything this rank needs from ``ck``: (its merged state, the global
-        buffer's state for rank 0 or None). Raises CheckpointError naming a bad file."""
-        state = ck.read(SHARED_FILE)
-        if ck.world == self.world:
-            state.update(ck.read(rank_file(self.rank)))
-        else:
-            if self.parallel.is_deepspeed:
-                # Not a damaged checkpoint (no fallback to an older one): a setting to change.
-                raise ConfigError(f"checkpoint '{ck.path}' holds DeepSpeed ZeRO shards of {ck.world} ranks; "
-                                  f"resume it on {ck.world} ranks (DeepSpeed shards are tied to the world size)")
-            # Every old rank's part: the data position maps from all of them, the buffer re-splits.
-            old = [ck.read(rank_file(r)) for r in range(ck.world)]
-            mine = dict(old[self.rank % ck.world])
-            mine["stream"] = remap_stream_state([o["stream"] for o in old], self.stream.state_dict())
-            if old[0].get("buffer") is not None and not self.buffer_is_global:
-                try:
-                    mine["buffer"] = reshard_buffer_states([as_numpy(o["buffer"]) for o in old], self.world, self.rank)
-                except ValueError as exc:
-                    raise CheckpointError(f"checkpoint '{ck.path}': cannot re-shard the replay buffer ({exc})") from None
-            state.update(mine)
-        if self.parallel.is_deepspeed:
-            ck.verify_tree(DEEPSPEED_DIR)
-        global_buffer = None
-        if self.buffer_is_global and self.rank == 0 and ck.has(BUFFER_FILE):
-            global_buffer = as_numpy(ck.read(BUFFER_FILE))
-        return state, global_buffer
+    @property
+    def saved_step(self) -> int | None:
+        """Step of the checkpoint last written or loaded."""
+        return self.checkpoints.saved_step
 
     def load_checkpoint(self, path: str) -> None:
         """Restore checkpoint ``path`` (a step directory) on every rank (collective)."""
-        ck = StepCheckpoint(path)
-        state, global_buffer = self._read_checkpoint(ck)
-        self._apply_checkpoint(ck, state, global_buffer)
-
-    def _apply_checkpoint(self, ck: StepCheckpoint, state: dict, global_buffer: dict | None) -> None:
-        self.load_state_dict(state)
-        if global_buffer is not None:
-            self.buffer.load_state_dict(global_buffer)
-        if self.parallel.is_deepspeed:
-            self.parallel.load_sharded(os.path.join(ck.path, DEEPSPEED_DIR))
-        self.saved_step = self.step
-        if self.buffer_is_global:
-            dist.barrier()  # rank 0 alone restores a global buffer: nobody draws before it has
+        self.checkpoints.load(path)
 
     def load_latest(self, max_step: int | None = None) -> str | None:
-        """Restore the newest complete checkpoint of the run directory (at most ``max_step``) that
-        every rank can read, falling back to older ones past a damaged one (collective). None
-        when there is none."""
-        for path in complete_checkpoints(self.run_dir):
-            try:
-                ck = StepCheckpoint(path)
-                if max_step is not None and ck.step > max_step:
-                    continue
-                loaded, error = self._read_checkpoint(ck), None
-            except CheckpointError as exc:
-                loaded, error = None, exc
-            # All ranks must pick the same checkpoint: one rank's bad file rejects it for all.
-            bad = torch.tensor([float(error is not None)])
-            dist.all_reduce_max(bad)
-            if bad.item():
-                if error is not None:
-                    print(f"ebmscale: warning: {error}; trying the previous checkpoint", file=sys.stderr, flush=True)
-                continue
-            self._apply_checkpoint(ck, *loaded)
-            return path
-        return None
+        """Restore the newest complete checkpoint (at most ``max_step``) that every rank can read,
+        falling back past damaged ones (collective); None when there is none."""
+        return self.checkpoints.load_latest(max_step)
 
     def rollback(self, error: DivergenceError) -> str:
         """Recover from a divergence (collective): reload the newest good checkpoint -- model,

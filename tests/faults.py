@@ -22,11 +22,11 @@ def nan_trainer(base: type, at_step: int, repeats: int = 1) -> type:
 
     class NanTrainer(base):
         def _loss(self, *args, **kwargs):
-            x_neg, loss, stats, t2 = super()._loss(*args, **kwargs)
+            loss, stats, x_neg = super()._loss(*args, **kwargs)
             if at_step == self.step + 1 and self.rank == 0 and self.rollbacks < repeats:
                 loss = loss * math.nan
                 stats = {**stats, "loss": loss.detach()}
-            return x_neg, loss, stats, t2
+            return loss, stats, x_neg
 
     return NanTrainer
 

@@ -1,9 +1,11 @@
-"""The estimators beyond PCD/JEM as trainer plug-ins, one class per ``objective.kind``.
+"""Every training objective as one :class:`~ebmscale.objectives.base.Estimator` class per
+``objective.kind``: PCD (``objectives/pcd.py``) and JEM (``objectives/jem.py``) beside their losses,
+the others here, and the registry the trainer builds its objective from.
 
-Each estimator computes the energy's loss for one step from this rank's positives; the trainer
-does the rest (backward through the data-parallel wrapper, clipping, optimizer step, EMA,
-checkpoints). The energy forward that the loss differentiates always runs through the wrapper
-(``host.wrapped``), once per step, so DDP averages the gradients -- including the second
+Each estimator computes the energy's loss for one step from this rank's positives on a narrow
+:class:`~ebmscale.objectives.base.Context`; the trainer does the rest (backward through the
+data-parallel wrapper, clipping, optimizer step, EMA, checkpoints). The energy forward that the loss differentiates always runs through the wrapper
+(``ctx.wrapped``), once per step, so DDP averages the gradients -- including the second
 derivatives of the score-based losses, which only the final ``backward`` reaches (DDP's hooks sit on
 the parameters' gradient accumulation, never hit by ``autograd.grad`` with respect to inputs).
 Samplers (Langevin for CD-k and refinement, the sampler network's own update) use the unwrapped
@@ -16,6 +18,8 @@ saved under ``state["objective"]`` of the trainer's checkpoint.
 Kinds:
 
 ==========  =====================================================================
+pcd         persistent contrastive divergence, chains in the replay buffer (IGEBM)
+jem         JEM hybrid: classifier cross-entropy + PCD on p(x) and/or p(x, y)
 cd          contrastive divergence CD-k: chains start at the data, k Langevin steps
 sm          exact score matching (trace of the score's Jacobian; low dimension)
 dsm         denoising score matching, one or several noise levels
@@ -27,52 +31,21 @@ ksd         kernel Stein discrepancy, RBF kernel, U-statistic
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ebmscale import dist
 from ebmscale.objectives.adversarial import flow_sampler_loss, noisy_sampler_loss
+from ebmscale.objectives.base import Context, Estimator, average_grads
+from ebmscale.objectives.jem import JEM
 from ebmscale.objectives.ksd import ksd_loss
 from ebmscale.objectives.nce import GaussianNoise, UniformNoise, nce_loss, noise_from_state
-from ebmscale.objectives.pcd import pcd_loss
+from ebmscale.objectives.pcd import PersistentCD, pcd_loss
 from ebmscale.objectives.score_matching import dsm_loss, exact_sm_loss, ssm_loss
-from ebmscale.sampling import langevin, sampling_mode
-
-ESTIMATOR_KINDS = ("cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd")
-
-
-class Host(Protocol):
-    """What an estimator uses of the trainer (``ebmscale.trainer.Trainer``)."""
-
-    cfg: Any
-    model: nn.Module
-    wrapped: nn.Module
-    parallel: Any
-    settings: Any
-    device: torch.device
-    shape: tuple[int, ...]
-    init_bounds: tuple[float, float]
-    world: int
-    toy: bool
-
-
-def average_grads(params: list[nn.Parameter], world: int) -> None:
-    """Average the gradients of parameters outside the wrapped module across ranks (one
-    all-reduce of their concatenation; no-op in one process)."""
-    if world <= 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce_sum(flat).div_(world)
-    i = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[i:i + g.numel()].view_as(g).clone()
-        i += g.numel()
+from ebmscale.sampling import sampling_mode
 
 
 def domain_wall(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -87,52 +60,11 @@ def domain_wall(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return 0.5 * ((x - x.clamp(lo, hi)) / w).pow(2).flatten(1).sum(1)
 
 
-class Estimator:
-    """Base class: ``loss(x_pos, gen)`` -> (loss, stats, negatives or None)."""
-
-    def __init__(self, host: Host):
-        self.host = host
-        self.o = host.cfg.objective
-
-    def energy(self, x: torch.Tensor) -> torch.Tensor:
-        """The training forward: through the data-parallel wrapper, in the loss precision."""
-        h = self.host
-        with h.parallel.autocast():
-            e = h.wrapped(h.parallel.cast_input(x)).float()
-        self._last_energy = e
-        return e
-
-    def _tie_constant(self, loss: torch.Tensor) -> torch.Tensor:
-        """Score-based losses do not depend on the energy's additive constant (the head's bias gets
-        no gradient), and DDP stops at a parameter that received none. A zero-weighted energy term
-        keeps every parameter in the graph with an exactly zero contribution -- cheaper than
-        ``find_unused_parameters``, which traverses the graph every step."""
-        return loss + 0.0 * self._last_energy.sum()
-
-    def langevin(self, x0: torch.Tensor, steps: int, gen: torch.Generator) -> torch.Tensor:
-        """``steps`` steps of the configured sampler from ``x0`` on the frozen, unwrapped model."""
-        h = self.host
-        settings = dataclasses.replace(h.settings, steps=steps)
-        with sampling_mode(h.model, checkpointing=h.cfg.train.sampler_checkpointing) as m:
-            return langevin(m, x0, settings, gen, autocast_dtype=h.parallel.autocast_dtype)
-
-    def loss(self, x_pos: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
-        raise NotImplementedError
-
-    def after_step(self) -> None:
-        """Called after the energy's optimizer step (extra parameters' updates)."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
 class ContrastiveDivergence(Estimator):
     """CD-k (Hinton 2002): negatives are k sampler steps from the positives themselves."""
 
-    def loss(self, x_pos, gen):
+    def loss(self, x_pos, y, streams):
+        gen = streams.torch("objective")
         t0 = time.perf_counter()
         x_neg = self.langevin(x_pos, self.o.cd_steps, gen)
         t1 = time.perf_counter()
@@ -145,7 +77,8 @@ class ContrastiveDivergence(Estimator):
 class ScoreMatching(Estimator):
     """Exact, denoising or sliced score matching (see ``score_matching``)."""
 
-    def loss(self, x_pos, gen):
+    def loss(self, x_pos, y, streams):
+        gen = streams.torch("objective")
         o = self.o
         if o.kind == "sm":
             loss, stats = exact_sm_loss(self.energy, x_pos)
@@ -159,7 +92,8 @@ class ScoreMatching(Estimator):
 class KernelStein(Estimator):
     """KSD^2 (U-statistic, RBF kernel) of the model against the batch."""
 
-    def loss(self, x_pos, gen):
+    def loss(self, x_pos, y, streams):
+        gen = streams.torch("objective")
         loss, stats = ksd_loss(self.energy, x_pos, self.o.ksd_bandwidth)
         return self._tie_constant(loss), stats, None
 
@@ -167,18 +101,19 @@ class KernelStein(Estimator):
 class NoiseContrastive(Estimator):
     """NCE with a learnable log Z (its own Adam, gradients averaged across ranks)."""
 
-    def __init__(self, host: Host):
-        super().__init__(host)
-        self.log_z = nn.Parameter(torch.zeros((), device=host.device))
-        c = host.cfg.optim
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        self.log_z = nn.Parameter(torch.zeros((), device=ctx.device))
+        c = ctx.cfg.optim
         self.optimizer = torch.optim.Adam([self.log_z], lr=self.o.nce_log_z_lr or c.lr, betas=tuple(c.betas))
         self.noise: GaussianNoise | UniformNoise | None = None
         self.initialised = False
         if self.o.nce_noise == "uniform":
-            self.noise = UniformNoise(*host.init_bounds, dim=math.prod(host.shape))
+            self.noise = UniformNoise(*ctx.init_bounds, dim=math.prod(ctx.shape))
 
-    def loss(self, x_pos, gen):
-        h, n = self.host, x_pos.shape[0]
+    def loss(self, x_pos, y, streams):
+        gen = streams.torch("objective")
+        h, n = self.ctx, x_pos.shape[0]
         if self.noise is None:  # fitted to the first batch (of every rank), then fixed
             self.noise = GaussianNoise.fit(x_pos, scale=self.o.nce_noise_scale)
         m = max(1, round(self.o.nce_noise_ratio * n))
@@ -196,12 +131,12 @@ class NoiseContrastive(Estimator):
         """Start log Z at its importance-sampling estimate under the noise, log mean exp(-E - log p_n)
         (averaged over ranks): the classifier starts calibrated instead of spending steps on it."""
         est = (torch.logsumexp(-e_noise - lp_noise, 0) - math.log(len(e_noise))).reshape(1)
-        dist.all_reduce_sum(est).div_(self.host.world)
+        dist.all_reduce_sum(est).div_(self.ctx.world)
         self.log_z.fill_(float(est))
         self.initialised = True
 
     def after_step(self) -> None:
-        average_grads([self.log_z], self.host.world)
+        average_grads([self.log_z], self.ctx.world)
         self.optimizer.step()
 
     def state_dict(self) -> dict:
@@ -219,28 +154,29 @@ class NoiseContrastive(Estimator):
 class Adversarial(Estimator):
     """Minimax training against a learned sampler q_phi (noisy generator or flow)."""
 
-    def __init__(self, host: Host):
-        super().__init__(host)
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
         from ebmscale.models.samplers import build_sampler
 
-        self.dim = math.prod(host.shape)
-        lo, hi = host.init_bounds
+        self.dim = math.prod(ctx.shape)
+        lo, hi = ctx.init_bounds
         # Same initial sampler on every rank: its own seed, without touching the global stream.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(dist.derive_seed(host.cfg.train.seed, 0, 0, "sampler-init"))
-            self.sampler = build_sampler(self.o, self.dim, init_scale=(hi - lo) / 4.0).to(host.device)
+            torch.manual_seed(dist.derive_seed(ctx.cfg.train.seed, 0, 0, "sampler-init"))
+            self.sampler = build_sampler(self.o, self.dim, init_scale=(hi - lo) / 4.0).to(ctx.device)
         self.optimizer = torch.optim.Adam(self.sampler.parameters(), lr=self.o.sampler_lr,
-                                          betas=tuple(host.cfg.optim.betas))
+                                          betas=tuple(ctx.cfg.optim.betas))
 
-    def loss(self, x_pos, gen):
-        h, o, n = self.host, self.o, x_pos.shape[0]
+    def loss(self, x_pos, y, streams):
+        gen = streams.torch("objective")
+        h, o, n = self.ctx, self.o, x_pos.shape[0]
         t0 = time.perf_counter()
         # 1. phi step on the current energy (frozen, unwrapped: no theta gradients, no collectives
         # but the sampler's own gradient average).
         draw = self.sampler.sample(n, gen)
         x_q = draw["x"].view(n, *h.shape)
         with sampling_mode(h.model) as m:
-            with h.parallel.autocast():
+            with h.autocast():
                 e_q = m(x_q).float()
         if h.settings.clamp is not None:
             e_q = e_q + domain_wall(x_q, *h.settings.clamp)
@@ -271,11 +207,17 @@ class Adversarial(Estimator):
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-_CLASSES = {"cd": ContrastiveDivergence, "sm": ScoreMatching, "dsm": ScoreMatching, "ssm": ScoreMatching,
-            "nce": NoiseContrastive, "adversarial": Adversarial, "ksd": KernelStein}
+_CLASSES = {"pcd": PersistentCD, "jem": JEM, "cd": ContrastiveDivergence, "sm": ScoreMatching,
+            "dsm": ScoreMatching, "ssm": ScoreMatching, "nce": NoiseContrastive, "adversarial": Adversarial,
+            "ksd": KernelStein}
+ESTIMATOR_KINDS = tuple(_CLASSES)
 
 
-def build_estimator(host: Host) -> Estimator | None:
-    """The estimator of ``host.cfg.objective.kind``; None for the trainer's own kinds (pcd, jem)."""
-    cls = _CLASSES.get(host.cfg.objective.kind)
-    return None if cls is None else cls(host)
+def estimator_class(kind: str) -> type[Estimator]:
+    """The objective class of ``objective.kind`` (the config validates the kind)."""
+    return _CLASSES[kind]
+
+
+def build_estimator(ctx: Context) -> Estimator:
+    """The objective of ``ctx.cfg.objective.kind``, built on its context."""
+    return estimator_class(ctx.cfg.objective.kind)(ctx)

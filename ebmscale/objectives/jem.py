@@ -9,9 +9,13 @@ L = w_clf * CE(f(x+), y) + w_px * [mean E(x+) - mean E(x-)] + w_pxy * [mean E(x+
 """
 from __future__ import annotations
 
+import time
+
 import torch
+from torch import nn
 from torch.nn import functional as F
 
+from ebmscale.objectives.base import Estimator, Streams
 from ebmscale.objectives.pcd import pcd_loss
 
 
@@ -39,3 +43,50 @@ def jem_loss(logits_pos: torch.Tensor, y: torch.Tensor, logits_neg: torch.Tensor
         stats.update(e_pos_y=s["e_pos"], e_neg_y=s["e_neg"], energy_gap_y=s["energy_gap"])
     stats["loss"] = loss.detach()
     return loss, stats
+
+
+class LogitsForward(nn.Module):
+    """What the data-parallel wrapper runs for JEM: the classifier's logits. DDP and DeepSpeed only
+    hook a module's ``forward``, and JEM's one training forward per step needs ``logits``; the
+    adapter owns no parameters of its own, so wrapping it wraps exactly the model's."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(x)
+
+
+class JEM(Estimator):
+    """JEM (``objective.kind: jem``): unconditional and/or class-conditional persistent chains,
+    one wrapped forward of the logits over [x+, x-, x-_y]."""
+
+    keeps_chains = True
+
+    @staticmethod
+    def forward_module(model: nn.Module) -> nn.Module:
+        return LogitsForward(model)
+
+    def loss(self, x_pos: torch.Tensor, y: torch.Tensor | None, streams: Streams):
+        c, o, n = self.ctx, self.o, x_pos.shape[0]
+        t0 = time.perf_counter()
+        rng, gen = streams.numpy("buffer"), streams.torch("langevin")
+        m = c.cfg.sampler.batch_size or n  # chains per step: sampler.batch_size, or one per example
+        parts, y_neg = [x_pos], None
+        if o.px_weight > 0:
+            parts.append(c.negatives(m, None, rng, gen)[0])
+        if o.pxy_weight > 0:
+            x_neg_y, y_neg = c.negatives(m, y[:m], rng, gen)
+            parts.append(x_neg_y)
+        t1 = time.perf_counter()
+        c.prefetch(m, streams, unlabelled=o.px_weight > 0)
+        # One wrapped forward over every batch: one spectral-norm power iteration per step.
+        logits = c.forward(torch.cat(parts)).split([n] + [m] * (len(parts) - 1))
+        it = iter(logits[1:])
+        l_neg = next(it) if o.px_weight > 0 else None
+        l_neg_y = next(it) if o.pxy_weight > 0 else None
+        loss, stats = jem_loss(logits[0], y, l_neg, l_neg_y, y_neg, clf_weight=o.clf_weight,
+                               px_weight=o.px_weight, pxy_weight=o.pxy_weight, alpha=o.alpha)
+        x_neg = parts[1] if len(parts) > 1 else x_pos
+        return loss, {**stats, "sampler_time": t1 - t0}, x_neg

@@ -7,7 +7,11 @@ two terms from drifting apart without bound.
 """
 from __future__ import annotations
 
+import time
+
 import torch
+
+from ebmscale.objectives.base import Estimator, Streams
 
 
 def pcd_loss(e_pos: torch.Tensor, e_neg: torch.Tensor, alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -19,3 +23,26 @@ def pcd_loss(e_pos: torch.Tensor, e_neg: torch.Tensor, alpha: float) -> tuple[to
     stats = {"loss": loss.detach(), "e_pos": e_pos.mean().detach(), "e_neg": e_neg.mean().detach(),
              "energy_gap": (e_neg.mean() - e_pos.mean()).detach(), "reg": reg.detach()}
     return loss, stats
+
+
+class PersistentCD(Estimator):
+    """PCD (``objective.kind: pcd``): chains from the replay buffer (or fresh noise for short-run
+    sampling), K Langevin steps, written back; one wrapped forward over [x+, x-]. With a
+    conditional energy the chains take the batch's labels and the energy is E(x, y)."""
+
+    keeps_chains = True
+
+    def loss(self, x_pos: torch.Tensor, y: torch.Tensor | None, streams: Streams):
+        c, n = self.ctx, x_pos.shape[0]
+        conditional = c.cfg.model.conditional
+        t0 = time.perf_counter()
+        m = c.cfg.sampler.batch_size or n  # chains per step: sampler.batch_size, or one per example
+        x_neg, y_neg = c.negatives(m, y[:m] if conditional else None, streams.numpy("buffer"),
+                                   streams.torch("langevin"))
+        t1 = time.perf_counter()
+        c.prefetch(m, streams, unlabelled=not conditional)
+        # One wrapped forward over [x+, x-]: one spectral-norm power iteration per step.
+        x_all = torch.cat([x_pos, x_neg])
+        e_all = c.forward(x_all, torch.cat([y, y_neg])) if conditional else c.forward(x_all)
+        loss, stats = pcd_loss(e_all[:n], e_all[n:], self.o.alpha)
+        return loss, {**stats, "sampler_time": t1 - t0}, x_neg

@@ -91,8 +91,8 @@ def _spectral_vectors(model: torch.nn.Module) -> list[torch.Tensor]:
 def _sampler_collectives(tr: Trainer) -> int:
     """Collectives issued by one call of the trainer's sampler path (starts, K steps, write-back)."""
     with count_collectives() as names:
-        tr._negatives(PER_RANK_BATCH, None, dist.numpy_rng(0, tr.rank, 99, "buffer"),
-                      dist.torch_generator(0, tr.rank, 99, "langevin", tr.device))
+        tr.context.negatives(PER_RANK_BATCH, None, dist.numpy_rng(0, tr.rank, 99, "buffer"),
+                             dist.torch_generator(0, tr.rank, 99, "langevin", tr.device))
     return len(names)
 
 

@@ -40,3 +40,42 @@ def test_zero2_ranks_identical_no_sampler_collectives_and_equal_to_one_process(r
     for got, want in zip(r0["logged"], ref["logged"]):
         for k in ("loss", "e_pos", "e_neg", "grad_norm"):
             assert abs(got[k] - want[k]) < TOL * max(1.0, abs(want[k])), (k, got[k], want[k])
+
+
+_DIVERGE = """
+import sys, torch
+from ebmscale.config import load_config
+from ebmscale.trainer import DivergenceError, Trainer
+cfg = load_config(None, ["data.dataset=8gaussians", "model.arch=mlp", "model.width=8", "model.depth=2",
+                         "data.batch_size=16", "buffer.capacity=32", "data.toy_train_size=500", "sampler.steps=2",
+                         "train.threads=1", "train.progress=false", "train.tensorboard=false", "train.device=cpu",
+                         "buffer.backend=local", "train.precision=fp32", "train.distributed=deepspeed",
+                         "train.max_abs_energy=1e-9"])
+tr = Trainer(cfg, sys.argv[1])
+assert tr.parallel.is_deepspeed and type(tr.wrapped).__name__ == "DeepSpeedEngine"
+before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+try:
+    tr.train_step()
+except DivergenceError as exc:
+    print("diverged:", exc)
+print("unchanged:", all(torch.equal(before[k], v) for k, v in tr.model.state_dict().items()))
+"""
+
+
+def test_divergence_is_caught_before_the_deepspeed_update(tmp_path):
+    """One process under DeepSpeed ZeRO-2 (a process of its own: accelerate's state is process-wide):
+    an energy over train.max_abs_energy stops the step between backward and the engine's step,
+    so the weights are those before the step."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.distributed.dp_scenarios import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "DS_"))}
+    env.update(PYTHONPATH=REPO, OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=os.path.join(REPO, ".cache", "torch_extensions"))
+    r = subprocess.run([sys.executable, "-c", _DIVERGE, str(tmp_path)], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "diverged: training diverged at step 0: e_pos=" in r.stdout and "unchanged: True" in r.stdout, r.stdout

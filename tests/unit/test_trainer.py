@@ -59,7 +59,7 @@ def test_sampler_does_not_advance_spectral_norm(tmp_path):
     conv = tr.model.body[0]
     u0 = conv.parametrizations.weight[0]._u.clone()
     rng = __import__("numpy").random.default_rng(0)
-    tr._negatives(4, None, rng, torch.Generator().manual_seed(0))
+    tr.context.negatives(4, None, rng, torch.Generator().manual_seed(0))
     assert torch.equal(conv.parametrizations.weight[0]._u, u0)
     tr.train_step()  # the training forward advances it exactly once
     assert not torch.equal(conv.parametrizations.weight[0]._u, u0)
