@@ -41,7 +41,7 @@ def test_auto_precision_is_bf16_only_on_native_bf16_hardware(monkeypatch):
     # An explicit request is never second-guessed.
     _cpu_units(monkeypatch, amx=False, avx512_bf16=False)
     assert [resolve_precision(p, CPU) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
-    # 2-D toy MLP energies stay fp32 under auto even on bf16 hardware (bf16 buys them no speed).
+    # 2-D toy MLP energies stay fp32 under auto even on bf16 hardware (exact-likelihood recipes).
     _cpu_units(monkeypatch, amx=True, avx512_bf16=True)
     assert resolve_precision("auto", CPU, image_data=False) == "fp32"
     assert resolve_precision("bf16", CPU, image_data=False) == "bf16"
