@@ -13,6 +13,7 @@ import os
 import time
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 from ebmscale import dist
@@ -23,7 +24,8 @@ class MetricLogger:
 
     Every rank must report the same set of names between flushes (the trainer does), because
     the reduction is a single all-reduce of a fixed-order vector. ``count`` metrics are summed
-    over ranks instead of averaged (``kind='sum'``).
+    over ranks instead of averaged (``kind='sum'``); ``kind='max'``/``'min'`` keep the extreme of
+    the observations with a nonzero weight (one more all-reduce, only when such a name exists).
     """
 
     def __init__(self, run_dir: str | None, tensorboard: bool = True):
@@ -43,6 +45,13 @@ class MetricLogger:
         """Add one observation (a float or a 0-d tensor) of ``name``."""
         if isinstance(value, torch.Tensor):
             value = float(value.detach().float().item())
+        if kind in ("max", "min"):
+            sign = 1.0 if kind == "max" else -1.0
+            entry = self._sums.setdefault(name, [-math.inf, 0.0, kind])
+            if weight > 0:  # kept as a max of sign * value: min = -max(-x)
+                entry[0] = max(entry[0], sign * float(value))
+                entry[1] += weight
+            return
         entry = self._sums.setdefault(name, [0.0, 0.0, kind])
         entry[0] += float(value) * weight
         entry[1] += weight
@@ -55,12 +64,23 @@ class MetricLogger:
     def reduce(self) -> dict[str, float]:
         """Global values of everything reported since the last flush (collective call)."""
         names = list(self._sums)
-        vec = torch.tensor([v for n in names for v in self._sums[n][:2]], dtype=torch.float64)
+        # The counts of every name are summed; the sums too, except for extrema (they are maxed).
+        vec = torch.tensor([v if k == 1 or self._sums[n][2] not in ("max", "min") else 0.0
+                            for n in names for k, v in enumerate(self._sums[n][:2])], dtype=torch.float64)
         dist.all_reduce_sum(vec)
+        extrema = [n for n in names if self._sums[n][2] in ("max", "min")]
+        if extrema:
+            top = torch.tensor([self._sums[n][0] for n in extrema], dtype=torch.float64)
+            dist.all_reduce_max(top)
+            for n, v in zip(extrema, top.tolist()):
+                vec[2 * names.index(n)] = v
         out: dict[str, float] = {}
         for i, n in enumerate(names):
-            s, c = float(vec[2 * i]), float(vec[2 * i + 1])
-            out[n] = s if self._sums[n][2] == "sum" else (s / c if c > 0 else math.nan)
+            s, c, kind = float(vec[2 * i]), float(vec[2 * i + 1]), self._sums[n][2]
+            if kind in ("max", "min"):
+                out[n] = (s if kind == "max" else -s) if c > 0 else math.nan
+            else:
+                out[n] = s if kind == "sum" else (s / c if c > 0 else math.nan)
         self._sums.clear()
         return out
 
@@ -78,6 +98,19 @@ class MetricLogger:
                 if math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
         return values
+
+    def image(self, tag: str, img, step: int) -> None:
+        """Rank 0: one uint8 HWC image under ``tag`` at ``step`` (nothing without TensorBoard)."""
+        if self._tb is not None:
+            self._tb.add_image(tag, img, step, dataformats="HWC")
+
+    def histogram(self, tag: str, values, step: int) -> None:
+        """Rank 0: a histogram of ``values`` (NumPy) under ``tag`` at ``step``; non-finite values
+        are left out (TensorBoard rejects them), so a diverging run still logs the rest."""
+        if self._tb is not None:
+            values = values[np.isfinite(values)]
+            if len(values):
+                self._tb.add_histogram(tag, values, step)
 
     def close(self) -> None:
         if self._fh is not None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ebmscale import dist
+from ebmscale import dist, monitor
 from ebmscale.buffer import build_buffer
 from ebmscale.buffer.client import as_numpy
 from ebmscale.buffer.reshard import reshard_buffer_states
@@ -149,6 +149,10 @@ class Trainer:
         self.step = 0
         self.metrics = MetricLogger(self.run_dir if dist.is_main() else None, tensorboard=cfg.train.tensorboard)
         self.last_negatives: torch.Tensor | None = None
+        # For the monitor's images and histograms: the latest (positives, labels) and class-conditional
+        # (chains, labels).
+        self.last_positives: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.last_class_chains: tuple[torch.Tensor, torch.Tensor] | None = None
         # CD-k, score matching, NCE, adversarial, KSD (None for pcd/jem): ebmscale.objectives.estimators.
         self.estimator = build_estimator(self)
         self.saved_step: int | None = None  # step of the checkpoint last written or loaded
@@ -196,6 +200,8 @@ class Trainer:
                              noise_fn=self._noise_fn(n, gen), grad_scaler=self.input_grad_scaler)
         if idx is not None:
             self.buffer.write_back(idx, x_neg.cpu().numpy())
+        if labels is not None:
+            self.last_class_chains = (x_neg, labels)
         return x_neg, labels
 
     def _prefetch_next(self, n: int, unlabelled: bool) -> None:
@@ -275,7 +281,7 @@ class Trainer:
         if self.ema is not None:
             self._update_ema()
         self.step += 1
-        self.last_negatives = x_neg
+        self.last_negatives, self.last_positives = x_neg, (x_pos, y)
         t3 = time.perf_counter()
         out: dict[str, float | None] = {k: float(v) for k, v in stats.items()}
         # None = no value this step (an fp16 overflow, or DeepSpeed not computing the norm).
@@ -515,38 +521,8 @@ class Trainer:
         """Rank 0 writes a PNG of the latest negatives (grid for images, scatter for 2-D)."""
         if not dist.is_main() or self.last_negatives is None:
             return None
-        out_dir = os.path.join(self.run_dir, "samples")
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, f"{tag}.png")
-        x = self.last_negatives.detach().cpu()
-        if self.toy:
-            save_scatter(x.numpy(), path)
-        else:
-            save_grid(x[:64], path, self.cfg.data.range)
-        return path
-
-
-def save_grid(x: torch.Tensor, path: str, range_name: str, nrow: int = 8) -> None:
-    """Save images (model range, NCHW) as one PNG grid."""
-    from torchvision.utils import save_image
-
-    lo, hi = data_bounds(range_name)
-    save_image(((x.float() - lo) / (hi - lo)).clamp(0, 1), path, nrow=nrow, padding=2)
-
-
-def save_scatter(points: np.ndarray, path: str) -> None:
-    """Save 2-D samples as a scatter plot PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5)
-    ax.set_aspect("equal")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        return monitor.save_png(monitor.sample_image(self, self.last_negatives),
+                                os.path.join(self.run_dir, "samples", f"{tag}.png"))
 
 
 def _report_fid(trainer: Trainer) -> None:
@@ -638,6 +614,7 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
             if t.fid_every and (s % t.fid_every == 0 or s == end):
                 _report_fid(trainer)
             if s % t.log_every == 0 or s == end:
+                monitor.report_buffer_health(trainer)
                 last = trainer.metrics.flush(s)
                 if bar is not None:
                     bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "energy_gap", "train_acc", "samples_per_s")
@@ -646,12 +623,14 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
                 bar.update(1)
             if t.sample_every and s % t.sample_every == 0 and s != end:
                 trainer.save_samples(f"step-{s:07d}")
+                monitor.log_visuals(trainer, s)
             if t.checkpoint_every and s % t.checkpoint_every == 0 and s != end:
                 ckpt = trainer.save()
             hang_for_tests("step", s)
         if trainer.step == end and end > 0:
             trainer.save_samples(f"step-{end:07d}")
             trainer.save_samples("final")
+            monitor.log_visuals(trainer, end)
         # A run resumed at its end has nothing new to save (and must not rewrite a good checkpoint).
         ckpt = trainer.save() if trainer.saved_step != trainer.step else step_dir(run_dir, trainer.step)
     finally:

@@ -43,6 +43,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
+from ebmscale.buffer import health  # noqa: E402
 from ebmscale.buffer.client import as_numpy, resplit_states, split_capacity  # noqa: E402
 from ebmscale.buffer.replay import ReplayBuffer, encode, starts_from_encoded  # noqa: E402
 from ebmscale.config import ConfigError  # noqa: E402
@@ -81,8 +82,12 @@ class BufferShard:
         q, idx, _, reinit, noise = self.buf.sample_encoded(n, labels=labels, rng=np.random.default_rng(seed))
         return q, idx, reinit, noise
 
-    def write(self, idx: np.ndarray, q: np.ndarray) -> None:
-        self.buf.write(idx, q)
+    def write(self, idx: np.ndarray, q: np.ndarray, reinit: np.ndarray | None = None, steps: int = 0) -> None:
+        self.buf.write(idx, q, reinit, steps)
+
+    def health(self, subsample: int) -> dict:
+        """This shard's health counts (a few numbers: the chains stay here)."""
+        return self.buf.health(subsample)
 
     def peek(self, n: int, seed: int) -> np.ndarray:
         return self.buf.peek(n, np.random.default_rng(seed))
@@ -196,8 +201,9 @@ class RayBuffer:
 
     def __init__(self, b: Any, shape: tuple[int, ...], bounds: tuple[float, float], num_classes: int, rank: int,
                  world: int, shard_seed: Callable[[int], int], share: Callable[[Any], Any] = lambda o: o,
-                 barrier: Callable[[], None] = lambda: None):
+                 barrier: Callable[[], None] = lambda: None, chain_steps: int = 0):
         self.rank, self.world = rank, world
+        self.chain_steps = int(chain_steps)  # sampler steps between a draw and its write-back (chain age)
         self.shape, self.bounds, self.storage = tuple(shape), tuple(bounds), b.storage
         self.num_classes, self.mixing, self.mix_fraction = num_classes, b.mixing, b.mix_fraction
         self.use_prefetch, self.max_inflight = b.prefetch, b.max_inflight
@@ -283,7 +289,8 @@ class RayBuffer:
         return parts
 
     def draw(self, n: int, labels: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, list]:
-        """``n`` chain starts drawn across the shards; the handle lists (shard, positions, slots)."""
+        """``n`` chain starts drawn across the shards; the handle lists (shard, positions, slots,
+        reinit mask)."""
         labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         plan = self._plan(n, labels, rng)
         pre, self._prefetched = self._prefetched, None
@@ -297,7 +304,7 @@ class RayBuffer:
         handle = []
         for (k, pos, _), (q, idx, reinit, noise) in zip(parts, results):
             x[pos] = starts_from_encoded(q, reinit, noise, self.storage, self.bounds)
-            handle.append((k, pos, idx))
+            handle.append((k, pos, idx, reinit))
         return x, handle
 
     def prefetch(self, n: int, rng: np.random.Generator) -> None:
@@ -321,8 +328,9 @@ class RayBuffer:
         """Queue the evolved chains for their slots and return; waits only while more than
         ``max_inflight`` write requests of this rank are unfinished."""
         x = np.asarray(x)
-        for k, pos, idx in handle:
-            self._inflight.append(self.shards[k].write.remote(idx, encode(x[pos], self.storage, self.bounds)))
+        for k, pos, idx, reinit in handle:
+            self._inflight.append(self.shards[k].write.remote(idx, encode(x[pos], self.storage, self.bounds), reinit,
+                                                              self.chain_steps))
         if len(self._inflight) > self.max_inflight:
             done, self._inflight = ray.wait(self._inflight, num_returns=len(self._inflight) - self.max_inflight)
             ray.get(done)  # surfaces a shard that could not be restarted
@@ -344,6 +352,13 @@ class RayBuffer:
             if self._restart_poll is None:
                 self._restart_poll = self.registry.count.remote()
         return {"buffer_restarts": float(delta)}
+
+    def health(self, subsample: int = health.DIVERSITY_SUBSAMPLE) -> dict | None:
+        """On rank 0: the health counts of the whole buffer, merged from each shard's few numbers
+        (diversity from pairs within each shard); None on other ranks (rank 0 reports it)."""
+        if self.rank != 0:
+            return None
+        return health.merge(ray.get([s.health.remote(subsample) for s in self.shards]))
 
     def shard_info(self) -> list[dict]:
         """Per shard: pid, incarnation (restarts), capacity, node, and whether torch got imported."""

@@ -46,7 +46,7 @@ class CrossRankTrainer(trainer_module.Trainer):
             if self.rank == 1:
                 self.buffer.write_back(handle, np.full_like(x, MARK))
                 self.buffer.flush()
-            slots = dist.broadcast_object([(k, idx.tolist()) for k, _, idx in handle], src=1)
+            slots = dist.broadcast_object([(k, idx.tolist()) for k, _, idx, _ in handle], src=1)
             dist.barrier()
             if self.rank == 0:
                 shards = self.buffer.state_dict()["shards"]

@@ -59,6 +59,11 @@ def test_embedded_mode_under_accelerate_launch(tmp_path):
         assert not r["ray_connected_after"] and not r["temp_dir_left"]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in records] == [3, 6] and records[-1]["buffer_restarts"] == 0
+    # Buffer health of the global buffer, reported by rank 0 from the shards (rank 1 adds weight 0):
+    # 3 sampler steps per write-back, 6 steps, no restarts.
+    last = records[-1]
+    assert last["buffer_reinit_frac"] == 0 and 3 <= last["buffer_age_max"] <= 18 and last["buffer_age_max"] % 3 == 0
+    assert 0 < last["buffer_fill"] <= 1 and 0 < last["buffer_age_mean"] <= last["buffer_age_max"]
     assert not any("ray" in name.lower() for _, dirs, files in os.walk(home) for name in dirs + files)
     for noise in ("(raylet)", "Started a local Ray", "INFO worker", "ray.init", "Ray dashboard"):
         assert noise not in log, noise
@@ -138,7 +143,7 @@ def test_draws_reinit_fraction_and_uniform_over_all_shards(ray_session):
             reinit = (x >= 5.0).all(axis=1)
             assert np.array_equal(reinit | (x == 0.0).all(axis=1), np.ones(300, bool))
             fresh, total = fresh + reinit.sum(), total + 300
-            for k, _, idx in handle:
+            for k, _, idx, _ in handle:
                 np.add.at(counts[k], idx, 1)
         assert abs(fresh / total - 0.1) < 4 * np.sqrt(0.1 * 0.9 / total)
         expected = total / 200  # uniform over all 200 slots of all shards
@@ -180,7 +185,7 @@ def test_affine_mixing_and_class_labels(ray_session):
         want = np.tile(np.arange(4), 50)
         for _ in range(20):
             _, handle = b.draw(len(want), want, rng)
-            for k, pos, idx in handle:
+            for k, pos, idx, _ in handle:
                 # Labelled starts come from slots of their class (slot i of a shard holds class i % 4).
                 assert np.array_equal(idx % 4, want[pos])
                 own += len(pos) * (k == 1)
@@ -202,12 +207,41 @@ def test_write_back_by_one_rank_is_visible_to_another(ray_session):
         b.write_back(handle, np.full_like(x, 5.5))
         b.flush()
         shards = a.state_dict()["shards"]
-        for k, _, idx in handle:
+        for k, _, idx, _ in handle:
             assert np.all(shards[k]["data"][idx] == 5.5)
-        assert {k for k, _, _ in handle} == {0, 1}  # rank 1 wrote into rank 0's shard too
+        assert {k for k, _, _, _ in handle} == {0, 1}  # rank 1 wrote into rank 0's shard too
     finally:
         b.close()
         a.close()
+
+
+def test_health_is_gathered_from_the_shards(ray_session):
+    """Rank 0's health figures equal those of the shards' chains pooled locally (the shards send
+    counts, not chains); other ranks report none."""
+    from ebmscale.buffer import health
+    from ebmscale.buffer.replay import decode
+
+    b = load_config(None, ["buffer.backend=ray", "data.batch_size=1", "buffer.capacity=40", "buffer.shards=2",
+                           "buffer.reinit_prob=0.3"]).buffer
+    c = RayBuffer(b, (2,), (5.0, 6.0), 0, 0, 1, shard_seed=lambda k: 100 + k, chain_steps=4)
+    try:
+        c.health()  # restart counters from zero
+        x, handle = c.draw(30, None, np.random.default_rng(0))
+        c.write_back(handle, x)
+        c.flush()
+        got = health.figures(c.health())
+        reinits = sum(int(r.sum()) for _, _, _, r in handle)
+        shards = c.state_dict()["shards"]
+        slots = sum(len(np.unique(idx)) for _, _, idx, _ in handle)
+        assert got["buffer_reinit_frac"][0] == reinits / 30 and got["buffer_age_max"][0] == 4
+        assert got["buffer_fill"][0] == slots / 40 and got["buffer_age_mean"][0] == 4 * slots / 40
+        assert sum(int(s["age"].sum()) for s in shards) == 4 * slots
+        dec = lambda q: decode(q, "fp32", (5.0, 6.0))  # noqa: E731
+        local = health.merge([health.raw_stats(s["data"], s["age"], None, 0, 0, 0, dec) for s in shards])
+        assert got["buffer_diversity"][0] == pytest.approx(health.figures(local)["buffer_diversity"][0], rel=1e-12)
+        assert RayBuffer.health(type("Rank1", (), {"rank": 1})()) is None
+    finally:
+        c.close()
 
 
 def _wait_restarted(c: RayBuffer, shard: int) -> None:
@@ -234,7 +268,7 @@ def test_restarted_shard_restores_the_last_checkpoint(ray_session):
         now = c.state_dict()["shards"]
         assert np.array_equal(now[0]["data"], saved[0]["data"])
         assert now[0]["rng"] == saved[0]["rng"]
-        for k, _, idx in handle:
+        for k, _, idx, _ in handle:
             if k == 1:  # the shard that lived on kept its newer chains
                 assert np.all(now[1]["data"][idx] == 5.25)
         # The draw path still works, and rank 0 reports the restart exactly once.
