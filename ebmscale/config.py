@@ -173,7 +173,8 @@ class TrainConfig:
     sample_every: int = _f(500, "steps between sample grids; 0 = only at the end", min=0)
     checkpoint_every: int = _f(500, "steps between checkpoints; 0 = only at the end", min=0)
     progress: bool = _f(True, "show a progress bar")
-    tensorboard: bool = _f(True, "also write TensorBoard scalars")
+    tensorboard: bool = _f(True, "also write TensorBoard scalars, sample grids and energy histograms")
+    report: bool = _f(True, "write <run_dir>/report.html at the end of training (as `ebmscale report RUN_DIR`)")
     max_abs_energy: float = _f(1e6, "divergence: stop when |E| of positives or negatives exceeds this",
                                min=0.0, min_exclusive=True)
     max_grad_norm: float = _f(1e8, "divergence: stop when the parameter-gradient norm exceeds this",
