@@ -147,3 +147,19 @@ def log_visuals(trainer: Any, step: int) -> dict[str, str]:
         metrics.image("samples/classes", img, step)
         out["classes"] = save_png(img, os.path.join(samples_dir, f"classes-step-{step:07d}.png"))
     return out
+
+
+def write_run_report(run_dir: str) -> str | None:
+    """Rank 0, after training: ``<run_dir>/report.html``. The run's results are already on disk,
+    so a report that cannot be written is a warning, not a failed run."""
+    import sys
+
+    from ebmscale.report import write_report
+
+    try:
+        path = write_report(run_dir)
+    except OSError as exc:
+        print(f"ebmscale: warning: no run report written ({exc})", file=sys.stderr, flush=True)
+        return None
+    dist.print0(f"run report: {path}")
+    return path

@@ -639,4 +639,6 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
         trainer.metrics.close()
         # Flush and shut the buffer's host down; after a failure only disconnect (no collective).
         trainer.buffer.close(clean=sys.exc_info()[0] is None)
+    if t.report and dist.is_main():
+        monitor.write_run_report(run_dir)
     return TrainResult(steps=trainer.step, run_dir=run_dir, last_metrics=last, checkpoint=ckpt)
