@@ -2,8 +2,9 @@
 
 Values are accumulated locally as float64 (sum, count) pairs; ``flush`` all-reduces the sums and
 counts of every rank in one collective, so the logged value is the global mean, never one
-rank's local number. Rank 0 appends one JSON object per line to ``metrics.jsonl`` and, when
-enabled, writes TensorBoard scalars.
+rank's local number. Rank 0 appends one JSON object per line to ``metrics.jsonl`` and hands the
+values, images and histograms to the run's experiment trackers (accelerate's tracker objects,
+started by ``ebmscale.parallel.start_trackers``; TensorBoard by default).
 """
 from __future__ import annotations
 
@@ -28,18 +29,15 @@ class MetricLogger:
     the observations with a nonzero weight (one more all-reduce, only when such a name exists).
     """
 
-    def __init__(self, run_dir: str | None, tensorboard: bool = True):
+    def __init__(self, run_dir: str | None, trackers: list | tuple = ()):
         self.run_dir = run_dir
         self._sums: OrderedDict[str, list] = OrderedDict()
-        self._tb = None
         self._fh = None
+        self._trackers: list = []
         if run_dir is not None and dist.is_main():
             os.makedirs(run_dir, exist_ok=True)
             self._fh = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+            self._trackers = list(trackers)
 
     def report(self, name: str, value: float | torch.Tensor, weight: float = 1.0, kind: str = "mean") -> None:
         """Add one observation (a float or a 0-d tensor) of ``name``."""
@@ -93,29 +91,39 @@ class MetricLogger:
             record = {"step": step, "time": round(time.time(), 3)}
             record.update({k: (v if math.isfinite(v) else str(v)) for k, v in values.items()})
             self._fh.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for k, v in values.items():
-                if math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+        finite = {k: v for k, v in values.items() if math.isfinite(v)}
+        for tracker in self._trackers:
+            tracker.log(finite, step=step)
         return values
 
-    def image(self, tag: str, img, step: int) -> None:
-        """Rank 0: one uint8 HWC image under ``tag`` at ``step`` (nothing without TensorBoard)."""
-        if self._tb is not None:
-            self._tb.add_image(tag, img, step, dataformats="HWC")
+    def image(self, tag: str, img: np.ndarray, step: int) -> None:
+        """Rank 0: one uint8 HWC image under ``tag`` at ``step``, to every tracker that takes
+        images (TensorBoard; the others through their ``log_images({tag: [image]})``, as wandb's)."""
+        for tracker in self._trackers:
+            if tracker.name == "tensorboard":
+                tracker.tracker.add_image(tag, img, step, dataformats="HWC")
+            elif hasattr(tracker, "log_images"):
+                tracker.log_images({tag: [img]}, step=step)
 
-    def histogram(self, tag: str, values, step: int) -> None:
-        """Rank 0: a histogram of ``values`` (NumPy) under ``tag`` at ``step``; non-finite values
-        are left out (TensorBoard rejects them), so a diverging run still logs the rest."""
-        if self._tb is not None:
-            values = values[np.isfinite(values)]
-            if len(values):
-                self._tb.add_histogram(tag, values, step)
+    def histogram(self, tag: str, values: np.ndarray, step: int) -> None:
+        """Rank 0: a histogram of ``values`` under ``tag`` at ``step`` (TensorBoard, wandb);
+        non-finite values are left out (TensorBoard rejects them), so a diverging run still logs
+        the rest."""
+        values = values[np.isfinite(values)]
+        if not len(values):
+            return
+        for tracker in self._trackers:
+            if tracker.name == "tensorboard":
+                tracker.tracker.add_histogram(tag, values, step)
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.tracker.log({tag: wandb.Histogram(values)}, step=step)
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for tracker in self._trackers:
+            tracker.finish()
+        self._trackers = []

@@ -36,14 +36,15 @@ from ebmscale.buffer.client import as_numpy
 from ebmscale.buffer.reshard import reshard_buffer_states
 from ebmscale.checkpoint import (BUFFER_FILE, DEEPSPEED_DIR, SHARED_FILE, CheckpointError, StepCheckpoint,
                                  complete_checkpoints, hang_for_tests, rank_file, resolve, save_checkpoint, step_dir)
-from ebmscale.config import TOY_DATASETS, Config, ConfigError, class_conditional_chains, dump_yaml, to_dict
+from ebmscale.config import (TOY_DATASETS, Config, ConfigError, class_conditional_chains, dump_yaml, to_dict,
+                             tracker_names)
 from ebmscale.data import build_train_stream, data_shape
 from ebmscale.data.reshard import remap_stream_state
 from ebmscale.data.transforms import data_bounds, to_model_input
 from ebmscale.metrics import MetricLogger
 from ebmscale.models import build_model
 from ebmscale.objectives import ESTIMATOR_KINDS, build_estimator, jem_loss, pcd_loss
-from ebmscale.parallel import Parallel, resolve_device  # noqa: F401 (resolve_device: re-exported)
+from ebmscale.parallel import Parallel, resolve_device, start_trackers  # noqa: F401 (resolve_device: re-exported)
 from ebmscale.performance import compiled_energy, resolve_speed, reuse_freed_cpu_memory
 from ebmscale.sampling import InputGradScaler, LangevinSettings, NoiseFn, langevin, sampling_mode, uniform_noise
 
@@ -147,7 +148,8 @@ class Trainer:
         # Toy chains are clamped to the quadrature box: the exact evaluation normalises over it.
         self.settings = LangevinSettings.from_config(cfg.sampler, self.init_bounds if self.toy else self.bounds)
         self.step = 0
-        self.metrics = MetricLogger(self.run_dir if dist.is_main() else None, tensorboard=cfg.train.tensorboard)
+        self.metrics = MetricLogger(self.run_dir if dist.is_main() else None,
+                                    start_trackers(tracker_names(cfg.train), self.run_dir, to_dict(cfg)))
         self.last_negatives: torch.Tensor | None = None
         # For the monitor's images and histograms: the latest (positives, labels) and class-conditional
         # (chains, labels).
