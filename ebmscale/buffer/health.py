@@ -32,13 +32,16 @@ def subsample_slots(capacity: int, m: int = DIVERSITY_SUBSAMPLE) -> np.ndarray:
 
 
 def pairwise_distance_sum(x: np.ndarray) -> tuple[float, int]:
-    """(sum over pairs i < j of ||x_i - x_j|| / sqrt(dim), number of pairs), in float64."""
-    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    """(sum over pairs i < j of ||x_i - x_j|| / sqrt(dim), number of pairs). The Gram matrix is
+    float32 (5x faster than float64 at 3x128x128) on centred data, which removes the common
+    offset that would cancel; norms and the sum are float64."""
+    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
     m, dim = x.shape
     if m < 2:
         return 0.0, 0
-    sq = (x * x).sum(1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
+    x = x - x.mean(0, dtype=np.float64).astype(np.float32)
+    sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T).astype(np.float64), 0.0)
     iu = np.triu_indices(m, 1)
     return float(np.sqrt(d2[iu]).sum() / np.sqrt(dim)), len(iu[0])
 

@@ -115,3 +115,13 @@ def test_max_and_min_kinds_ignore_unweighted_reports():
     log.report("mean", 4.0)
     out = log.reduce()
     assert out["top"] == 5.0 and out["low"] == 2.0 and math.isnan(out["none"]) and out["mean"] == 4.0
+
+
+def test_pairwise_distances_match_the_direct_sum_even_for_near_duplicates():
+    rng = np.random.default_rng(0)
+    # Chains near one offset state, differing by ~1e-3: the Gram shortcut must not cancel them away.
+    x = (0.9 + 1e-3 * rng.standard_normal((20, 3 * 16 * 16))).astype(np.float32)
+    got, pairs = health.pairwise_distance_sum(x)
+    x64 = x.astype(np.float64)
+    want = sum(np.linalg.norm(x64[i] - x64[j]) for i in range(20) for j in range(i + 1, 20)) / np.sqrt(x.shape[1])
+    assert pairs == 190 and got == pytest.approx(want, rel=1e-4)
