@@ -1,9 +1,9 @@
 """``ebmscale report RUN_DIR``: the whole run on one self-contained static HTML page.
 
-The page holds the config (as asked, and as resolved where the run directory records it), the
-training curves (loss, energy gap, gradient norm), FID over steps, the buffer health figures, the
-sample grids over time, the evaluation results found in the run directory, and the checkpoints
-with their steps. Everything is inline -- curves as SVG drawn here (no plotting library, a few ms
+The page holds the training curves (loss, energy gap, gradient norm), FID over steps, the buffer
+health figures, the sample grids over time, the evaluation results found in the run directory,
+the checkpoints with their steps, and the config (as asked, and as resolved where the run
+directory records it). Everything is inline -- curves as SVG drawn here (no plotting library, a few ms
 per curve), images as base64 PNG data URIs, CSS in the page, no script -- so the file can be
 mailed, archived or opened offline. A piece that is absent (no FID, no TensorBoard, deleted
 checkpoints, a run that never logged) is said on the page instead of failing the report.
@@ -302,7 +302,7 @@ def _tensorboard_note(run_dir: str, missing: list[str]) -> str:
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:22px;margin-bottom:4px}h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
-h3{font-size:15px}.sub{color:#666;margin-top:0}pre{background:#f6f6f6;padding:8px;max-height:420px;overflow:auto;
+h3{font-size:15px}.sub{color:#666;margin-top:0}pre{background:#f6f6f6;padding:8px;max-height:360px;overflow:auto;
 font-size:12px}.missing{color:#a05a00;background:#fff6e6;padding:6px 10px;border-left:3px solid #e0a030}
 .charts{display:flex;flex-wrap:wrap;gap:12px}.chart{background:#fff;border:1px solid #eee}
 .chart .ct{font-size:13px;font-weight:600;fill:#222}.chart .tl{font-size:10px;fill:#555}
@@ -324,7 +324,8 @@ def build_report(run_dir: str) -> str:
                           "checkpoints/)")
     missing: list[str] = []
     records = read_jsonl(metrics_path) if os.path.isfile(metrics_path) else []
-    body = [_config_section(run_dir, missing), "<h2>Training curves</h2>"]
+    # What a watcher looks for first (curves, health, samples) comes first; the config closes the page.
+    body = ["<h2>Training curves</h2>"]
     if records:
         body.append(_curves(records, CURVES))
     else:
@@ -347,7 +348,7 @@ def build_report(run_dir: str) -> str:
         missing.append("buffer health (no persistent chains, or a run from before it was logged)")
         body.append(_missing("No buffer health figures (the run keeps no persistent chains, or predates them)."))
     body += [_samples_section(run_dir, missing), _eval_section(run_dir, missing),
-             _checkpoint_section(run_dir, missing)]
+             _checkpoint_section(run_dir, missing), _config_section(run_dir, missing)]
     last = records[-1] if records else {}
     summary = [f"run directory <code>{html.escape(run_dir)}</code>",
                f"report written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}"]
