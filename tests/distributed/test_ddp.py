@@ -76,7 +76,8 @@ def test_bf16_training_learns_a_2d_density_and_ranks_share_one_run_dir(ranks):
     run0 = os.path.join(out, "learn")
     # Rank 0 writes the run directory -- one report, one set of images, one event file -- and in a
     # checkpoint every rank writes its own part.
-    assert sorted(os.listdir(run0)) == ["checkpoints", "config.yaml", "metrics.jsonl", "report.html", "samples", "tb"]
+    assert sorted(os.listdir(run0)) == ["checkpoints", "config.yaml", "metrics.jsonl", "report.html", "runtime.yaml",
+                                        "samples", "tb"]
     assert sorted(os.listdir(os.path.join(run0, "samples"))) == [
         "buffer-step-0000100.png", "buffer-step-0000200.png", "final.png", "step-0000100.png", "step-0000200.png"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
