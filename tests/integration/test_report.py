@@ -91,7 +91,7 @@ def test_training_writes_the_report_and_a_browser_renders_it(run_dir, tmp_path, 
     assert json.loads(proc.stdout.strip().splitlines()[-1])["report"] == out
     page = open(out, encoding="utf-8").read()
     assert "http://" not in page.replace("http://www.w3.org/2000/svg", "") and "https://" not in page
-    for text in ("FID", "classifier", "accuracy", "buffer_age_mean", "Asked (config.yaml)"):
+    for text in ("FID", "classifier", "accuracy", "buffer_age_mean", "Asked (config.yaml)", "Resolved (runtime.yaml)"):
         assert text in page, text
     verdict, console = _probe(chromium, out, tmp_path)
     # 3 sample steps x (negatives, buffer draw, class rows); curves: 4 training, FID, 4 health.
