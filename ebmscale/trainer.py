@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ebmscale import dist
+from ebmscale import dist, runguard
 from ebmscale.buffer import build_buffer
 from ebmscale.buffer.client import as_numpy
 from ebmscale.buffer.reshard import reshard_buffer_states
@@ -573,6 +573,14 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
     past a damaged one; none = start afresh). A divergence rolls back to the newest checkpoint up
     to ``train.rollback_max`` times (see :meth:`Trainer.rollback`).
     """
+    run_dir = run_dir or cfg.train.run_dir
+    # One writer per run directory (rank 0 holds its lock until the end), and a rank whose
+    # launcher was killed stops instead of training on: see ebmscale.runguard.
+    with runguard.guard(run_dir, main=dist.is_main()):
+        return _train(cfg, run_dir, resume, max_steps)
+
+
+def _train(cfg: Config, run_dir: str | None, resume: str | None, max_steps: int | None) -> TrainResult:
     run_dir = run_dir or cfg.train.run_dir
     if dist.is_main():
         os.makedirs(run_dir, exist_ok=True)
