@@ -32,6 +32,7 @@ from torch import nn
 
 from ebmscale import dist, runguard
 from ebmscale.buffer import build_buffer
+from ebmscale.buffer import shardfile
 from ebmscale.buffer.client import as_numpy
 from ebmscale.buffer.reshard import reshard_buffer_states
 from ebmscale.checkpoint import (BUFFER_FILE, DEEPSPEED_DIR, SHARED_FILE, CheckpointError, StepCheckpoint,
@@ -363,7 +364,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """This rank's complete state (shared part and own part) as one dict; with a global buffer
         it holds the buffer's state too (every shard on rank 0), so that an in-memory round trip
-        restores it. Checkpoints store that part once, as BUFFER_FILE."""
+        restores it. Checkpoints store that part as the shards' own files (Trainer.save)."""
         state = {**self.shared_state(), **self.rank_state()}
         if self.buffer_is_global:
             state["buffer"] = self.buffer.state_dict()
@@ -410,11 +411,12 @@ class Trainer:
     def save(self) -> str:
         """Write checkpoint ``<run_dir>/checkpoints/step-<step>/`` (collective: call on every
         rank) and keep the newest ``train.keep_checkpoints``; see :mod:`ebmscale.checkpoint`."""
-        extra = {BUFFER_FILE: as_numpy(self.buffer.state_dict())} \
-            if self.buffer_is_global and self.rank == 0 else None
+        # A global buffer: every rank's write-backs land first, then each shard writes its own files.
+        self.buffer.flush()
         path = save_checkpoint(self.run_dir, self.step, shared=self.shared_state() if self.rank == 0 else None,
-                               rank_state=self.rank_state(), extra_files=extra,
+                               rank_state=self.rank_state(),
                                write_sharded=self.parallel.save_sharded if self.parallel.is_deepspeed else None,
+                               write_global=self.buffer.save_shards if self.buffer_is_global else None,
                                keep=self.cfg.train.keep_checkpoints)
         self.saved_step = self.step
         return path
@@ -443,7 +445,16 @@ class Trainer:
         if self.parallel.is_deepspeed:
             ck.verify_tree(DEEPSPEED_DIR)
         global_buffer = None
-        if self.buffer_is_global and self.rank == 0 and ck.has(BUFFER_FILE):
+        if self.buffer_is_global and shardfile.shard_entries(ck.files):
+            # The shards read their own files (rank 0 has them checked here, in parallel).
+            global_buffer = {"sharded": ck.path, "files": shardfile.shard_entries(ck.files)}
+            try:
+                error = self.buffer.verify_saved(ck.path, global_buffer["files"]) if self.rank == 0 else None
+            except shardfile.ShardFileError as exc:
+                error = str(exc)
+            if error:
+                raise CheckpointError(error)
+        elif self.buffer_is_global and self.rank == 0 and ck.has(BUFFER_FILE):
             global_buffer = as_numpy(ck.read(BUFFER_FILE))
         return state, global_buffer
 
@@ -456,7 +467,10 @@ class Trainer:
     def _apply_checkpoint(self, ck: StepCheckpoint, state: dict, global_buffer: dict | None) -> None:
         self.load_state_dict(state)
         if global_buffer is not None:
-            self.buffer.load_state_dict(global_buffer)
+            try:
+                self.buffer.load_state_dict(global_buffer)
+            except shardfile.ShardFileError as exc:
+                raise CheckpointError(str(exc)) from None
         if self.parallel.is_deepspeed:
             self.parallel.load_sharded(os.path.join(ck.path, DEEPSPEED_DIR))
         self.saved_step = self.step

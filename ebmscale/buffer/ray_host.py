@@ -43,6 +43,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
+from ebmscale.buffer import shardfile  # noqa: E402
 from ebmscale.buffer.client import as_numpy, resplit_states, split_capacity  # noqa: E402
 from ebmscale.buffer.replay import ReplayBuffer, encode, starts_from_encoded  # noqa: E402
 from ebmscale.config import ConfigError  # noqa: E402
@@ -64,14 +65,16 @@ class BufferShard:
         self.shard_id, self.incarnation = shard_id, 0
         ctx = ray.get_runtime_context()
         if ctx.was_current_actor_reconstructed:
-            # A restart after a crash: restore the last checkpoint if the registry holds one.
-            snapshot, self.incarnation = ray.get(ray.get_actor(registry).restarted.remote(shard_id))
-            if snapshot is None:  # no checkpoint yet: fresh noise, from a stream new to this incarnation
+            # A restart after a crash: restore the last checkpoint if the registry holds one (its
+            # shard files on disk, or a state in the object store).
+            source, self.incarnation = ray.get(ray.get_actor(registry).restarted.remote(shard_id))
+            if source is None:  # no checkpoint yet: fresh noise, from a stream new to this incarnation
                 kwargs = dict(kwargs, seed=int(np.random.SeedSequence([kwargs["seed"], self.incarnation])
                                                .generate_state(1)[0]))
             self.buf = ReplayBuffer(**kwargs)
-            if snapshot is not None:
-                self.buf.load_state_dict(ray.get(snapshot[0]))
+            if source is not None:
+                self.buf.load_state_dict(shardfile.load_state(*source["files"]) if "files" in source
+                                         else ray.get(source["ref"][0]))
         else:
             self.buf = ReplayBuffer(**kwargs)
 
@@ -93,6 +96,28 @@ class BufferShard:
     def load_state_dict(self, state: dict) -> None:
         self.buf.load_state_dict(state)
 
+    def save(self, step_path: str) -> dict:
+        """Write this shard's files into the checkpoint (straight from here, in parallel with the
+        other shards); returns their marker entries."""
+        return shardfile.write_shard(step_path, self.shard_id, self.buf)
+
+    def verify(self, step_path: str, entries: dict) -> str | None:
+        """Check saved files against their marker entries; the first problem as one line, or None."""
+        try:
+            for name, entry in entries.items():
+                shardfile.verify(step_path, name, entry)
+        except shardfile.ShardFileError as exc:
+            return str(exc)
+        return None
+
+    def load(self, step_path: str, parts: list, rng_from: int) -> str | None:
+        """Replace this shard's chains with the saved slices ``parts`` (read here, memory-mapped)."""
+        try:
+            self.buf.load_state_dict(shardfile.load_state(step_path, parts, rng_from))
+        except shardfile.ShardFileError as exc:
+            return str(exc)
+        return None
+
     def info(self) -> dict:
         return {"pid": os.getpid(), "incarnation": self.incarnation, "capacity": self.buf.capacity,
                 "node": ray.get_runtime_context().get_node_id(), "torch_loaded": "torch" in sys.modules}
@@ -100,20 +125,20 @@ class BufferShard:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class BufferRegistry:
-    """Counts shard restarts and holds references to the last checkpointed shard states (the
-    objects stay in Ray's object store while rank 0, their owner, lives)."""
+    """Counts shard restarts and knows where each shard's last checkpointed state is: its files
+    (``{"files": (step_path, parts, rng_from)}``) or a state in Ray's object store (``{"ref":
+    [ref]}``, kept while rank 0, its owner, lives)."""
 
     def __init__(self):
-        self.snapshots: list = []
+        self.sources: list = []
         self.restarts = 0
 
-    def set_snapshots(self, refs: list) -> None:
-        self.snapshots = list(refs)  # refs inside a list arrive unresolved: no copy of the data here
+    def set_sources(self, sources: list) -> None:
+        self.sources = list(sources)  # refs nested in a list arrive unresolved: no copy of the data here
 
-    def restarted(self, shard_id: int) -> tuple[list | None, int]:
+    def restarted(self, shard_id: int) -> tuple[dict | None, int]:
         self.restarts += 1
-        ref = self.snapshots[shard_id] if shard_id < len(self.snapshots) else None
-        return ([ref] if ref is not None else None), self.restarts
+        return (self.sources[shard_id] if shard_id < len(self.sources) else None), self.restarts
 
     def count(self) -> int:
         return self.restarts
@@ -231,17 +256,22 @@ class RayBuffer:
         self.names = info["shards"]
         self.shards = [ray.get_actor(n, namespace=b.ray_namespace) for n in self.names]
         self.registry = ray.get_actor(info["registry"], namespace=b.ray_namespace)
-        # P(shard) for a start: proportional to size (uniform over slots); 'own' = this rank's shards.
-        caps = np.asarray(self.capacities, dtype=np.float64)
-        self._p_all = caps / caps.sum()
-        own = np.array([k % world == rank for k in range(n_shards)]) if n_shards >= world else \
-            (np.arange(n_shards) == rank % n_shards)
-        self._p_own = np.where(own, caps, 0.0) / caps[own].sum()
+        self._set_capacities(self.capacities)
         self._inflight: list = []
         self._prefetched: tuple | None = None
         self._restart_poll = None
         self._restarts_seen = 0
         self._snapshot_refs: list = []
+
+    def _set_capacities(self, capacities: list[int]) -> None:
+        """P(shard) for a start: proportional to size (uniform over slots); 'own' = this rank's shards."""
+        self.capacities = list(capacities)
+        n_shards, world, rank = len(capacities), self.world, self.rank
+        caps = np.asarray(capacities, dtype=np.float64)
+        self._p_all = caps / caps.sum()
+        own = np.array([k % world == rank for k in range(n_shards)]) if n_shards >= world else \
+            (np.arange(n_shards) == rank % n_shards)
+        self._p_own = np.where(own, caps, 0.0) / caps[own].sum()
 
     def _create(self, b: Any, n_shards: int, shard_seed: Callable[[int], int]) -> dict:
         run = uuid.uuid4().hex[:10]
@@ -365,7 +395,11 @@ class RayBuffer:
 
     def load_state_dict(self, state: dict) -> None:
         """Rank 0 pushes the saved shards into the actors (re-split when the shard count or sizes
-        differ, or from a local buffer's state); other ranks do nothing, so every rank may call it."""
+        differ, or from a local buffer's state); other ranks do nothing, so every rank may call it.
+        A checkpoint's shard files (``{"sharded": step_path, "files": entries}``) are read by the
+        shards themselves (:meth:`load_saved`)."""
+        if "sharded" in state:
+            return self.load_saved(state["sharded"], state["files"])
         if self.rank != 0:
             return
         state = as_numpy(state)
@@ -381,7 +415,51 @@ class RayBuffer:
 
     def _take_snapshot(self, refs: list) -> None:
         self._snapshot_refs = refs  # rank 0 owns these objects: keep them referenced
-        ray.get(self.registry.set_snapshots.remote(refs))
+        ray.get(self.registry.set_sources.remote([{"ref": [r]} for r in refs]))
+
+    # ------------------------------------------------------------------ sharded checkpoints
+    def save_shards(self, step_path: str) -> dict[str, dict]:
+        """Rank 0: every shard writes its own files into checkpoint directory ``step_path`` at
+        once (nothing of the buffer passes through this process); returns the marker entries.
+        These files become what a crashed shard restarts from. Call after every rank's
+        write-backs have landed (:meth:`flush` on every rank, then a barrier)."""
+        self.flush()
+        entries: dict[str, dict] = {}
+        for e in ray.get([s.save.remote(step_path) for s in self.shards]):
+            entries.update(e)
+        self._snapshot_refs = []
+        ray.get(self.registry.set_sources.remote(
+            [{"files": (step_path, [(k, 0, cap)], k)} for k, cap in enumerate(self.capacities)]))
+        return entries
+
+    def verify_saved(self, step_path: str, files: dict[str, dict]) -> str | None:
+        """Rank 0: the shards check a checkpoint's buffer files against the marker, in parallel
+        (each file read once, where its shard runs); the first problem as one line, or None."""
+        ids = shardfile.saved_shards(files)
+        jobs = []
+        for k in ids:
+            mine = {n: files[n] for n in shardfile.names(k).values() if n in files}
+            jobs.append(self.shards[k % len(self.shards)].verify.remote(step_path, mine))
+        return next((e for e in ray.get(jobs) if e), None)
+
+    def load_saved(self, step_path: str, files: dict[str, dict]) -> None:
+        """Restore a checkpoint's shard files (collective-safe: every rank takes the new layout;
+        rank 0 has each shard read its own part, in parallel). Same shard count: shard k reads
+        file k. Otherwise the saved chains are re-split into the current shard count, keeping
+        every chain once (:func:`~ebmscale.buffer.shardfile.plan_load`), so the buffer keeps the
+        checkpoint's number of chains."""
+        saved = [int(shardfile.read_meta(step_path, k)["capacity"]) for k in shardfile.saved_shards(files)]
+        caps, plans = shardfile.plan_load(saved, len(self.shards))
+        self._prefetched = None
+        if self.rank == 0:
+            self.flush()
+            sources = [(step_path, parts, k % len(saved)) for k, parts in enumerate(plans)]
+            errors = [e for e in ray.get([a.load.remote(*src) for a, src in zip(self.shards, sources)]) if e]
+            if errors:
+                raise shardfile.ShardFileError(errors[0])
+            self._snapshot_refs = []
+            ray.get(self.registry.set_sources.remote([{"files": src} for src in sources]))
+        self._set_capacities(caps)
 
     # ------------------------------------------------------------------ shutdown
     def close(self, clean: bool = True) -> None:
