@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -36,8 +37,10 @@ import tempfile
 import uuid
 from typing import Any, Callable
 
-# Before ray starts anything: no token file in $HOME, no usage-stats prompt or report.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Before ray starts anything: token authentication always (the token comes from a file ebmscale
+# points RAY_AUTH_TOKEN_PATH at, never from $HOME: see start_embedded / connect_cluster); no
+# usage-stats prompt or report.
+os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
@@ -160,6 +163,42 @@ class _Session:
 
 
 _QUIET = dict(log_to_driver=False, logging_level=logging.ERROR)
+TOKEN_FILE = "auth_token"
+# What launch/ray/head.sh writes when RAY_AUTH_TOKEN_PATH is not set (relative to where it runs).
+CLUSTER_TOKEN_FILE = ".ray_auth_token"
+# One token per process: Ray's token loader caches the first token it reads, so every embedded
+# instance this process starts (tests, benchmarks) gets the same one, in its own session directory.
+_process_token = secrets.token_hex(32)
+
+
+def write_token(path: str, token: str) -> None:
+    """Write an authentication token to ``path``, readable by its owner only (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, token.encode())
+    finally:
+        os.close(fd)
+
+
+def use_token_file(path: str) -> None:
+    """Authenticate this process (and the Ray processes it starts) with the token in ``path``."""
+    os.environ["RAY_AUTH_TOKEN_PATH"] = os.path.abspath(path)
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+
+
+def _cluster_token(target: str) -> None:
+    """Find the token of a cluster started with launch/ray/head.sh: $RAY_AUTH_TOKEN, the file
+    $RAY_AUTH_TOKEN_PATH names, or ./.ray_auth_token (head.sh's default)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or (CLUSTER_TOKEN_FILE if os.path.isfile(CLUSTER_TOKEN_FILE) else "")
+    if not path:
+        raise ConfigError(f"the Ray cluster at '{target}' needs its authentication token: set RAY_AUTH_TOKEN_PATH to "
+                          "the file launch/ray/head.sh wrote (or RAY_AUTH_TOKEN to the token)")
+    if not os.path.isfile(path):
+        raise ConfigError(f"RAY_AUTH_TOKEN_PATH '{path}' does not exist (the token of the Ray cluster at '{target}')")
+    use_token_file(path)
 
 
 def start_embedded(namespace: str, dashboard: bool = False, temp_dir: str = "") -> _Session:
@@ -168,10 +207,16 @@ def start_embedded(namespace: str, dashboard: bool = False, temp_dir: str = "") 
         return _Session(owned=False, temp_dir=None)
     own_temp = not temp_dir
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="ebmscale-ray-", dir="/tmp")
+    # Token authentication, the token in the session directory (0600), never in $HOME.
+    os.makedirs(temp_dir, exist_ok=True)
+    token_path = os.path.join(os.path.abspath(temp_dir), TOKEN_FILE)
+    write_token(token_path, _process_token)
+    use_token_file(token_path)
     # address='local': a new instance even where `ray start` left one (or a stale record of one);
-    # num_cpus=1: the actors ask for none, and Ray would otherwise pre-start a worker per core.
-    ray.init(address="local", namespace=namespace, include_dashboard=dashboard, _temp_dir=os.path.abspath(temp_dir), num_cpus=1,
-             **_QUIET)
+    # num_cpus=1: the actors ask for none, and Ray would otherwise pre-start a worker per core;
+    # the dashboard, if asked for, on loopback only.
+    ray.init(address="local", namespace=namespace, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             _temp_dir=os.path.abspath(temp_dir), num_cpus=1, **_QUIET)
     return _Session(owned=True, temp_dir=temp_dir if own_temp else None)
 
 
@@ -189,9 +234,10 @@ def _cluster_address(address: str) -> str:
                           "launch/ray/head.sh and launch/ray/worker.sh, or set RAY_ADDRESS)") from None
 
 
-def connect_cluster(address: str, namespace: str, timeout_s: float = 10.0) -> _Session:
-    """Join a running cluster; an address that does not answer fails here, naming it (Ray itself
-    would retry for minutes)."""
+def connect_cluster(address: str, namespace: str, timeout_s: float = 10.0, token_path: str = "") -> _Session:
+    """Join a running cluster with its token (``token_path``: an embedded instance's token file;
+    else see :func:`_cluster_token`); an address that does not answer fails here, naming it (Ray
+    itself would retry for minutes)."""
     target = _cluster_address(address)
     host, _, port = target.rpartition(":")
     try:
@@ -202,10 +248,15 @@ def connect_cluster(address: str, namespace: str, timeout_s: float = 10.0) -> _S
                           f"{exc or type(exc).__name__}") from None
     if ray.is_initialized():  # already connected in this process (a test, a benchmark): reuse it
         return _Session(owned=False, temp_dir=None)
+    if token_path:
+        use_token_file(token_path)
+    else:
+        _cluster_token(target)
     try:
         ray.init(address=target, namespace=namespace, **_QUIET)
     except ConnectionError as exc:
-        raise ConfigError(f"cannot join the Ray cluster at '{target}' (buffer.ray_address={address}): {exc}") from None
+        raise ConfigError(f"cannot join the Ray cluster at '{target}' (buffer.ray_address={address}): {exc} (is "
+                          "RAY_AUTH_TOKEN_PATH the token file of this cluster?)") from None
     return _Session(owned=True, temp_dir=None)
 
 
@@ -251,7 +302,8 @@ class RayBuffer:
             info = share(None)
             if "error" in info:
                 raise ConfigError(f"rank 0 could not start the Ray replay buffer: {info['error']}")
-            self._session = (connect_cluster(info["address"], b.ray_namespace) if not b.ray_address
+            self._session = (connect_cluster(info["address"], b.ray_namespace, token_path=info["token_path"])
+                             if not b.ray_address
                              else connect_cluster(b.ray_address, b.ray_namespace))
         self.names = info["shards"]
         self.shards = [ray.get_actor(n, namespace=b.ray_namespace) for n in self.names]
@@ -288,7 +340,9 @@ class RayBuffer:
                           .remote(k, kwargs, registry))
         self._owned += actors
         ray.get([a.info.remote() for a in actors])  # created and filled before any rank draws
-        return {"address": ray.get_runtime_context().gcs_address, "shards": names, "registry": registry}
+        # Embedded: the other ranks (same node) read the token from the session directory.
+        return {"address": ray.get_runtime_context().gcs_address, "shards": names, "registry": registry,
+                "token_path": os.environ.get("RAY_AUTH_TOKEN_PATH", "") if not b.ray_address else ""}
 
     # ------------------------------------------------------------------ draw / write back
     def _plan(self, n: int, labels: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

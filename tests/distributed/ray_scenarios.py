@@ -48,9 +48,12 @@ class CrossRankTrainer(trainer_module.Trainer):
                 self.buffer.flush()
             slots = dist.broadcast_object([(k, idx.tolist()) for k, _, idx in handle], src=1)
             dist.barrier()
+            token = os.environ["RAY_AUTH_TOKEN_PATH"]  # every rank authenticates with rank 0's session token
+            self.cross["token"] = {"mode": os.stat(token).st_mode & 0o777, "in_session": token.startswith(
+                dist.broadcast_object(self.buffer._session.temp_dir if self.rank == 0 else None, src=0))}
             if self.rank == 0:
                 shards = self.buffer.state_dict()["shards"]
-                self.cross = {"seen": all(bool(np.all(shards[k]["data"][idx] == MARK)) for k, idx in slots),
+                self.cross |= {"seen": all(bool(np.all(shards[k]["data"][idx] == MARK)) for k, idx in slots),
                               "shards_touched": sorted({k for k, _ in slots}), "num_shards": len(shards)}
         return super().train_step()
 
