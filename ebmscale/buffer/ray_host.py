@@ -535,3 +535,32 @@ class RayBuffer:
         finally:
             if self._session is not None:
                 self._session.close()
+
+
+def wait_for_nodes(address: str, nodes: int, timeout_s: float = 300.0) -> int:
+    """Wait until the Ray cluster at ``address`` (host:port) has ``nodes`` live nodes and return
+    how many it has; raises ConfigError naming the address when it has not within ``timeout_s``.
+    For launch scripts (launch/slurm/train.sbatch) that start a cluster and then train on it;
+    the token comes from RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN as for training."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:  # the head may not listen yet
+        try:
+            connect_cluster(address, "ebmscale-wait", timeout_s=5.0)
+            break
+        except ConfigError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+    try:
+        while True:
+            alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+            if alive >= nodes or time.monotonic() > deadline:
+                break
+            time.sleep(2.0)
+    finally:
+        ray.shutdown()
+    if alive < nodes:
+        raise ConfigError(f"the Ray cluster at '{address}' has {alive} of {nodes} nodes after {timeout_s:.0f} s")
+    return alive

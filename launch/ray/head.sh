@@ -13,7 +13,8 @@
 # ./.ray_auth_token by itself); a client without the token is refused. Nothing goes to $HOME.
 # Quiet: no dashboard, no usage statistics. Shard actors ask for no CPU, so one CPU per node is
 # plenty. Environment: RAY_PORT (6379), RAY_NUM_CPUS (1), RAY_OBJECT_STORE_BYTES (Ray's default:
-# 30% of RAM), RAY_NODE_IP (Ray's guess), RAY_BIN (ray).
+# 30% of RAM), RAY_NODE_IP (Ray's guess), RAY_START_ARGS (more
+# `ray start` options, e.g. ports), RAY_BIN (ray).
 set -euo pipefail
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
 if [[ -z "${RAY_AUTH_TOKEN:-}" ]]; then
@@ -27,6 +28,8 @@ PORT="${RAY_PORT:-6379}"
 args=(start --head --port "$PORT" --num-cpus "${RAY_NUM_CPUS:-1}" --include-dashboard=false --disable-usage-stats)
 if [[ -n "${RAY_OBJECT_STORE_BYTES:-}" ]]; then args+=(--object-store-memory "$RAY_OBJECT_STORE_BYTES"); fi
 if [[ -n "${RAY_NODE_IP:-}" ]]; then args+=(--node-ip-address "$RAY_NODE_IP"); fi
+# shellcheck disable=SC2206 - extra `ray start` options, split on spaces (e.g. ports to use)
+args+=(${RAY_START_ARGS:-})
 HOST="${RAY_NODE_IP:-$(hostname -i 2>/dev/null | awk '{print $1}')}"
 echo "ray head starting at $HOST:$PORT (join with launch/ray/worker.sh $HOST:$PORT; token: ${RAY_AUTH_TOKEN_PATH:-\$RAY_AUTH_TOKEN})"
 "${RAY_BIN:-ray}" "${args[@]}" "$@" >/dev/null
