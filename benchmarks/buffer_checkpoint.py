@@ -4,7 +4,8 @@ against the buffer's size -- sharded (each shard actor writes and reads its own 
 ``torch.save`` file; the format before sharded checkpoints).
 
 Each configuration runs in a fresh process (it is rank 0: the driver of a fresh embedded Ray), so
-its peak RSS (``ru_maxrss``) is its own; ``+RSS`` is that peak minus the RSS just before the save.
+its peak RSS (``ru_maxrss``) is its own; ``+peak`` is how much the save and load raised that peak
+(peak after them minus peak before them).
 
     .venv/bin/python benchmarks/buffer_checkpoint.py [--chains 2048 8192 32768] [--shards 2 4]
         [--shape 3 64 64] [--storage uint8] [--modes sharded gathered]
@@ -28,11 +29,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
 def one(chains: int, shards: int, shape: list[int], storage: str, mode: str, out_dir: str) -> dict:
     """One configuration in this process; returns its figures."""
     import numpy as np
@@ -50,7 +46,7 @@ def one(chains: int, shards: int, shape: list[int], storage: str, mode: str, out
     step = os.path.join(out_dir, "step-1")
     os.makedirs(step)
     try:
-        rss0 = _rss_mib()
+        peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t0 = time.perf_counter()
         if mode == "sharded":
             entries = c.save_shards(step)
@@ -69,7 +65,7 @@ def one(chains: int, shards: int, shape: list[int], storage: str, mode: str, out
         c.draw(4, None, np.random.default_rng(0))  # the shards are alive and loaded
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"mode": mode, "chains": chains, "shards": shards, "mb": nbytes / 1e6, "save_s": t1 - t0,
-                "load_s": t2 - t1, "rank0_peak_mib": peak, "rank0_growth_mib": peak - rss0}
+                "load_s": t2 - t1, "rank0_peak_mib": peak, "rank0_growth_mib": peak - peak0}
     finally:
         c.close()
         session.close()
@@ -112,7 +108,7 @@ def main() -> None:
                         ("shards", lambda r: str(r["shards"])), ("MB on disk", lambda r: f"{r['mb']:.0f}"),
                         ("save s", lambda r: f"{r['save_s']:.2f}"), ("load s", lambda r: f"{r['load_s']:.2f}"),
                         ("rank 0 peak RSS MiB", lambda r: f"{r['rank0_peak_mib']:.0f}"),
-                        ("rank 0 +RSS MiB", lambda r: f"{r['rank0_growth_mib']:.0f}")],
+                        ("rank 0 +peak MiB", lambda r: f"{r['rank0_growth_mib']:.0f}")],
                  meta={"cpu": cpu, "cores": os.cpu_count(), "shape": args.shape, "storage": args.storage})
 
 
