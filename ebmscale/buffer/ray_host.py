@@ -45,6 +45,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from ebmscale.buffer import shardfile  # noqa: E402
 from ebmscale.buffer.client import as_numpy, resplit_states, split_capacity  # noqa: E402
@@ -260,6 +261,14 @@ def connect_cluster(address: str, namespace: str, timeout_s: float = 10.0, token
     return _Session(owned=True, temp_dir=None)
 
 
+def _spread_nodes() -> list[str]:
+    """Ids of the cluster's live nodes: this process's node first, then the others by address.
+    (Ray's SPREAD strategy put both zero-CPU shards on one node of a two-node cluster.)"""
+    here = ray.get_runtime_context().get_node_id()
+    others = sorted((n["NodeManagerAddress"], n["NodeID"]) for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here)
+    return [here, *(node for _, node in others)]
+
+
 class RayBuffer:
     """This rank's client of the global sharded buffer (see the module docstring).
 
@@ -331,12 +340,16 @@ class RayBuffer:
         # Rank 0 keeps these handles: a (non-detached) actor whose handles are all dropped is stopped.
         self._owned = [BufferRegistry.options(name=registry, namespace=b.ray_namespace).remote()]
         names = [f"ebmscale-{run}-shard-{k}" for k in range(n_shards)]
+        nodes = _spread_nodes()
         actors = []
         for k, name in enumerate(names):
             kwargs = dict(capacity=self.capacities[k], shape=self.shape, bounds=self.bounds, reinit_prob=b.reinit_prob,
                           storage=b.storage, num_classes=self.num_classes, seed=int(shard_seed(k)))
-            # SPREAD: on a cluster the shards (and their memory) go to different nodes.
-            actors.append(BufferShard.options(name=name, namespace=b.ray_namespace, scheduling_strategy="SPREAD")
+            # Shard k on node k mod N (rank 0's node first): the shards and their memory are spread
+            # over the cluster. Hard affinity: in Ray 2.60 a soft one (like SPREAD) put shards on
+            # any node; the price is that a shard whose node died cannot restart elsewhere.
+            where = NodeAffinitySchedulingStrategy(nodes[k % len(nodes)], soft=False)
+            actors.append(BufferShard.options(name=name, namespace=b.ray_namespace, scheduling_strategy=where)
                           .remote(k, kwargs, registry))
         self._owned += actors
         ray.get([a.info.remote() for a in actors])  # created and filled before any rank draws
