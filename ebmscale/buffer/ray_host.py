@@ -167,9 +167,6 @@ _QUIET = dict(log_to_driver=False, logging_level=logging.ERROR)
 TOKEN_FILE = "auth_token"
 # What launch/ray/head.sh writes when RAY_AUTH_TOKEN_PATH is not set (relative to where it runs).
 CLUSTER_TOKEN_FILE = ".ray_auth_token"
-# One token per process: Ray's token loader caches the first token it reads, so every embedded
-# instance this process starts (tests, benchmarks) gets the same one, in its own session directory.
-_process_token = secrets.token_hex(32)
 
 
 def write_token(path: str, token: str) -> None:
@@ -186,6 +183,17 @@ def use_token_file(path: str) -> None:
     """Authenticate this process (and the Ray processes it starts) with the token in ``path``."""
     os.environ["RAY_AUTH_TOKEN_PATH"] = os.path.abspath(path)
     os.environ.pop("RAY_AUTH_TOKEN", None)
+
+
+def _refresh_auth() -> None:
+    """Make Ray read RAY_AUTH_MODE and the token again before a ray.init: it caches both, from the
+    first time it was imported (maybe before this module set them) or the last instance it
+    joined (what Ray's own helpers do when they switch token auth on)."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _cluster_token(target: str) -> None:
@@ -211,8 +219,9 @@ def start_embedded(namespace: str, dashboard: bool = False, temp_dir: str = "") 
     # Token authentication, the token in the session directory (0600), never in $HOME.
     os.makedirs(temp_dir, exist_ok=True)
     token_path = os.path.join(os.path.abspath(temp_dir), TOKEN_FILE)
-    write_token(token_path, _process_token)
+    write_token(token_path, secrets.token_hex(32))
     use_token_file(token_path)
+    _refresh_auth()
     # address='local': a new instance even where `ray start` left one (or a stale record of one);
     # num_cpus=1: the actors ask for none, and Ray would otherwise pre-start a worker per core;
     # the dashboard, if asked for, on loopback only.
@@ -253,6 +262,7 @@ def connect_cluster(address: str, namespace: str, timeout_s: float = 10.0, token
         use_token_file(token_path)
     else:
         _cluster_token(target)
+    _refresh_auth()
     try:
         ray.init(address=target, namespace=namespace, **_QUIET)
     except ConnectionError as exc:

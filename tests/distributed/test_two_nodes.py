@@ -23,6 +23,7 @@ import time
 import pytest
 
 from tests.distributed.dp_scenarios import REPO
+from tests.distributed.test_slurm_ray import _ours
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -66,17 +67,27 @@ def _popen(ns: str, cmd: list[str], env: dict, **kw) -> subprocess.Popen:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """End a process group this test started (SIGTERM, then SIGKILL)."""
+    """End a process group this test started: SIGTERM, and SIGKILL for whatever of the group is
+    left after 20 s (a Ray node's processes outlive the script that started them)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=20)
-            return
-        except subprocess.TimeoutExpired:
-            pass
+            break
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            continue
+        break
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def test_two_machines_share_one_buffer_across_namespaces(two_hosts, tmp_path):
@@ -120,8 +131,12 @@ def test_two_machines_share_one_buffer_across_namespaces(two_hosts, tmp_path):
         assert (r0["world"], r0["steps"], r1["steps"]) == (2, 6, 6)
         assert r0["cross"]["seen"] and r0["cross"]["num_shards"] == 2
         assert r0["cross"]["shard_nodes"] == 2  # one shard on each machine's Ray node
+        for p in procs[:2]:  # both Ray nodes stop, nothing of them is left
+            _stop(p)
+        assert not _ours(root)
     finally:
         for p in reversed(procs):
             _stop(p)
-        time.sleep(1)
+        for pid in _ours(root):
+            os.kill(pid, signal.SIGKILL)
         shutil.rmtree(root, ignore_errors=True)
