@@ -5,7 +5,9 @@ Layout of one checkpoint (``<run_dir>/checkpoints/step-N/``)::
 
     shared.pt        rank 0: config, counters, model, EMA, optimizer, LR scheduler, loss scaler
     rank-00000.pt    every rank r: its RNG states, data position, replay-buffer shard, sampler scaler
-    buffer.pt        rank 0, only for a global (Ray-hosted) buffer: the buffer's own state
+    buffer/          a global (Ray-hosted) buffer: each shard's own files, written by the shard
+                     itself (ebmscale.buffer.shardfile); checkpoints of earlier versions hold one
+                     buffer.pt written by rank 0 instead, still read
     deepspeed/       DeepSpeed runs only: every rank's ZeRO shard (fp32 master weights, optimizer)
     COMPLETE         JSON written last by rank 0: step, world size, and every file's size and SHA-256
 
@@ -300,9 +302,16 @@ def load_buffer_state(path: str) -> dict:
     if path.endswith(".safetensors"):
         raise CheckpointError(f"'{path}' is an export: it holds weights only, no replay buffer "
                               "(sample from noise, or pass the run's checkpoint)")
+    from ebmscale.buffer import shardfile
+
     ck = StepCheckpoint(resolve(path))
     if ck.has(BUFFER_FILE):
         states = list(as_numpy(ck.read(BUFFER_FILE))["shards"])
+    elif shardfile.shard_entries(ck.files):
+        try:
+            states = shardfile.load_all(ck.path, shardfile.shard_entries(ck.files))
+        except shardfile.ShardFileError as exc:
+            raise CheckpointError(str(exc)) from None
     else:
         states = [as_numpy(ck.read(rank_file(r)).get("buffer")) for r in range(ck.world)]
         if any(s is None for s in states):

@@ -60,6 +60,34 @@ class GlobalWriter:
         return ck.read(self.file) if rank == 0 and ck.has(self.file) else None
 
 
+class SelfSavingWriter(GlobalWriter):
+    """A global part whose owner writes its own shard files (the Ray buffer: each shard actor writes
+    and hashes its files, rank 0 never gathers the buffer). ``owner.save_shards(dir)`` returns the
+    marker entries; ``owner.verify_saved(dir, files)`` an error or None. A checkpoint of an earlier
+    version with one ``<key>.pt`` is still read."""
+
+    def __init__(self, part: Part, owner: Any):
+        super().__init__(part)
+        self.owner = owner
+
+    def write(self, path: str, rank: int) -> dict[str, dict]:
+        return self.owner.save_shards(path) if rank == 0 else {}
+
+    def read(self, ck: StepCheckpoint, rank: int) -> Any | None:
+        from ebmscale.buffer import shardfile
+
+        files = shardfile.shard_entries(ck.files)
+        if not files:
+            return super().read(ck, rank)
+        try:  # the shards read their own files; rank 0 has them checked here, in parallel
+            error = self.owner.verify_saved(ck.path, files) if rank == 0 else None
+        except shardfile.ShardFileError as exc:
+            error = str(exc)
+        if error:
+            raise CheckpointError(error)
+        return {"sharded": ck.path, "files": files}
+
+
 class CheckpointManager:
     """Checkpoint I/O of one rank of a run (collective calls: every rank calls them together)."""
 
@@ -74,7 +102,8 @@ class CheckpointManager:
         self.saved_step: int | None = None  # step of the checkpoint last written or loaded
 
     def register(self, key: str, scope: str, save: Callable[[], Any], load: Callable[[Any], None] | None = None,
-                 remap: Callable[[list[Any]], Any] | None = None, writer: type[GlobalWriter] = GlobalWriter) -> None:
+                 remap: Callable[[list[Any]], Any] | None = None,
+                 writer: Callable[[Part], GlobalWriter] = GlobalWriter) -> None:
         if scope not in SCOPES or key in self.parts:
             raise ValueError(f"part '{key}': scope must be one of {SCOPES} and keys unique")
         self.parts[key] = Part(key, scope, save, load, remap)

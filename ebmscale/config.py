@@ -173,7 +173,12 @@ class TrainConfig:
     sample_every: int = _f(500, "steps between sample grids; 0 = only at the end", min=0)
     checkpoint_every: int = _f(500, "steps between checkpoints; 0 = only at the end", min=0)
     progress: bool = _f(True, "show a progress bar")
-    tensorboard: bool = _f(True, "also write TensorBoard scalars")
+    tensorboard: bool = _f(True, "also write TensorBoard scalars, sample grids and energy histograms (false = leave "
+                                 "tensorboard out of train.trackers)")
+    trackers: str = _f("tensorboard", "comma-separated experiment trackers fed through accelerate's tracking API "
+                                      "besides metrics.jsonl: tensorboard, wandb, mlflow, comet_ml, aim, clearml, "
+                                      "dvclive, ... (installed ones); '' = none")
+    report: bool = _f(True, "write <run_dir>/report.html at the end of training (as `ebmscale report RUN_DIR`)")
     max_abs_energy: float = _f(1e6, "divergence: stop when |E| of positives or negatives exceeds this",
                                min=0.0, min_exclusive=True)
     max_grad_norm: float = _f(1e8, "divergence: stop when the parameter-gradient norm exceeds this",
@@ -352,6 +357,16 @@ def class_conditional_chains(cfg: Config) -> bool:
     return cfg.model.conditional or (cfg.objective.kind == "jem" and cfg.objective.pxy_weight > 0)
 
 
+def tracker_names(t: "TrainConfig") -> list[str]:
+    """The trackers a run feeds: ``train.trackers`` in order, without duplicates, less tensorboard
+    when ``train.tensorboard`` is false."""
+    names: list[str] = []
+    for name in (n.strip() for n in t.trackers.split(",")):
+        if name and name not in names and (name != "tensorboard" or t.tensorboard):
+            names.append(name)
+    return names
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; each failure names the key to change."""
     d, m, s = cfg.data, cfg.model, cfg.sampler
@@ -424,6 +439,10 @@ def validate(cfg: Config) -> None:
         if (t.fid_init or s.init) == "buffer" and t.fid_samples > cfg.buffer.capacity:
             raise ConfigError(f"train.fid_samples ({t.fid_samples}) must be <= buffer.capacity "
                               f"({cfg.buffer.capacity}) with buffer starts (or set train.fid_init=noise)")
+    bad = [n for n in (n.strip() for n in t.trackers.split(",")) if n and not n.replace("_", "").isalnum()]
+    if bad:
+        raise ConfigError(f"train.trackers must be comma-separated tracker names (e.g. tensorboard,wandb), got "
+                          f"{bad[0]!r}")
     if t.deepspeed_config and not os.path.isfile(t.deepspeed_config):
         raise ConfigError(f"train.deepspeed_config '{t.deepspeed_config}' does not exist")
 

@@ -331,3 +331,45 @@ def count_collectives() -> Iterator[list[str]]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         yield names
     names.extend(e.name for e in prof.events() if e.name.startswith("c10d::"))
+
+
+# --------------------------------------------------------------------------- experiment trackers
+def start_trackers(names: list[str], run_dir: str, config: dict) -> list:
+    """accelerate's trackers (``accelerate.tracking``) named in ``names`` (``train.trackers``),
+    started on rank 0 for this run; ``[]`` on other ranks. TensorBoard writes to ``<run_dir>/tb``;
+    trackers that keep local files (wandb, mlflow, ...) keep them inside the run directory, never in
+    $HOME (wandb offline: ``WANDB_MODE=offline``). A tracker registered with accelerate's
+    ``register_tracker_class`` is used by its name like the built-in ones. A name accelerate does
+    not know, or whose package is not installed, is a :class:`ConfigError` naming train.trackers."""
+    if not names or not dist.is_main():
+        return []
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.utils import LoggerType
+
+    built_in = {str(t) for t in LoggerType}
+    available = {str(t) for t in get_available_trackers()}
+    trackers = []
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"train.trackers: accelerate knows no tracker '{name}' "
+                              f"(known: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))})")
+        if name in built_in and name not in available:
+            raise ConfigError(f"train.trackers: '{name}' is not installed in this environment "
+                              f"(pip install {name}, or leave it out of train.trackers)")
+        cls = LOGGER_TYPE_TO_CLASS[name]
+        project = os.path.basename(os.path.abspath(run_dir)) or "ebmscale"
+        if name == "tensorboard":
+            tracker = cls("tb", run_dir)  # <run_dir>/tb, where the event file always was
+        elif name == "wandb":
+            tracker = cls(project, dir=run_dir)
+        elif name == "mlflow":
+            tracker = cls(project, logging_dir=os.path.join(run_dir, "mlruns"))
+        elif cls.requires_logging_directory:
+            tracker = cls(project, run_dir)
+        else:
+            tracker = cls(project)
+        tracker.start()
+        if name != "tensorboard":  # TensorBoard's hparams would add a second event file; config.yaml has it
+            tracker.store_init_configuration(config)
+        trackers.append(tracker)
+    return trackers

@@ -27,24 +27,25 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
-from ebmscale import dist
+from ebmscale import dist, monitor, runguard
 from ebmscale.buffer import build_buffer
+from ebmscale.buffer import shardfile
 from ebmscale.buffer.client import as_numpy
 from ebmscale.buffer.reshard import reshard_buffer_states
-from ebmscale.checkpoint import complete_checkpoints, resolve, step_dir
-from ebmscale.checkpoint_manager import CheckpointManager
-from ebmscale.config import TOY_DATASETS, Config, ConfigError, class_conditional_chains, dump_yaml, to_dict
+from ebmscale.checkpoint import CheckpointError, complete_checkpoints, resolve, step_dir
+from ebmscale.checkpoint_manager import CheckpointManager, SelfSavingWriter
+from ebmscale.config import (TOY_DATASETS, Config, ConfigError, class_conditional_chains, dump_yaml, to_dict,
+                             tracker_names)
 from ebmscale.data import build_train_stream, data_shape
 from ebmscale.data.reshard import remap_stream_state
-from ebmscale.data.transforms import data_bounds, save_image_grid, to_model_input, to_uint8
+from ebmscale.data.transforms import data_bounds, to_model_input
 from ebmscale.metrics import MetricLogger
 from ebmscale.models import build_model
 from ebmscale.objectives import Context, Streams, estimator_class
-from ebmscale.parallel import Parallel, resolve_device  # noqa: F401 (resolve_device: re-exported)
+from ebmscale.parallel import Parallel, resolve_device, start_trackers  # noqa: F401 (resolve_device: re-exported)
 from ebmscale.performance import (compiled_energy, half_precision_gradient_errors, resolve_runtime,
                                   reuse_freed_cpu_memory)
 from ebmscale.sampling import InputGradScaler, LangevinSettings, NoiseFn, uniform_noise
@@ -134,7 +135,8 @@ class Trainer:
         # Toy chains are clamped to the quadrature box: the exact evaluation normalises over it.
         self.settings = LangevinSettings.from_config(cfg.sampler, self.init_bounds if self.toy else self.bounds)
         self.step = 0
-        self.metrics = MetricLogger(self.run_dir if dist.is_main() else None, tensorboard=cfg.train.tensorboard)
+        self.metrics = MetricLogger(self.run_dir if dist.is_main() else None,
+                                    start_trackers(tracker_names(cfg.train), self.run_dir, to_dict(cfg)))
         self.last_negatives: torch.Tensor | None = None
         # The objective sees this narrow context, never the trainer (ebmscale.objectives.base).
         self.context = Context(cfg=cfg, model=self.model, wrapped=self.wrapped, parallel=self.parallel,
@@ -144,6 +146,8 @@ class Trainer:
                                memory_format=self.memory_format, chain_init=self._chain_init,
                                noise_fn=self._noise_fn)
         self.estimator = objective(self.context)
+        # For the monitor's images and histograms: the latest (positives, labels).
+        self.last_positives: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.checkpoints = self._register_parts()
         self.precision_checked = False  # the half-precision canary runs on this process's first step
 
@@ -206,7 +210,7 @@ class Trainer:
         if self.ema is not None:
             self._update_ema()
         self.step += 1
-        self.last_negatives = x_neg
+        self.last_negatives, self.last_positives = x_neg, (x_pos, y)
         t3 = time.perf_counter()
         out: dict[str, float | None] = {k: float(v) for k, v in stats.items()}
         # None = no value this step (an fp16 overflow, or DeepSpeed not computing the norm).
@@ -307,9 +311,9 @@ class Trainer:
         mine("sampler_grad_scaler",
              save=lambda: None if self.input_grad_scaler is None else self.input_grad_scaler.state_dict(),
              load=lambda s: s and self.input_grad_scaler is not None and self.input_grad_scaler.load_state_dict(s))
-        if self.buffer_is_global:
+        if self.buffer_is_global:  # its shards write and read their own files
             ckpt.register("buffer", "global", save=lambda: as_numpy(self.buffer.state_dict()),
-                          load=lambda s: s is not None and self.buffer.load_state_dict(as_numpy(s)))
+                          load=self._load_global_buffer, writer=functools.partial(SelfSavingWriter, owner=self.buffer))
         else:  # every rank's shard; re-dealt over a new number of ranks
             mine("buffer", save=self.buffer.state_dict,
                  load=lambda s: s is not None and self.buffer.load_state_dict(as_numpy(s)),
@@ -325,6 +329,13 @@ class Trainer:
              load=lambda s: s is not None and cuda and torch.cuda.set_rng_state(s, self.device))
         shared("step", save=lambda: self.step, load=lambda s: setattr(self, "step", int(s)))
         return ckpt
+
+    def _load_global_buffer(self, state: dict | None) -> None:
+        if state is not None:
+            try:
+                self.buffer.load_state_dict(as_numpy(state))
+            except shardfile.ShardFileError as exc:
+                raise CheckpointError(str(exc)) from None
 
     def _load_optimizer(self, state: dict | None) -> None:
         if self.parallel.is_deepspeed:
@@ -365,7 +376,14 @@ class Trainer:
     def save(self) -> str:
         """Write checkpoint ``<run_dir>/checkpoints/step-<step>/`` (collective: call on every
         rank) and keep the newest ``train.keep_checkpoints``; see :mod:`ebmscale.checkpoint_manager`."""
+        # A global buffer: every rank's write-backs land first, then each shard writes its own files.
+        self.buffer.flush()
         return self.checkpoints.save(self.step)
+
+    @property
+    def last_class_chains(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The latest class-conditional (chains, labels), for the monitor."""
+        return self.context.last_class_chains
 
     @property
     def saved_step(self) -> int | None:
@@ -410,30 +428,8 @@ class Trainer:
         """Rank 0 writes a PNG of the latest negatives (grid for images, scatter for 2-D)."""
         if not dist.is_main() or self.last_negatives is None:
             return None
-        out_dir = os.path.join(self.run_dir, "samples")
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, f"{tag}.png")
-        x = self.last_negatives.detach().cpu()
-        if self.toy:
-            save_scatter(x.numpy(), path)
-        else:
-            save_image_grid(to_uint8(x[:64], self.cfg.data.range), path)
-        return path
-
-
-def save_scatter(points: np.ndarray, path: str) -> None:
-    """Save 2-D samples as a scatter plot PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5)
-    ax.set_aspect("equal")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        return monitor.save_png(monitor.sample_image(self, self.last_negatives),
+                                os.path.join(self.run_dir, "samples", f"{tag}.png"))
 
 
 def write_runtime(run_dir: str, runtime) -> str:
@@ -471,6 +467,14 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
     past a damaged one; none = start afresh). A divergence rolls back to the newest checkpoint up
     to ``train.rollback_max`` times (see :meth:`Trainer.rollback`).
     """
+    run_dir = run_dir or cfg.train.run_dir
+    # One writer per run directory (rank 0 holds its lock until the end), and a rank whose
+    # launcher was killed stops instead of training on: see ebmscale.runguard.
+    with runguard.guard(run_dir, main=dist.is_main()):
+        return _train(cfg, run_dir, resume, max_steps)
+
+
+def _train(cfg: Config, run_dir: str | None, resume: str | None, max_steps: int | None) -> TrainResult:
     run_dir = run_dir or cfg.train.run_dir
     if dist.is_main():
         os.makedirs(run_dir, exist_ok=True)
@@ -539,6 +543,7 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
             if t.fid_every and (s % t.fid_every == 0 or s == end):
                 _report_fid(trainer)
             if s % t.log_every == 0 or s == end:
+                monitor.report_buffer_health(trainer)
                 last = trainer.metrics.flush(s)
                 if bar is not None:
                     bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "energy_gap", "train_acc", "samples_per_s")
@@ -547,11 +552,13 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
                 bar.update(1)
             if t.sample_every and s % t.sample_every == 0 and s != end:
                 trainer.save_samples(f"step-{s:07d}")
+                monitor.log_visuals(trainer, s)
             if t.checkpoint_every and s % t.checkpoint_every == 0 and s != end:
                 ckpt = trainer.save()
         if trainer.step == end and end > 0:
             trainer.save_samples(f"step-{end:07d}")
             trainer.save_samples("final")
+            monitor.log_visuals(trainer, end)
         # A run resumed at its end has nothing new to save (and must not rewrite a good checkpoint).
         ckpt = trainer.save() if trainer.saved_step != trainer.step else step_dir(run_dir, trainer.step)
     finally:
@@ -560,4 +567,6 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
         trainer.metrics.close()
         # Flush and shut the buffer's host down; after a failure only disconnect (no collective).
         trainer.buffer.close(clean=sys.exc_info()[0] is None)
+    if t.report and dist.is_main():
+        monitor.write_run_report(run_dir)
     return TrainResult(steps=trainer.step, run_dir=run_dir, last_metrics=last, checkpoint=ckpt)

@@ -85,17 +85,22 @@ def install(setattr_: Callable[[object, str, object], None], nan_at: int = 0, na
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``[--nan-at N] [--nan-repeats R] [--hang step:N|save:N] [--] <ebmscale args>`` (the fault
+    options are told apart by name, so ``--`` may be left out, e.g. under ``accelerate launch``)."""
     argv = sys.argv[1:] if argv is None else argv
-    split = argv.index("--") if "--" in argv else len(argv)
     p = argparse.ArgumentParser(prog="python -m tests.faults")
     p.add_argument("--nan-at", type=int, default=0)
     p.add_argument("--nan-repeats", type=int, default=1)
     p.add_argument("--hang", default="")
-    args = p.parse_args(argv[:split])
+    if "--" in argv:
+        split = argv.index("--")
+        args, rest = p.parse_args(argv[:split]), argv[split + 1:]
+    else:
+        args, rest = p.parse_known_args(argv)
     install(setattr, args.nan_at, args.nan_repeats, args.hang)
     from ebmscale import cli
 
-    return cli.main(argv[split + 1:])
+    return cli.main(rest)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ The interface (what the trainer uses):
     Start the unlabelled draw the next ``draw(n, None, rng)`` with an equal ``rng`` will ask for.
 ``counters() -> dict``
     Per-step event counts for the metrics, summed over ranks (e.g. ``buffer_restarts``).
+``health() -> dict | None``
+    The :mod:`ebmscale.buffer.health` counts of the chains this rank reports (its own buffer; the
+    whole global buffer on rank 0, gathered from the shards without moving chains; None elsewhere).
 ``flush()`` / ``close(clean)``
     Wait for writes in flight / release the host.
 ``state_dict()`` / ``load_state_dict(state)`` and ``is_global``
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
+from ebmscale.buffer import health
 from ebmscale.buffer.replay import ReplayBuffer, decode, encode
 from ebmscale.utils import even_share
 
@@ -43,8 +47,9 @@ class LocalBuffer:
 
     is_global = False
 
-    def __init__(self, buffer: ReplayBuffer):
+    def __init__(self, buffer: ReplayBuffer, chain_steps: int = 0):
         self.buffer = buffer
+        self.chain_steps = int(chain_steps)  # sampler steps between a draw and its write-back (chain age)
 
     def __getattr__(self, name: str) -> Any:
         # Reads of the ReplayBuffer's own attributes (data, labels, capacity...) pass through.
@@ -52,13 +57,19 @@ class LocalBuffer:
             raise AttributeError(name)
         return getattr(self.buffer, name)
 
-    def draw(self, n: int, labels: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """``n`` chain starts and their slot indices (the handle for :meth:`write_back`)."""
-        x, idx, _, _ = self.buffer.sample(n, labels=labels, rng=rng)
-        return x, idx
+    def draw(self, n: int, labels: np.ndarray | None, rng: np.random.Generator
+             ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """``n`` chain starts; the handle for :meth:`write_back` is (slot indices, reinit mask)."""
+        x, idx, _, reinit = self.buffer.sample(n, labels=labels, rng=rng)
+        return x, (idx, reinit)
 
-    def write_back(self, handle: np.ndarray, x: np.ndarray) -> None:
-        self.buffer.write(handle, x)
+    def write_back(self, handle: tuple[np.ndarray, np.ndarray], x: np.ndarray) -> None:
+        idx, reinit = handle
+        self.buffer.write(idx, x, reinit, self.chain_steps)
+
+    def health(self, subsample: int = health.DIVERSITY_SUBSAMPLE) -> dict:
+        """This rank's buffer's health counts (see :mod:`ebmscale.buffer.health`)."""
+        return self.buffer.health(subsample)
 
     def peek(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` stored chains, read-only (see :meth:`ReplayBuffer.peek`)."""
@@ -124,6 +135,9 @@ def resplit_states(states: list[dict], capacities: list[int], num_classes: int) 
     data = np.concatenate([s["data"] if s["storage"] == storage
                            else encode(decode(np.asarray(s["data"]), s["storage"], tuple(s["bounds"])), storage, bounds)
                            for s in states])
+    # Chain ages travel with their chains (states from before ages were kept count as fresh).
+    ages = np.concatenate([np.asarray(s["age"]) if s.get("age") is not None else np.zeros(len(s["data"]), np.int64)
+                           for s in states])
     labels = None
     if num_classes:
         if any(s.get("labels") is None for s in states):
@@ -142,7 +156,7 @@ def resplit_states(states: list[dict], capacities: list[int], num_classes: int) 
             where = np.flatnonzero(slot_labels == c)
             take[where] = pool[(cursor[c] + np.arange(len(where))) % len(pool)]
             cursor[c] += len(where)
-        state = dict(first, data=data[take], labels=slot_labels if num_classes else None,
+        state = dict(first, data=data[take], labels=slot_labels if num_classes else None, age=ages[take],
                      rng=states[k % len(states)]["rng"])
         out.append(state)
     return out
@@ -158,9 +172,9 @@ def build_buffer(cfg: Any, shape: tuple[int, ...], bounds: tuple[float, float], 
     b = cfg.buffer
     if b.backend == "local" or cfg.sampler.init != "buffer":
         return LocalBuffer(ReplayBuffer(b.capacity, shape, bounds, b.reinit_prob, b.storage, num_classes,
-                                        seed=dist.derive_seed(seed, rank, 0, "buffer")))
+                                        seed=dist.derive_seed(seed, rank, 0, "buffer")), cfg.sampler.steps)
     from ebmscale.buffer.ray_host import RayBuffer
 
     shard_seeds = lambda k: dist.derive_seed(seed, k, 0, "buffer")  # noqa: E731 - shard k seeds like rank k
     return RayBuffer(b, shape, bounds, num_classes, rank, world, shard_seeds,
-                     share=dist.broadcast_object, barrier=dist.barrier)
+                     share=dist.broadcast_object, barrier=dist.barrier, chain_steps=cfg.sampler.steps)

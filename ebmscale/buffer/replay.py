@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ebmscale.buffer import health
+
 _DTYPES = {"fp32": np.float32, "fp16": np.float16, "uint8": np.uint8}
 
 
@@ -50,8 +52,11 @@ class ReplayBuffer:
       for each requested label, a slot from that label's part. Unlabelled draws return the slot
       labels alongside.
     * ``storage``: 'fp32', 'fp16', or 'uint8' (IGEBM: the data range quantised to 256 levels).
-    * ``state_dict()`` holds contents, labels and the RNG state, so a resumed run draws exactly
-      what an uninterrupted one would.
+    * ``state_dict()`` holds contents, labels, chain ages and the RNG state, so a resumed run draws
+      exactly what an uninterrupted one would.
+    * health: ``age`` counts the sampler steps each slot's chain has run since it was last noise
+      (``write(..., reinit, steps)``), and ``health()`` returns the counts of
+      :mod:`ebmscale.buffer.health`.
     """
 
     def __init__(self, capacity: int, shape: tuple[int, ...], bounds: tuple[float, float] = (0.0, 1.0),
@@ -71,6 +76,8 @@ class ReplayBuffer:
         else:
             self.labels = None
         self.data = self._encode(self.noise(self.capacity, self.rng))
+        self.age = np.zeros(self.capacity, dtype=np.int64)
+        self.starts = self.reinits = 0  # chains written back / of them restarted from noise, since health()
 
     # ------------------------------------------------------------------ encoding
     def _encode(self, x: np.ndarray) -> np.ndarray:
@@ -123,12 +130,29 @@ class ReplayBuffer:
         idx = np.sort(rng.choice(self.capacity, size=min(int(n), self.capacity), replace=False))
         return self._decode(self.data[idx])
 
-    def write(self, idx: np.ndarray, x: np.ndarray) -> None:
-        """Store evolved chains back into their slots (float chains, or already :func:`encode`-d)."""
+    def write(self, idx: np.ndarray, x: np.ndarray, reinit: np.ndarray | None = None, steps: int = 0) -> None:
+        """Store evolved chains back into their slots (float chains, or already :func:`encode`-d).
+        ``reinit``: the draw's mask of starts that were fresh noise (their age restarts at 0);
+        ``steps``: sampler steps the chains ran since the draw (added to their age)."""
         x = np.asarray(x)
         if x.dtype != np.uint8:
             x = x.astype(np.float32, copy=False)
-        self.data[np.asarray(idx, dtype=np.int64)] = self._encode(x)
+        idx = np.asarray(idx, dtype=np.int64)
+        self.data[idx] = self._encode(x)
+        if reinit is not None and len(reinit):
+            reinit = np.asarray(reinit, dtype=bool)
+            self.age[idx[reinit]] = 0
+            self.reinits += int(reinit.sum())
+        self.age[idx] += int(steps)
+        self.starts += len(idx)
+
+    def health(self, subsample: int = health.DIVERSITY_SUBSAMPLE) -> dict:
+        """Counts for :mod:`ebmscale.buffer.health` (age, restarts since the last call, diversity of
+        a fixed subsample, per-class fill); resets the restart counters."""
+        out = health.raw_stats(self.data, self.age, self.labels, self.num_classes, self.starts, self.reinits,
+                               self._decode, subsample)
+        self.starts = self.reinits = 0
+        return out
 
     def __len__(self) -> int:
         return self.capacity
@@ -137,7 +161,8 @@ class ReplayBuffer:
     def state_dict(self) -> dict:
         """Contents, labels, RNG state and settings (NumPy arrays and plain Python values)."""
         return {"data": self.data.copy(), "labels": None if self.labels is None else self.labels.copy(),
-                "rng": self.rng.bit_generator.state, "storage": self.storage, "bounds": list(self.bounds),
+                "age": self.age.copy(), "rng": self.rng.bit_generator.state, "storage": self.storage,
+                "bounds": list(self.bounds),
                 "reinit_prob": self.reinit_prob, "num_classes": self.num_classes}
 
     def load_state_dict(self, state: dict) -> None:
@@ -148,6 +173,10 @@ class ReplayBuffer:
             data = self._encode(decode(data, state["storage"], tuple(state["bounds"])))
         self.data = data.astype(_DTYPES[self.storage], copy=True)
         self.capacity = len(self.data)
+        # Checkpoints from before chain ages were kept: every chain counts as fresh.
+        age = state.get("age")
+        self.age = (np.asarray(age, dtype=np.int64).copy() if age is not None and len(age) == self.capacity
+                    else np.zeros(self.capacity, dtype=np.int64))
         if state.get("labels") is not None:
             self.labels = np.asarray(state["labels"], dtype=np.int64).copy()
             self._slots_of = [np.flatnonzero(self.labels == c) for c in range(self.num_classes)]

@@ -1,4 +1,4 @@
-"""Command line: ``ebmscale train | sample | eval | info | data | export``.
+"""Command line: ``ebmscale train | sample | eval | info | data | export | report``.
 
 Thin entry points: each subcommand parses its arguments, resolves a config and hands it to the
 library. argparse lives here only (``cli/eval.py``: eval and sample; ``cli/data.py``: data);
@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="checkpoint step directory (<run_dir>/checkpoints/step-N)")
     p.add_argument("--out", required=True, help="output FILE.safetensors (the config goes beside it as FILE.yaml)")
 
+    p = sub.add_parser("report", help="write a run directory's report: one self-contained HTML page (config, "
+                                      "curves, FID, buffer health, samples over time, eval results, checkpoints)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (train.run_dir)")
+    p.add_argument("--out", help="output HTML file (default: RUN_DIR/report.html)")
+
     p = sub.add_parser("info", help="print the model's parameter count and the resolved settings")
     _add_config_args(p)
 
@@ -111,6 +116,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ebmscale.checkpoint import export_weights
 
     _print_json_last(export_weights(args.run or args.checkpoint, args.out))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ebmscale.report import write_report
+
+    _print_json_last({"report": write_report(args.run_dir, args.out)})
     return 0
 
 
@@ -180,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     handlers = {"train": cmd_train, "info": cmd_info, "eval": cmd_eval, "data": cmd_data, "sample": cmd_sample,
-                "export": cmd_export}
+                "export": cmd_export, "report": cmd_report}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:

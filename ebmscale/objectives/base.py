@@ -64,6 +64,8 @@ class Context:
     # seams that tests override (the trainer passes its own methods).
     chain_init: Callable[[int, torch.Generator], torch.Tensor] | None = None
     noise_fn: Callable[[int, torch.Generator], NoiseFn | None] | None = None
+    # The latest class-conditional (chains, labels), for monitoring (written by negatives()).
+    last_class_chains: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The loss precision's context (autocast for DDP in bf16/fp16)."""
@@ -101,6 +103,8 @@ class Context:
                              noise_fn=self.noise_fn(n, gen), grad_scaler=self.grad_scaler)
         if idx is not None:
             self.buffer.write_back(idx, x_neg.cpu().numpy())
+        if labels is not None:
+            self.last_class_chains = (x_neg, labels)
         return x_neg, labels
 
     def prefetch(self, n: int, streams: Streams, unlabelled: bool) -> None:

@@ -46,8 +46,8 @@ EQUIV = BASE + ["sampler.init=noise", "optim.name=sgd", "optim.lr=0.05", "optim.
 LEARN = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=32", "model.depth=2", "data.toy_train_size=4000",
          "sampler.kind=sgld", "sampler.steps=10", "sampler.step_size=0.1", "sampler.noise_std=0.01",
          "buffer.capacity=128", "objective.alpha=0.1", "optim.lr=1e-2", "optim.betas=[0.9,0.999]", "optim.ema=0",
-         "train.precision=bf16", "train.steps=200", "train.log_every=50", "train.sample_every=0",
-         "train.checkpoint_every=0", "train.progress=false", "train.tensorboard=false", "train.threads=1",
+         "train.precision=bf16", "train.steps=200", "train.log_every=50", "train.sample_every=100",
+         "train.checkpoint_every=0", "train.progress=false", "train.tensorboard=true", "train.threads=1",
          "train.device=cpu", "data.batch_size=32", "buffer.backend=local"]
 
 

@@ -74,9 +74,26 @@ def test_bf16_training_learns_a_2d_density_and_ranks_share_one_run_dir(ranks):
     assert learn["chain_nll_median"] < learn["uniform_nll_median"] - 3.0, learn
     assert ranks[0]["learn"]["last_metrics"] == ranks[1]["learn"]["last_metrics"], "metrics reduced before logging"
     run0 = os.path.join(out, "learn")
-    # Rank 0 writes the run directory; in a checkpoint every rank writes its own part.
-    assert sorted(os.listdir(run0)) == ["checkpoints", "config.yaml", "metrics.jsonl", "runtime.yaml", "samples"]
-    assert sorted(os.listdir(os.path.join(run0, "samples"))) == ["final.png", "step-0000200.png"]
+    # Rank 0 writes the run directory -- one report, one set of images, one event file -- and in a
+    # checkpoint every rank writes its own part.
+    assert sorted(os.listdir(run0)) == ["checkpoints", "config.yaml", "metrics.jsonl", "report.html", "runtime.yaml",
+                                        "samples", "tb"]
+    assert sorted(os.listdir(os.path.join(run0, "samples"))) == [
+        "buffer-step-0000100.png", "buffer-step-0000200.png", "final.png", "step-0000100.png", "step-0000200.png"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(os.listdir(os.path.join(run0, "tb"))) == 1
+    acc = EventAccumulator(os.path.join(run0, "tb"), size_guidance={"images": 0, "histograms": 0})
+    acc.Reload()
+    for tag in ("samples/negatives", "samples/buffer"):
+        assert [e.step for e in acc.Images(tag)] == [100, 200], tag
+    for tag in ("energy/positive", "energy/negative", "energy/buffer"):
+        assert [e.step for e in acc.Histograms(tag)] == [100, 200], tag
+    # Buffer health of the two ranks' local buffers, reduced like every metric (same on both ranks).
+    health = ranks[0]["learn"]["last_metrics"]
+    assert health["buffer_age_max"] > 0 and 0 < health["buffer_fill"] <= 1 and health["buffer_diversity"] > 0
+    with open(os.path.join(run0, "report.html")) as fh:
+        assert "buffer_age_mean" in fh.read()
     assert sorted(os.listdir(os.path.join(run0, "checkpoints", "step-200"))) == [
         "COMPLETE", "rank-00000.pt", "rank-00001.pt", "shared.pt"]
     with open(os.path.join(run0, "metrics.jsonl")) as fh:

@@ -54,21 +54,34 @@ def test_embedded_mode_under_accelerate_launch(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert (r0["world"], r0["steps"], r1["steps"]) == (2, 6, 6) and r0["is_global"]
     assert r0["cross"]["seen"] and r0["cross"]["num_shards"] == 2
+    for r in (r0, r1):  # token auth on, its token file (0600) in rank 0's session directory
+        assert r["cross"]["token"] == {"mode": 0o600, "in_session": True}
     assert r0["temp_dir"] and r1["temp_dir"] is None  # rank 0 owned the session directory
     for r in (r0, r1):
         assert not r["ray_connected_after"] and not r["temp_dir_left"]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in records] == [3, 6] and records[-1]["buffer_restarts"] == 0
+    # Buffer health of the global buffer, reported by rank 0 from the shards (rank 1 adds weight 0):
+    # 3 sampler steps per write-back, 6 steps, no restarts.
+    last = records[-1]
+    assert last["buffer_reinit_frac"] == 0 and 3 <= last["buffer_age_max"] <= 18 and last["buffer_age_max"] % 3 == 0
+    assert 0 < last["buffer_fill"] <= 1 and 0 < last["buffer_age_mean"] <= last["buffer_age_max"]
     assert not any("ray" in name.lower() for _, dirs, files in os.walk(home) for name in dirs + files)
     for noise in ("(raylet)", "Started a local Ray", "INFO worker", "ray.init", "Ray dashboard"):
         assert noise not in log, noise
 
 
 def test_cluster_mode_with_the_launch_scripts(tmp_path, cli_env):
-    """launch/ray/head.sh starts a cluster; training with buffer.ray_address=auto joins it."""
+    """launch/ray/head.sh starts a cluster with a fresh token (0600 file); a client without the
+    token, or with a wrong one, is refused; training with buffer.ray_address=auto and the token
+    joins it."""
     ray_tmp = tempfile.mkdtemp(prefix="ebr", dir="/tmp")  # short: Ray puts unix sockets under it
-    env = dict(cli_env, RAY_TMPDIR=ray_tmp, RAY_PORT=str(_free_port()),
-               RAY_BIN=os.path.join(os.path.dirname(sys.executable), "ray"))
+    token = os.path.join(ray_tmp, "cluster.token")
+    env = {k: v for k, v in cli_env.items() if not k.startswith("RAY_AUTH")}
+    env.update(RAY_TMPDIR=ray_tmp, RAY_PORT=str(_free_port()), RAY_BIN=os.path.join(os.path.dirname(sys.executable), "ray"),
+               HOME=str(tmp_path / "home"))
+    no_token = dict(env)
+    env["RAY_AUTH_TOKEN_PATH"] = token
     # --block keeps the cluster's processes in our own process group, so we stop exactly them.
     head = subprocess.Popen(["bash", os.path.join(REPO, "launch", "ray", "head.sh"), "--block",
                              "--ray-client-server-port", str(_free_port()),
@@ -82,11 +95,25 @@ def test_cluster_mode_with_the_launch_scripts(tmp_path, cli_env):
                 break
             time.sleep(0.1)
         assert os.path.exists(record), head.stderr.read() if head.poll() is not None else "no cluster record"
+        assert os.stat(token).st_mode & 0o777 == 0o600 and len(open(token).read()) == 64
+        # A plain Ray client with a wrong token is refused by the cluster itself.
+        with open(record) as fh:
+            address = fh.read().strip()
+        probe = subprocess.run([sys.executable, "-c", "import ray, sys; ray.init(address=sys.argv[1]); print('joined')",
+                                address], env=dict(no_token, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64),
+                               capture_output=True, text=True, timeout=300)
+        assert probe.returncode != 0 and "joined" not in probe.stdout
+        assert "ConnectionError" in probe.stderr or "Authentication" in probe.stderr, probe.stderr[-2000:]
+        # ebmscale without any token: one line that says where the token comes from.
+        r = run_cli(["train", "--run-dir", str(tmp_path / "refused"), "buffer.ray_address=auto", "train.steps=1",
+                     *TOY], no_token, tmp_path)
+        assert r.returncode == 2 and "needs its authentication token" in r.stderr, r.stderr[-2000:]
         run = tmp_path / "run"
         r = run_cli(["train", "--run-dir", str(run), "buffer.ray_address=auto", "train.steps=4", "train.log_every=2",
                      *TOY], env, tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 4
+        assert not any("ray" in n.lower() for _, dirs, files in os.walk(tmp_path / "home") for n in dirs + files)
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -138,7 +165,7 @@ def test_draws_reinit_fraction_and_uniform_over_all_shards(ray_session):
             reinit = (x >= 5.0).all(axis=1)
             assert np.array_equal(reinit | (x == 0.0).all(axis=1), np.ones(300, bool))
             fresh, total = fresh + reinit.sum(), total + 300
-            for k, _, idx in handle:
+            for k, _, idx, _ in handle:
                 np.add.at(counts[k], idx, 1)
         assert abs(fresh / total - 0.1) < 4 * np.sqrt(0.1 * 0.9 / total)
         expected = total / 200  # uniform over all 200 slots of all shards
@@ -180,7 +207,7 @@ def test_affine_mixing_and_class_labels(ray_session):
         want = np.tile(np.arange(4), 50)
         for _ in range(20):
             _, handle = b.draw(len(want), want, rng)
-            for k, pos, idx in handle:
+            for k, pos, idx, _ in handle:
                 # Labelled starts come from slots of their class (slot i of a shard holds class i % 4).
                 assert np.array_equal(idx % 4, want[pos])
                 own += len(pos) * (k == 1)
@@ -202,12 +229,40 @@ def test_write_back_by_one_rank_is_visible_to_another(ray_session):
         b.write_back(handle, np.full_like(x, 5.5))
         b.flush()
         shards = a.state_dict()["shards"]
-        for k, _, idx in handle:
+        for k, _, idx, _ in handle:
             assert np.all(shards[k]["data"][idx] == 5.5)
-        assert {k for k, _, _ in handle} == {0, 1}  # rank 1 wrote into rank 0's shard too
+        assert {k for k, _, _, _ in handle} == {0, 1}  # rank 1 wrote into rank 0's shard too
     finally:
         b.close()
         a.close()
+
+
+def test_health_is_gathered_from_the_shards(ray_session):
+    """Rank 0's health figures equal those of the shards' chains pooled locally (the shards send
+    counts, not chains)."""
+    from ebmscale.buffer import health
+    from ebmscale.buffer.replay import decode
+
+    b = load_config(None, ["buffer.backend=ray", "data.batch_size=1", "buffer.capacity=40", "buffer.shards=2",
+                           "buffer.reinit_prob=0.3"]).buffer
+    c = RayBuffer(b, (2,), (5.0, 6.0), 0, 0, 1, shard_seed=lambda k: 100 + k, chain_steps=4)
+    try:
+        c.health()  # restart counters from zero
+        x, handle = c.draw(30, None, np.random.default_rng(0))
+        c.write_back(handle, x)
+        c.flush()
+        got = health.figures(c.health())
+        reinits = sum(int(r.sum()) for _, _, _, r in handle)
+        shards = c.state_dict()["shards"]
+        slots = sum(len(np.unique(idx)) for _, _, idx, _ in handle)
+        assert got["buffer_reinit_frac"][0] == reinits / 30 and got["buffer_age_max"][0] == 4
+        assert got["buffer_fill"][0] == slots / 40 and got["buffer_age_mean"][0] == 4 * slots / 40
+        assert sum(int(s["age"].sum()) for s in shards) == 4 * slots
+        dec = lambda q: decode(q, "fp32", (5.0, 6.0))  # noqa: E731
+        local = health.merge([health.raw_stats(s["data"], s["age"], None, 0, 0, 0, dec) for s in shards])
+        assert got["buffer_diversity"][0] == pytest.approx(health.figures(local)["buffer_diversity"][0], rel=1e-12)
+    finally:
+        c.close()
 
 
 def _wait_restarted(c: RayBuffer, shard: int) -> None:
@@ -234,7 +289,7 @@ def test_restarted_shard_restores_the_last_checkpoint(ray_session):
         now = c.state_dict()["shards"]
         assert np.array_equal(now[0]["data"], saved[0]["data"])
         assert now[0]["rng"] == saved[0]["rng"]
-        for k, _, idx in handle:
+        for k, _, idx, _ in handle:
             if k == 1:  # the shard that lived on kept its newer chains
                 assert np.all(now[1]["data"][idx] == 5.25)
         # The draw path still works, and rank 0 reports the restart exactly once.

@@ -91,7 +91,7 @@ def test_sampler_batch_size_sets_the_number_of_chains(tmp_path, extra):
     chains writes back exactly that many states, and the loss is finite."""
     tr = make(tmp_path, "sampler.batch_size=5", *extra)
     written, write_back = [], tr.buffer.write_back
-    tr.buffer.write_back = lambda idx, x: (written.append((len(idx), len(x))), write_back(idx, x))
+    tr.buffer.write_back = lambda h, x: (written.append((len(h[0]), len(x))), write_back(h, x))
     stats = tr.train_step()
     assert math.isfinite(stats["loss"])
     assert tr.last_negatives.shape[0] == 5
