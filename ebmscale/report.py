@@ -22,7 +22,8 @@ import re
 import time
 from typing import Any
 
-from ebmscale.checkpoint import _atomic_write, list_checkpoints
+from ebmscale.checkpoint import list_checkpoints
+from ebmscale.utils import atomic_write_bytes
 
 REPORT_FILE = "report.html"
 MAX_GRID_STEPS = 12  # sample grids over time: at most this many steps (evenly spread, always the last)
@@ -367,5 +368,5 @@ def write_report(run_dir: str, out: str | None = None) -> str:
     """Write :func:`build_report` to ``out`` (default ``<run_dir>/report.html``) atomically."""
     page = build_report(run_dir).encode("utf-8")
     out = out or os.path.join(run_dir, REPORT_FILE)
-    _atomic_write(out, lambda fh: fh.write(page))
+    atomic_write_bytes(out, page)
     return out
