@@ -7,6 +7,7 @@ so a bad config fails before any work starts with one line naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -76,10 +77,11 @@ class ModelConfig:
 
 @dataclass
 class SamplerConfig:
-    kind: str = _f("sgld", "'sgld' = x - step*grad + noise_std*N (IGEBM/JEM); 'langevin' = x - eps^2/2*grad + eps*N",
-                   choices=("sgld", "langevin"))
+    kind: str = _f("sgld", "'sgld' = x - step*grad + noise_std*N (IGEBM/JEM); 'langevin' = x - eps^2/2*grad + eps*N; "
+                           "'mala' = langevin's proposal with a Metropolis-Hastings accept/reject (unbiased)",
+                   choices=("sgld", "langevin", "mala"))
     steps: int = _f(20, "Langevin steps per training step (K)", min=0)
-    step_size: float = _f(10.0, "sgld: gradient step; langevin: eps (gradient weight eps^2/2, noise eps)", min=0.0)
+    step_size: float = _f(10.0, "sgld: gradient step; langevin, mala: eps (gradient weight eps^2/2, noise eps)", min=0.0)
     noise_std: float = _f(0.005, "sgld only: std of the noise added each step", min=0.0)
     grad_clip: float = _f(0.03, "per-step L-inf clip of the energy gradient (IGEBM: 0.01); 0 = off", min=0.0)
     clamp: bool = _f(True, "clamp chains to the data range after every step")
@@ -375,8 +377,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
     if any(int(x) != x or x <= 0 for x in cfg.optim.decay_steps):
         raise ConfigError(f"optim.decay_steps must be positive integers, got {cfg.optim.decay_steps}")
-    if s.kind == "langevin" and s.noise_std not in (0.0, SamplerConfig.noise_std):
-        raise ConfigError("sampler.noise_std is only used by kind=sgld; langevin's noise is step_size itself")
+    if s.kind in ("langevin", "mala") and s.noise_std not in (0.0, SamplerConfig.noise_std):
+        raise ConfigError(f"sampler.noise_std is only used by kind=sgld; {s.kind}'s noise is step_size itself")
+    if s.kind == "mala" and not (0.0 < s.step_size < math.inf):
+        raise ConfigError(f"sampler.step_size must be a positive finite number for sampler.kind=mala, got {s.step_size}")
     if d.dataset in ("shards", "folder", "cifar10", "cifar100", "npz") and not d.path:
         raise ConfigError(f"data.path is required for dataset '{d.dataset}'")
     if d.dataset == "folder" and not d.resolution:

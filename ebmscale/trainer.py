@@ -45,7 +45,8 @@ from ebmscale.models import build_model
 from ebmscale.objectives import ESTIMATOR_KINDS, build_estimator, jem_loss, pcd_loss
 from ebmscale.parallel import Parallel, resolve_device  # noqa: F401 (resolve_device: re-exported)
 from ebmscale.performance import compiled_energy, resolve_speed, reuse_freed_cpu_memory
-from ebmscale.sampling import InputGradScaler, LangevinSettings, NoiseFn, langevin, sampling_mode, uniform_noise
+from ebmscale.sampling import (InputGradScaler, LangevinSettings, NoiseFn, acceptance_rate, langevin, sampling_mode,
+                               uniform_noise)
 
 class DivergenceError(RuntimeError):
     """Training diverged; the message names the step and the metric that tripped."""
@@ -149,6 +150,8 @@ class Trainer:
         self.step = 0
         self.metrics = MetricLogger(self.run_dir if dist.is_main() else None, tensorboard=cfg.train.tensorboard)
         self.last_negatives: torch.Tensor | None = None
+        # MALA's accepted / proposed chain-steps of the current step (sampler.kind=mala).
+        self.sampler_counts: dict = {}
         # CD-k, score matching, NCE, adversarial, KSD (None for pcd/jem): ebmscale.objectives.estimators.
         self.estimator = build_estimator(self)
         self.saved_step: int | None = None  # step of the checkpoint last written or loaded
@@ -193,7 +196,8 @@ class Trainer:
             m = self.sampler_energy
             fn = (lambda x: m(x, labels)) if labels is not None else m
             x_neg = langevin(fn, x0, self.settings, gen, autocast_dtype=self.parallel.autocast_dtype,
-                             noise_fn=self._noise_fn(n, gen), grad_scaler=self.input_grad_scaler)
+                             noise_fn=self._noise_fn(n, gen), grad_scaler=self.input_grad_scaler,
+                             stats=self.sampler_counts)
         if idx is not None:
             self.buffer.write_back(idx, x_neg.cpu().numpy())
         return x_neg, labels
@@ -225,6 +229,7 @@ class Trainer:
         gen = dist.torch_generator(seed, self.rank, self.step, "langevin", self.device)
         o = cfg.objective
         self.model.train()
+        self.sampler_counts.clear()
         # Chains per step: sampler.batch_size, or one per data example.
         m = cfg.sampler.batch_size or n
         if o.kind == "jem":
@@ -282,6 +287,8 @@ class Trainer:
         out.update(grad_norm=grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
                    sampler_time=t2 - t1, data_time=t1 - t0, step_time=t3 - t0,
                    samples_per_s=n / (t3 - t0), lr=self.optimizer.param_groups[0]["lr"])
+        if cfg.sampler.kind == "mala":  # None on a step without sampling (weight 0 in the metrics)
+            out["accept_rate"] = acceptance_rate(self.sampler_counts)
         if cfg.train.precision == "fp16":
             out.update(skipped_step=float(overflow), grad_scale=self.parallel.grad_scale(),
                        sampler_grad_scale=self.input_grad_scaler.scale)
@@ -293,6 +300,8 @@ class Trainer:
         gen = dist.torch_generator(self.seed, self.rank, self.step, "objective", self.device)
         self.parallel.zero_grad(self.optimizer)
         loss, stats, x_neg = self.estimator.loss(x_pos, gen)
+        self.sampler_counts.update(self.estimator.sampler_counts)
+        self.estimator.sampler_counts.clear()
         return x_neg, loss, stats, t1 + float(stats.pop("sampler_time", 0.0))
 
     def _check_divergence(self, stats: dict, grad_norm: float | None, overflow: bool = False) -> None:

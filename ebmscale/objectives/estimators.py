@@ -93,6 +93,8 @@ class Estimator:
     def __init__(self, host: Host):
         self.host = host
         self.o = host.cfg.objective
+        # MALA's acceptance counts of this step's sampler calls (the trainer reads and clears them).
+        self.sampler_counts: dict = {}
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         """The training forward: through the data-parallel wrapper, in the loss precision."""
@@ -114,7 +116,7 @@ class Estimator:
         h = self.host
         settings = dataclasses.replace(h.settings, steps=steps)
         with sampling_mode(h.model, checkpointing=h.cfg.train.sampler_checkpointing) as m:
-            return langevin(m, x0, settings, gen, autocast_dtype=h.parallel.autocast_dtype)
+            return langevin(m, x0, settings, gen, autocast_dtype=h.parallel.autocast_dtype, stats=self.sampler_counts)
 
     def loss(self, x_pos: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
         raise NotImplementedError
