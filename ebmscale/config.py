@@ -29,7 +29,7 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, min: float | No
     return field(default=default, metadata=meta)
 
 
-OBJECTIVE_KINDS = ("pcd", "jem", "cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd")
+OBJECTIVE_KINDS = ("pcd", "jem", "cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd", "mpf", "kl_contraction")
 TOY_DATASETS = ("8gaussians", "rings", "checkerboard", "moons")
 IMAGE_DATASETS = ("mnist", "digits", "shards", "folder", "cifar10", "cifar100", "npz")
 
@@ -120,7 +120,8 @@ class BufferConfig:
 class ObjectiveConfig:
     kind: str = _f("pcd", "training objective: pcd (maximum likelihood, IGEBM), jem (hybrid classifier + PCD), "
                           "cd (CD-k), sm (exact score matching), dsm (denoising SM), ssm (sliced SM), "
-                          "nce (noise-contrastive), adversarial (learned sampler), ksd (kernel Stein discrepancy)",
+                          "nce (noise-contrastive), adversarial (learned sampler), ksd (kernel Stein discrepancy), "
+                          "mpf (minimum probability flow), kl_contraction (minimum KL contraction)",
                    choices=OBJECTIVE_KINDS)
     alpha: float = _f(0.1, "energy regularisation weight: alpha * (E(x+)^2 + E(x-)^2) (IGEBM: 1, JEM: 0)", min=0.0)
     clf_weight: float = _f(1.0, "jem: weight of the cross-entropy term log p(y|x)", min=0.0)
@@ -147,6 +148,12 @@ class ObjectiveConfig:
     flow_layers: int = _f(6, "adversarial, flow: affine coupling layers", min=1)
     refine_steps: int = _f(0, "adversarial: Langevin steps (sampler.kind's rule) refining q_phi's samples", min=0)
     ksd_bandwidth: float = _f(0.0, "ksd: RBF bandwidth h; 0 = median heuristic (median pairwise distance)", min=0.0)
+    mpf_step: float = _f(0.1, "mpf: step eps of the MALA transition whose probability flow out of the data is "
+                              "minimised", min=0.0, min_exclusive=True)
+    kl_contraction_sigma: float = _f(0.1, "kl_contraction: std of the Gaussian smoothing Phi", min=0.0,
+                                     min_exclusive=True)
+    kl_contraction_samples: int = _f(16, "kl_contraction: draws M of the inner log E_u exp(-E(y + u)) per "
+                                         "example (bias O(1/M))", min=1)
 
 
 @dataclass

@@ -23,6 +23,8 @@ ssm         sliced score matching (optionally variance-reduced)
 nce         noise-contrastive estimation with a learnable log Z
 adversarial learned sampler q_phi (noisy generator or flow), minimax bound with entropy
 ksd         kernel Stein discrepancy, RBF kernel, U-statistic
+mpf         minimum probability flow with MALA connectivity (``kl_tricks``)
+kl_contraction  minimum KL contraction, Gaussian smoothing (``kl_tricks``)
 ==========  =====================================================================
 """
 from __future__ import annotations
@@ -37,13 +39,14 @@ from torch import nn
 
 from ebmscale import dist
 from ebmscale.objectives.adversarial import flow_sampler_loss, noisy_sampler_loss
+from ebmscale.objectives.kl_tricks import kl_contraction_loss, mpf_loss
 from ebmscale.objectives.ksd import ksd_loss
 from ebmscale.objectives.nce import GaussianNoise, UniformNoise, nce_loss, noise_from_state
 from ebmscale.objectives.pcd import pcd_loss
 from ebmscale.objectives.score_matching import dsm_loss, exact_sm_loss, ssm_loss
-from ebmscale.sampling import langevin, sampling_mode
+from ebmscale.sampling import energy_and_grad, langevin, sampling_mode
 
-ESTIMATOR_KINDS = ("cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd")
+ESTIMATOR_KINDS = ("cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd", "mpf", "kl_contraction")
 
 
 class Host(Protocol):
@@ -118,6 +121,17 @@ class Estimator:
         with sampling_mode(h.model, checkpointing=h.cfg.train.sampler_checkpointing) as m:
             return langevin(m, x0, settings, gen, autocast_dtype=h.parallel.autocast_dtype, stats=self.sampler_counts)
 
+    def normal(self, shape: tuple, gen: torch.Generator) -> torch.Tensor:
+        """Standard-normal draws of ``shape`` (first dimension: the batch) from this rank's stream."""
+        return torch.randn(shape, generator=gen, device=self.host.device)
+
+    def frozen_energy_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies and dE/dx on the frozen, unwrapped model (no parameter gradients, no
+        collectives, no power-iteration step), energies under autocast as in the sampler."""
+        h = self.host
+        with sampling_mode(h.model) as m:
+            return energy_and_grad(m, x, autocast_dtype=h.parallel.autocast_dtype)
+
     def loss(self, x_pos: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
         raise NotImplementedError
 
@@ -164,6 +178,25 @@ class KernelStein(Estimator):
     def loss(self, x_pos, gen):
         loss, stats = ksd_loss(self.energy, x_pos, self.o.ksd_bandwidth)
         return self._tie_constant(loss), stats, None
+
+
+class ProbabilityFlow(Estimator):
+    """Minimum probability flow with MALA connectivity (``kl_tricks.mpf_loss``)."""
+
+    def loss(self, x_pos, gen):
+        loss, stats = mpf_loss(self.energy, self.frozen_energy_and_grad, x_pos, self.o.mpf_step,
+                               lambda shape: self.normal(shape, gen))
+        return loss, stats, None
+
+
+class KLContraction(Estimator):
+    """Minimum KL contraction with Gaussian smoothing (``kl_tricks.kl_contraction_loss``)."""
+
+    def loss(self, x_pos, gen):
+        o = self.o
+        loss, stats = kl_contraction_loss(self.energy, x_pos, o.kl_contraction_sigma, o.kl_contraction_samples,
+                                          lambda shape: self.normal(shape, gen))
+        return loss, stats, None
 
 
 class NoiseContrastive(Estimator):
@@ -274,7 +307,8 @@ class Adversarial(Estimator):
 
 
 _CLASSES = {"cd": ContrastiveDivergence, "sm": ScoreMatching, "dsm": ScoreMatching, "ssm": ScoreMatching,
-            "nce": NoiseContrastive, "adversarial": Adversarial, "ksd": KernelStein}
+            "nce": NoiseContrastive, "adversarial": Adversarial, "ksd": KernelStein, "mpf": ProbabilityFlow,
+            "kl_contraction": KLContraction}
 
 
 def build_estimator(host: Host) -> Estimator | None:

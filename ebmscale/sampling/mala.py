@@ -31,6 +31,42 @@ import torch
 from ebmscale.sampling.langevin import EnergyFn, InputGradScaler, LangevinSettings, NoiseFn
 
 
+def energy_and_grad(energy_fn: EnergyFn, x: torch.Tensor, *, autocast_dtype: torch.dtype | None = None,
+                    grad_scaler: InputGradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample energies (fp32, detached, shape ``(n,)``) and the fp32 input gradient of their
+    sum at ``x``, the energy under autocast when ``autocast_dtype`` is given (fp16: loss-scaled by
+    ``grad_scaler``). The model's parameters should be frozen (:func:`sampling_mode`)."""
+    z = x.detach().requires_grad_(True)
+    n = x.shape[0]
+    holder: list[torch.Tensor] = []
+
+    def summed() -> torch.Tensor:
+        if autocast_dtype is not None:
+            with torch.autocast(device_type=x.device.type, dtype=autocast_dtype):
+                e = energy_fn(z)
+        else:
+            e = energy_fn(z)
+        e = e.float().reshape(n)
+        holder[:] = [e]
+        return e.sum()
+
+    with torch.enable_grad():
+        if grad_scaler is not None and autocast_dtype == torch.float16:
+            g = grad_scaler.grad(summed, z)
+        else:
+            (g,) = torch.autograd.grad(summed(), z)
+    return holder[0].detach(), g.float().detach()
+
+
+def proposal_log_ratio(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, drift_y: torch.Tensor,
+                       eps: float) -> torch.Tensor:
+    """log q(x | y) - log q(y | x) per sample for the Langevin proposal
+    ``y = x - (eps^2/2) drift(x) + eps z`` (``drift_y`` = the drift at y): -(||w||^2 - ||z||^2)/2
+    with ``w = (x - y + (eps^2/2) drift_y) / eps``, summed as (w - z)(w + z) in fp32."""
+    w = (x - y + 0.5 * eps ** 2 * drift_y) / eps
+    return -0.5 * ((w - z) * (w + z)).flatten(1).sum(1)
+
+
 def mala(energy_fn: EnergyFn, x0: torch.Tensor, settings: LangevinSettings,
          generator: torch.Generator | None = None, *, autocast_dtype: torch.dtype | None = None,
          trajectory: list | None = None, grads: list | None = None, noise_fn: NoiseFn | None = None,
@@ -44,32 +80,12 @@ def mala(energy_fn: EnergyFn, x0: torch.Tensor, settings: LangevinSettings,
     a = 0.5 * eps ** 2
     x = x0.detach().clone()
     n = x.shape[0]
-    device_type = x.device.type
     if autocast_dtype == torch.float16 and grad_scaler is None:
         grad_scaler = InputGradScaler()
     scaler = grad_scaler if autocast_dtype == torch.float16 else None
 
-    def energy_and_grad(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-chain energies (fp32, detached) and the fp32 input gradient of their sum."""
-        z = z.detach().requires_grad_(True)
-        holder: list[torch.Tensor] = []
-
-        def summed() -> torch.Tensor:
-            if autocast_dtype is not None:
-                with torch.autocast(device_type=device_type, dtype=autocast_dtype):
-                    e = energy_fn(z)
-            else:
-                e = energy_fn(z)
-            e = e.float().reshape(n)
-            holder[:] = [e]
-            return e.sum()
-
-        with torch.enable_grad():
-            if scaler is not None:
-                g = scaler.grad(summed, z)
-            else:
-                (g,) = torch.autograd.grad(summed(), z)
-        return holder[0].detach(), g.float().detach()
+    def grad_of(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return energy_and_grad(energy_fn, z, autocast_dtype=autocast_dtype, grad_scaler=scaler)
 
     def drift(g: torch.Tensor) -> torch.Tensor:
         return g.clamp(-settings.grad_clip, settings.grad_clip) if settings.grad_clip > 0 else g
@@ -77,7 +93,7 @@ def mala(energy_fn: EnergyFn, x0: torch.Tensor, settings: LangevinSettings,
     def per_chain(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(n, *([1] * (x.dim() - 1)))
 
-    e, g = energy_and_grad(x)
+    e, g = grad_of(x)
     accepted = 0
     for _ in range(settings.steps):
         if grads is not None:
@@ -85,9 +101,8 @@ def mala(energy_fn: EnergyFn, x0: torch.Tensor, settings: LangevinSettings,
         z = (noise_fn(x) if noise_fn is not None
              else torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)).float()
         y = x - a * drift(g) + eps * z
-        e_y, g_y = energy_and_grad(y)
-        w = (x - y + a * drift(g_y)) / eps
-        log_r = (e - e_y) - 0.5 * ((w - z) * (w + z)).flatten(1).sum(1)
+        e_y, g_y = grad_of(y)
+        log_r = (e - e_y) + proposal_log_ratio(x, y, z, drift(g_y), eps)
         u = torch.rand(n, device=x.device, generator=generator)
         ok = torch.log(u) < log_r  # False for a NaN ratio: a non-finite proposal is rejected
         if settings.clamp is not None:

@@ -13,9 +13,11 @@ from torch import nn
 from ebmscale.config import ConfigError, load_config
 from ebmscale.models.samplers import CouplingFlow, NoisyGenerator
 from ebmscale.objectives.adversarial import noisy_sampler_loss, noisy_score_estimate
+from ebmscale.objectives.kl_tricks import kl_contraction_loss, mpf_loss
 from ebmscale.objectives.ksd import ksd_u_statistic
 from ebmscale.objectives.nce import GaussianNoise, nce_loss
 from ebmscale.objectives.score_matching import dsm_loss, exact_sm_loss, ssm_loss
+from ebmscale.sampling import energy_and_grad
 from ebmscale.trainer import Trainer
 
 
@@ -185,6 +187,64 @@ def test_flow_log_density_is_exact_and_normalised():
     assert mass == pytest.approx(1.0, abs=0.01)
 
 
+def _fit_gaussian(loss_fn, steps: int = 300, seed: int = 2):
+    """Adam from N(0, I) on ``loss_fn(model, normal)``; returns (fitted model, data, sample mean,
+    sample precision). Data: 1,500 draws of a correlated 2-D Gaussian."""
+    mu, cov = torch.tensor([1.0, -0.5]), torch.tensor([[1.0, 0.5], [0.5, 0.8]])
+    x = torch.randn(1500, 2, generator=torch.Generator().manual_seed(1)) @ torch.linalg.cholesky(cov).T + mu
+    model = GaussianEnergy(torch.zeros(2), torch.eye(2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(seed)
+    for it in range(steps):
+        if it == 2 * steps // 3:
+            for group in opt.param_groups:
+                group["lr"] = 0.01
+        loss, _ = loss_fn(model, x, lambda shape: torch.randn(shape, generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, x.mean(0), torch.linalg.inv(torch.cov(x.T))
+
+
+def _assert_recovers(model, mean, precision, rel):
+    assert torch.allclose(model.mu.detach(), mean, atol=0.05), (model.mu, mean)
+    err = (model.precision.detach() - precision).norm() / precision.norm()
+    assert err < rel, (model.precision, precision)
+
+
+def test_mpf_recovers_a_gaussian_energy():
+    """Minimum probability flow (MALA connectivity, eps = 0.5) from N(0, I) to the data's
+    Gaussian: mean and precision match the sample's (the MLE) to Monte-Carlo accuracy."""
+    model, mean, precision = _fit_gaussian(lambda m, x, normal: mpf_loss(m, lambda z: energy_and_grad(m, z), x, 0.5,
+                                                                         normal))
+    _assert_recovers(model, mean, precision, rel=0.05)
+
+
+def test_mpf_gradient_vanishes_in_expectation_at_the_true_model():
+    """Consistency at finite eps: with data drawn from the model itself, the expected gradient of
+    the flow is zero (weighted pairs are exchangeable), while a shifted model gets a clear one."""
+    model = GaussianEnergy(torch.tensor([0.5, 0.0]), torch.tensor([[2.0, 0.3], [0.3, 1.0]]))
+    cov = torch.linalg.inv(model.precision.detach())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 2, generator=g) @ torch.linalg.cholesky(cov).T + model.mu.detach()
+
+    def grad_at(m):
+        loss, _ = mpf_loss(m, lambda z: energy_and_grad(m, z), x, 0.8, lambda s: torch.randn(s, generator=g))
+        return torch.autograd.grad(loss, m.mu)[0]
+
+    # Monte-Carlo noise of the mean gradient at n = 20,000 is about 0.01; the shift gives about 0.25.
+    shifted = GaussianEnergy(torch.tensor([0.8, 0.0]), model.precision.detach())
+    assert grad_at(shifted)[0] > 0.2
+    assert grad_at(model).abs().max() < 0.03
+
+
+def test_kl_contraction_recovers_a_gaussian_energy():
+    """Minimum KL contraction (Gaussian smoothing sigma = 0.5, M = 32 inner draws) from N(0, I):
+    mean and precision match the sample's up to the O(1/M) log-mean-exp bias."""
+    model, mean, precision = _fit_gaussian(lambda m, x, normal: kl_contraction_loss(m, x, 0.5, 32, normal))
+    _assert_recovers(model, mean, precision, rel=0.1)
+
+
 # ---------------------------------------------------------------------------------- trainer
 
 SMALL = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=16", "model.depth=2", "data.batch_size=32",
@@ -193,7 +253,8 @@ SMALL = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=16", "model.d
 KINDS = [("cd", ["objective.cd_steps=2"]), ("sm", []), ("dsm", ["objective.dsm_sigmas=[0.1, 0.3]"]),
          ("ssm", ["objective.ssm_projections=2"]), ("nce", ["objective.nce_noise_ratio=2"]),
          ("nce", ["objective.nce_noise=uniform"]), ("adversarial", ["objective.refine_steps=1"]),
-         ("adversarial", ["objective.sampler=flow", "objective.flow_layers=2"]), ("ksd", [])]
+         ("adversarial", ["objective.sampler=flow", "objective.flow_layers=2"]), ("ksd", []),
+         ("mpf", ["objective.mpf_step=0.2"]), ("kl_contraction", ["objective.kl_contraction_samples=4"])]
 
 
 @pytest.mark.parametrize("kind,extra", KINDS, ids=[f"{k}-{i}" for i, (k, _) in enumerate(KINDS)])
@@ -225,6 +286,9 @@ def test_trainer_runs_each_kind_and_resumes_exactly(tmp_path, kind, extra):
     (["objective.kind=nce", "train.precision=fp16"], "train.precision"),
     (["objective.kind=ssm", "train.distributed=deepspeed"], "train.distributed"),
     (["objective.kind=adversarial", "objective.sampler=gan"], "objective.sampler"),
+    (["objective.kind=mpf", "objective.mpf_step=0"], "objective.mpf_step"),
+    (["objective.kind=kl_contraction", "objective.kl_contraction_samples=0"], "objective.kl_contraction_samples"),
+    (["objective.kind=kl_contraction", "objective.kl_contraction_sigma=-1"], "objective.kl_contraction_sigma"),
 ])
 def test_estimator_config_errors_name_the_key(override, key):
     base = ["data.dataset=8gaussians", "model.arch=mlp"]
@@ -249,4 +313,4 @@ def test_benchmark_recipes_differ_from_pcd_only_in_the_estimator():
         assert (cfg.optim.name, cfg.optim.betas, cfg.optim.ema) == (ref.optim.name, ref.optim.betas, ref.optim.ema), name
         assert cfg.train.threads == 1, name
         kinds.add(cfg.objective.kind)
-    assert kinds == {"pcd", "cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd"}
+    assert kinds == {"pcd", "cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd", "mpf", "kl_contraction"}
