@@ -49,6 +49,7 @@ ESTIMATORS = {
     "pcd_mala": "toy_8gaussians_mala.yaml",
     "mpf": "toy_8gaussians_mpf.yaml",
     "kl_contraction": "toy_8gaussians_kl_contraction.yaml",
+    "lsd": "toy_8gaussians_lsd.yaml",
 }
 DATASETS = ("8gaussians", "rings", "checkerboard")
 BEGIN, END = "<!-- estimators:begin -->", "<!-- estimators:end -->"

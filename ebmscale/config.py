@@ -29,7 +29,11 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, min: float | No
     return field(default=default, metadata=meta)
 
 
-OBJECTIVE_KINDS = ("pcd", "jem", "cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd", "mpf", "kl_contraction")
+OBJECTIVE_KINDS = ("pcd", "jem", "cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd", "mpf", "kl_contraction",
+                   "lsd")
+# Model architectures whose output head can serve as the LSD critic (IGEBM's classes condition its
+# blocks instead of giving a head of any size).
+LSD_CRITIC_ARCHS = ("mlp", "cnn", "resnet", "wrn")
 TOY_DATASETS = ("8gaussians", "rings", "checkerboard", "moons")
 IMAGE_DATASETS = ("mnist", "digits", "shards", "folder", "cifar10", "cifar100", "npz")
 
@@ -121,7 +125,8 @@ class ObjectiveConfig:
     kind: str = _f("pcd", "training objective: pcd (maximum likelihood, IGEBM), jem (hybrid classifier + PCD), "
                           "cd (CD-k), sm (exact score matching), dsm (denoising SM), ssm (sliced SM), "
                           "nce (noise-contrastive), adversarial (learned sampler), ksd (kernel Stein discrepancy), "
-                          "mpf (minimum probability flow), kl_contraction (minimum KL contraction)",
+                          "mpf (minimum probability flow), kl_contraction (minimum KL contraction), "
+                          "lsd (learned Stein discrepancy)",
                    choices=OBJECTIVE_KINDS)
     alpha: float = _f(0.1, "energy regularisation weight: alpha * (E(x+)^2 + E(x-)^2) (IGEBM: 1, JEM: 0)", min=0.0)
     clf_weight: float = _f(1.0, "jem: weight of the cross-entropy term log p(y|x)", min=0.0)
@@ -154,6 +159,12 @@ class ObjectiveConfig:
                                      min_exclusive=True)
     kl_contraction_samples: int = _f(16, "kl_contraction: draws M of the inner log E_u exp(-E(y + u)) per "
                                          "example (bias O(1/M))", min=1)
+    lsd_critic_steps: int = _f(5, "lsd: critic updates per model step", min=1)
+    lsd_critic_lr: float = _f(0.0, "lsd: Adam learning rate of the critic; 0 = optim.lr", min=0.0)
+    lsd_l2: float = _f(0.5, "lsd: weight lambda of the critic's L2 penalty lambda * E||f||^2 (optimum "
+                            "f* = (s_model - s_data) / (2 lambda))", min=0.0, min_exclusive=True)
+    lsd_trace: str = _f("auto", "lsd: tr(df/dx) exact (one backward per dimension) or hutchinson (one "
+                                "Rademacher probe); auto = exact up to 16 dimensions", choices=("auto", "exact", "hutchinson"))
 
 
 @dataclass
@@ -449,7 +460,10 @@ def _validate_estimator(cfg: Config, toy: bool) -> None:
     if cfg.train.precision == "fp16":
         raise ConfigError(f"objective.kind={o.kind} runs in fp32 or bf16 (its extra parameters and input "
                           "gradients are not loss-scaled); set train.precision")
-    if o.kind in ("sm", "dsm", "ssm", "ksd") and cfg.train.distributed == "deepspeed":
+    if o.kind == "lsd" and cfg.model.arch not in LSD_CRITIC_ARCHS:
+        raise ConfigError(f"objective.kind=lsd builds its critic from model.arch with a d-way output head; "
+                          f"model.arch={cfg.model.arch} cannot take one (use one of {', '.join(LSD_CRITIC_ARCHS)})")
+    if o.kind in ("sm", "dsm", "ssm", "ksd", "lsd") and cfg.train.distributed == "deepspeed":
         raise ConfigError(f"objective.kind={o.kind} differentiates through input gradients, which is tested "
                           "under DDP only; set train.distributed=ddp")
     if o.kind == "sm" and not toy:

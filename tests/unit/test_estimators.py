@@ -15,6 +15,7 @@ from ebmscale.models.samplers import CouplingFlow, NoisyGenerator
 from ebmscale.objectives.adversarial import noisy_sampler_loss, noisy_score_estimate
 from ebmscale.objectives.kl_tricks import kl_contraction_loss, mpf_loss
 from ebmscale.objectives.ksd import ksd_u_statistic
+from ebmscale.objectives.lsd import critic_loss, critic_trace
 from ebmscale.objectives.nce import GaussianNoise, nce_loss
 from ebmscale.objectives.score_matching import dsm_loss, exact_sm_loss, ssm_loss
 from ebmscale.sampling import energy_and_grad
@@ -245,6 +246,76 @@ def test_kl_contraction_recovers_a_gaussian_energy():
     _assert_recovers(model, mean, precision, rel=0.1)
 
 
+def _fit_linear_critic(model: GaussianEnergy, x: torch.Tensor, l2: float, steps: int = 400) -> tuple[nn.Linear, float]:
+    """Train a linear critic f(x) = A x + b with the LSD critic loss on ``x``; return it and the
+    penalised discrepancy it reaches (over the whole sample)."""
+    critic = nn.Linear(2, 2)
+    nn.init.zeros_(critic.weight)
+    nn.init.zeros_(critic.bias)
+    opt = torch.optim.Adam(critic.parameters(), lr=0.05)
+    score = -energy_and_grad(model, x)[1]
+    for it in range(steps):
+        if it == steps // 2:
+            for group in opt.param_groups:
+                group["lr"] = 0.01
+        loss, stats = critic_loss(critic, x, score, l2, exact_trace=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return critic, float(stats["lsd"])
+
+
+def test_lsd_critic_optimum_is_the_closed_form_stein_direction():
+    """Data N(mu_D, Sigma_D), model N(mu, P^-1): the critic's maximiser of S - lambda E||f||^2 is
+    f* = (s_model - s_data) / (2 lambda), linear: A* = (P_D - P) / (2 lambda), b* = (P mu - P_D mu_D) / (2 lambda),
+    and the maximum is the Fisher divergence / (4 lambda). Tested with the sample's own Gaussian as
+    the data score (Stein's identity holds exactly for the sample's moments)."""
+    lam = 0.5
+    model = GaussianEnergy(torch.tensor([0.5, 0.0]), torch.tensor([[2.0, 0.3], [0.3, 1.0]]))
+    mu_d, cov_d = torch.tensor([1.0, -0.5]), torch.tensor([[1.0, 0.5], [0.5, 0.8]])
+    x = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0)) @ torch.linalg.cholesky(cov_d).T + mu_d
+    m, p_d = x.mean(0), torch.linalg.inv(torch.cov(x.T, correction=0))
+    p, mu = model.precision.detach(), model.mu.detach()
+    critic, value = _fit_linear_critic(model, x, lam, steps=300)
+    a_star, b_star = (p_d - p) / (2 * lam), (p @ mu - p_d @ m) / (2 * lam)
+    assert torch.allclose(critic.weight.detach(), a_star, atol=0.02), (critic.weight, a_star)
+    assert torch.allclose(critic.bias.detach(), b_star, atol=0.02), (critic.bias, b_star)
+    assert value == pytest.approx(_sample_fisher(model, x) / (4 * lam), rel=0.02)
+
+
+def _sample_fisher(model: GaussianEnergy, x: torch.Tensor) -> float:
+    """E_x ||s_model - s_D||^2 with s_D the score of the sample's own Gaussian (its moments)."""
+    m, p_d = x.mean(0), torch.linalg.inv(torch.cov(x.T, correction=0))
+    s_diff = -(x - model.mu.detach()) @ model.precision.detach() + (x - m) @ p_d
+    return float((s_diff ** 2).sum(1).mean())
+
+
+def test_lsd_is_near_zero_on_model_samples_and_grows_with_a_mean_shift():
+    model = GaussianEnergy(torch.zeros(2), torch.tensor([[2.0, 0.3], [0.3, 1.0]]))
+    cov = torch.linalg.inv(model.precision.detach())
+    z = torch.randn(1000, 2, generator=torch.Generator().manual_seed(3)) @ torch.linalg.cholesky(cov).T
+    samples = [z + torch.tensor([shift, 0.0]) for shift in (0.0, 0.5, 1.0)]
+    values = [_fit_linear_critic(model, x, 0.5, steps=300)[1] for x in samples]
+    assert abs(values[0]) < 0.02
+    # A shift delta has Fisher divergence ||P delta||^2 in expectation (LSD = that / (4 lambda)); on
+    # the finite sample the closed form uses the sample's own Gaussian.
+    for x, v in zip(samples[1:], values[1:]):
+        assert v == pytest.approx(_sample_fisher(model, x) / 2, rel=0.05), v
+    assert values[0] < 0.05 * values[1] and values[1] < values[2]
+
+
+def test_lsd_hutchinson_trace_is_unbiased():
+    """Each point repeated 4,000 times: the mean of its Rademacher probes converges to the exact trace."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 6))
+    x = torch.randn(4, 6).repeat_interleave(4000, 0).requires_grad_(True)
+    f = net(x)
+    exact = critic_trace(f, x, exact=True).detach().view(4, 4000)[:, 0]
+    g = torch.Generator().manual_seed(1)
+    est = critic_trace(f, x, exact=False, normal=lambda s: torch.randn(s, generator=g)).detach().view(4, 4000).mean(1)
+    assert torch.allclose(est, exact, atol=0.05 * float(exact.abs().max()) + 0.02), (est, exact)
+
+
 # ---------------------------------------------------------------------------------- trainer
 
 SMALL = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=16", "model.depth=2", "data.batch_size=32",
@@ -254,7 +325,9 @@ KINDS = [("cd", ["objective.cd_steps=2"]), ("sm", []), ("dsm", ["objective.dsm_s
          ("ssm", ["objective.ssm_projections=2"]), ("nce", ["objective.nce_noise_ratio=2"]),
          ("nce", ["objective.nce_noise=uniform"]), ("adversarial", ["objective.refine_steps=1"]),
          ("adversarial", ["objective.sampler=flow", "objective.flow_layers=2"]), ("ksd", []),
-         ("mpf", ["objective.mpf_step=0.2"]), ("kl_contraction", ["objective.kl_contraction_samples=4"])]
+         ("mpf", ["objective.mpf_step=0.2"]), ("kl_contraction", ["objective.kl_contraction_samples=4"]),
+         ("lsd", ["objective.lsd_critic_steps=2"])]
+EXTRA_STATE = ("nce", "adversarial", "lsd")
 
 
 @pytest.mark.parametrize("kind,extra", KINDS, ids=[f"{k}-{i}" for i, (k, _) in enumerate(KINDS)])
@@ -267,17 +340,20 @@ def test_trainer_runs_each_kind_and_resumes_exactly(tmp_path, kind, extra):
     assert any(not torch.equal(p, q) for p, q in zip(p0, a.model.parameters()))
     assert a.buffer.capacity == 1  # no persistent chains for these estimators
     state = copy.deepcopy(a.state_dict())  # a keeps training: no aliasing of its live tensors
-    assert (state["objective"] != {}) == (kind in ("nce", "adversarial"))
+    assert (state["objective"] != {}) == (kind in EXTRA_STATE)
     b = Trainer(cfg, str(tmp_path / "b"))
     b.load_state_dict(state)
     ra, rb = a.train_step(), b.train_step()
     assert ra["loss"] == rb["loss"]
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(p, q)
-    if kind in ("nce", "adversarial"):
+    if kind in EXTRA_STATE:
         for p, q in zip(a.estimator.state_dict().values(), b.estimator.state_dict().values()):
             if isinstance(p, torch.Tensor):
                 assert torch.equal(p, q)
+    if kind == "lsd":
+        for p, q in zip(a.estimator.critic.parameters(), b.estimator.critic.parameters()):
+            assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize("override,key", [
@@ -289,6 +365,8 @@ def test_trainer_runs_each_kind_and_resumes_exactly(tmp_path, kind, extra):
     (["objective.kind=mpf", "objective.mpf_step=0"], "objective.mpf_step"),
     (["objective.kind=kl_contraction", "objective.kl_contraction_samples=0"], "objective.kl_contraction_samples"),
     (["objective.kind=kl_contraction", "objective.kl_contraction_sigma=-1"], "objective.kl_contraction_sigma"),
+    (["objective.kind=lsd", "data.dataset=digits", "model.arch=igebm"], "model.arch"),
+    (["objective.kind=lsd", "objective.lsd_trace=sliced"], "objective.lsd_trace"),
 ])
 def test_estimator_config_errors_name_the_key(override, key):
     base = ["data.dataset=8gaussians", "model.arch=mlp"]
@@ -313,4 +391,15 @@ def test_benchmark_recipes_differ_from_pcd_only_in_the_estimator():
         assert (cfg.optim.name, cfg.optim.betas, cfg.optim.ema) == (ref.optim.name, ref.optim.betas, ref.optim.ema), name
         assert cfg.train.threads == 1, name
         kinds.add(cfg.objective.kind)
-    assert kinds == {"pcd", "cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd", "mpf", "kl_contraction"}
+    assert kinds == {"pcd", "cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd", "mpf", "kl_contraction", "lsd"}
+
+
+def test_lsd_on_images_uses_hutchinson_and_the_factory_critic(tmp_path):
+    """Images: the critic is the model factory's CNN with a d-way head, the trace Hutchinson's."""
+    cfg = load_config(None, ["data.dataset=digits", "model.arch=cnn", "model.width=4", "model.depth=2",
+                             "data.batch_size=8", "objective.kind=lsd", "objective.lsd_critic_steps=1",
+                             "train.precision=fp32", "train.progress=false", "train.tensorboard=false"])
+    tr = Trainer(cfg, str(tmp_path / "run"))
+    assert not tr.estimator.exact_trace and tr.estimator.critic.head.out_features == 64
+    stats = tr.train_step()
+    assert math.isfinite(stats["loss"]) and math.isfinite(stats["lsd"])
