@@ -145,7 +145,9 @@ class ObjectiveConfig:
     sampler: str = _f("noisy", "adversarial: q_phi: noisy (x = g(z) + sigma*eps) or flow (affine couplings)",
                       choices=("noisy", "flow"))
     sampler_lr: float = _f(1e-3, "adversarial: Adam learning rate of q_phi", min=0.0, min_exclusive=True)
-    entropy_weight: float = _f(1.0, "adversarial: weight of H(q_phi) in the sampler's loss (1 = the bound)", min=0.0)
+    entropy_weight: float = _f(1.0, "adversarial: weight of H(q_phi) in the sampler's loss (1 = the bound); pcd with "
+                                    "kl_weight > 0: weight of the chains' nearest-neighbour entropy in the KL term "
+                                    "(1 = the KL)", min=0.0)
     sampler_sigma: float = _f(0.1, "adversarial, noisy: output noise std sigma", min=0.0, min_exclusive=True)
     sampler_latent_dim: int = _f(0, "adversarial, noisy: latent dimension; 0 = the data dimension", min=0)
     sampler_width: int = _f(128, "adversarial: hidden units of the generator / of each coupling's MLP", min=1)
@@ -159,6 +161,10 @@ class ObjectiveConfig:
                                      min_exclusive=True)
     kl_contraction_samples: int = _f(16, "kl_contraction: draws M of the inner log E_u exp(-E(y + u)) per "
                                          "example (bias O(1/M))", min=1)
+    kl_weight: float = _f(0.0, "pcd: weight of improved CD's KL term (the chains' energy differentiated through the "
+                                "last sampler step, parameters frozen in the energy); 0 = off", min=0.0)
+    entropy_batch: int = _f(100, "pcd with kl_weight > 0: past chains (read from the buffer) the nearest-neighbour "
+                                 "entropy compares against", min=1)
     lsd_critic_steps: int = _f(5, "lsd: critic updates per model step", min=1)
     lsd_critic_lr: float = _f(0.0, "lsd: Adam learning rate of the critic; 0 = optim.lr", min=0.0)
     lsd_l2: float = _f(0.5, "lsd: weight lambda of the critic's L2 penalty lambda * E||f||^2 (optimum "
@@ -453,6 +459,22 @@ def validate(cfg: Config) -> None:
 def _validate_estimator(cfg: Config, toy: bool) -> None:
     """Cross-field checks of the estimators beyond PCD/JEM (objective.kind cd ... ksd)."""
     o = cfg.objective
+    if o.kl_weight > 0:
+        if o.kind != "pcd":
+            raise ConfigError(f"objective.kl_weight (improved CD's KL term) is read by objective.kind=pcd only, "
+                              f"not {o.kind}")
+        if cfg.sampler.kind == "mala" or cfg.sampler.steps < 1:
+            raise ConfigError("objective.kl_weight differentiates through the last sampler step: it needs "
+                              "sampler.kind sgld or langevin and sampler.steps >= 1")
+        if cfg.train.distributed == "deepspeed":
+            raise ConfigError("objective.kl_weight differentiates through input gradients, which is tested under DDP "
+                              "only; set train.distributed=ddp")
+        if cfg.train.precision == "fp16":
+            raise ConfigError("objective.kl_weight's input gradients are not loss-scaled: set train.precision to "
+                              "fp32 or bf16")
+        if o.entropy_weight > 0 and cfg.sampler.init != "buffer":
+            raise ConfigError("objective.entropy_weight > 0 with objective.kl_weight compares the chains with past "
+                              "ones from the replay buffer: set sampler.init=buffer (or objective.entropy_weight=0)")
     if o.kind in ("pcd", "jem"):
         return
     if cfg.model.conditional:
