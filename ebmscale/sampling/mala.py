@@ -80,6 +80,8 @@ def mala(energy_fn: EnergyFn, x0: torch.Tensor, settings: LangevinSettings,
     a = 0.5 * eps ** 2
     x = x0.detach().clone()
     n = x.shape[0]
+    if settings.steps == 0:  # no step, no energy evaluation
+        return x
     if autocast_dtype == torch.float16 and grad_scaler is None:
         grad_scaler = InputGradScaler()
     scaler = grad_scaler if autocast_dtype == torch.float16 else None
