@@ -45,10 +45,12 @@ from ebmscale.data.transforms import data_bounds, to_model_input
 from ebmscale.metrics import MetricLogger
 from ebmscale.models import build_model
 from ebmscale.objectives import ESTIMATOR_KINDS, build_estimator, jem_loss, pcd_loss
+from ebmscale.objectives.improved_cd import differentiable_step, kl_surrogate, nn_entropy
 from ebmscale.parallel import Parallel, resolve_device, start_trackers  # noqa: F401 (resolve_device: re-exported)
 from ebmscale.performance import (compiled_energy, half_precision_gradient_errors, resolve_runtime,
                                   reuse_freed_cpu_memory)
-from ebmscale.sampling import InputGradScaler, LangevinSettings, NoiseFn, langevin, sampling_mode, uniform_noise
+from ebmscale.sampling import (InputGradScaler, LangevinSettings, NoiseFn, acceptance_rate, energy_and_grad, langevin,
+                               sampling_mode, uniform_noise)
 
 class DivergenceError(RuntimeError):
     """Training diverged; the message names the step and the metric that tripped."""
@@ -157,6 +159,8 @@ class Trainer:
         # (chains, labels).
         self.last_positives: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.last_class_chains: tuple[torch.Tensor, torch.Tensor] | None = None
+        # MALA's accepted / proposed chain-steps of the current step (sampler.kind=mala).
+        self.sampler_counts: dict = {}
         # CD-k, score matching, NCE, adversarial, KSD (None for pcd/jem): ebmscale.objectives.estimators.
         self.estimator = build_estimator(self)
         self.saved_step: int | None = None  # step of the checkpoint last written or loaded
@@ -184,10 +188,11 @@ class Trainer:
         return x.contiguous(memory_format=self.memory_format), y
 
     def _negatives(self, n: int, labels: torch.Tensor | None, rng: np.random.Generator,
-                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   gen: torch.Generator, last_step: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Chain starts -> K Langevin steps -> write back. With ``labels`` the chains are
         class-conditional: starts come from those classes' buffer partitions and the energy is
-        E(x, y). Returns (x-, labels of x-)."""
+        E(x, y). Returns (x-, labels of x-). With ``last_step`` (a list; improved CD's KL term) the
+        K-th step keeps its graph to the parameters and its result is appended there."""
         cfg = self.cfg
         if cfg.sampler.init == "buffer":
             x0_np, idx = self.buffer.draw(n, None if labels is None else labels.cpu().numpy(), rng)
@@ -198,16 +203,56 @@ class Trainer:
         if x0.dim() == 4:
             x0 = x0.contiguous(memory_format=self.memory_format)
         # The unwrapped module: no gradient all-reduce, no buffer broadcast, no ZeRO collective.
+        noise_fn = self._noise_fn(n, gen)
+        settings = self.settings if last_step is None else dataclasses.replace(self.settings,
+                                                                               steps=self.settings.steps - 1)
         with sampling_mode(self.model, checkpointing=cfg.train.sampler_checkpointing):
             m = self.sampler_energy
             fn = (lambda x: m(x, labels)) if labels is not None else m
-            x_neg = langevin(fn, x0, self.settings, gen, autocast_dtype=self.parallel.autocast_dtype,
-                             noise_fn=self._noise_fn(n, gen), grad_scaler=self.input_grad_scaler)
+            x_neg = langevin(fn, x0, settings, gen, autocast_dtype=self.parallel.autocast_dtype,
+                             noise_fn=noise_fn, grad_scaler=self.input_grad_scaler,
+                             stats=self.sampler_counts)
+        if last_step is not None:
+            last_step.append(self._kl_last_step(x_neg, labels, gen, noise_fn))
+            x_neg = last_step[-1].detach()
         if idx is not None:
             self.buffer.write_back(idx, x_neg.cpu().numpy())
         if labels is not None:
             self.last_class_chains = (x_neg, labels)
         return x_neg, labels
+
+    def _kl_last_step(self, x: torch.Tensor, labels: torch.Tensor | None, gen: torch.Generator,
+                      noise_fn: NoiseFn | None) -> torch.Tensor:
+        """The sampler's last step with its graph to the parameters (improved CD's KL term): the
+        unwrapped module in eval mode (no power-iteration step), its parameters live; the same
+        update rule, noise stream, clip and clamp as the other steps."""
+        a, sigma = self.settings.coefficients()
+        noise = noise_fn(x) if noise_fn is not None else torch.randn(x.shape, device=x.device, dtype=x.dtype,
+                                                                      generator=gen)
+        m, was_training = self.model, self.model.training
+        fn = (lambda z: m(z, labels)) if labels is not None else m
+        m.eval()
+        try:
+            with self.parallel.autocast():
+                return differentiable_step(fn, x, a, sigma, noise, self.settings.grad_clip, self.settings.clamp)
+        finally:
+            m.train(was_training)
+
+    def _kl_terms(self, x_tilde: torch.Tensor, labels: torch.Tensor | None,
+                  past: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """Improved CD's objective.kl_weight * (E_frozen(x~) - entropy_weight * H_nn(x~)), as the
+        surrogate whose gradient flows through the last sampler step only (see improved_cd)."""
+        o = self.cfg.objective
+        with sampling_mode(self.model) as m:
+            fn = (lambda z: m(z, labels)) if labels is not None else m
+            e, g = energy_and_grad(fn, x_tilde.detach(), autocast_dtype=self.parallel.autocast_dtype)
+        term = kl_surrogate(x_tilde, g)
+        stats = {"kl_energy": e.mean()}
+        if past is not None:
+            ent = nn_entropy(x_tilde, past)
+            term = term - o.entropy_weight * ent
+            stats["entropy"] = ent.detach()
+        return o.kl_weight * term, stats
 
     def _prefetch_next(self, n: int, unlabelled: bool) -> None:
         """Send the next step's first buffer draw now (after this step's write-backs), so it
@@ -238,6 +283,7 @@ class Trainer:
         gen = dist.torch_generator(seed, self.rank, self.step, "langevin", self.device)
         o = cfg.objective
         self.model.train()
+        self.sampler_counts.clear()
         # Chains per step: sampler.batch_size, or one per data example.
         m = cfg.sampler.batch_size or n
         if o.kind == "jem":
@@ -263,7 +309,13 @@ class Trainer:
         elif self.estimator is not None:
             x_neg, loss, stats, t2 = self._objective_step(x_pos, t1)
         else:
-            x_neg, y_neg = self._negatives(m, y[:m] if self.conditional else None, rng, gen)
+            # Improved CD: past chains for the entropy term, read before this step writes any back.
+            kl = [] if o.kl_weight > 0 else None
+            past = None
+            if kl is not None and o.entropy_weight > 0:
+                past_rng = dist.numpy_rng(seed, self.rank, self.step, "entropy")
+                past = torch.from_numpy(self.buffer.peek(o.entropy_batch, past_rng)).to(self.device)
+            x_neg, y_neg = self._negatives(m, y[:m] if self.conditional else None, rng, gen, last_step=kl)
             t2 = time.perf_counter()
             self._prefetch_next(m, unlabelled=not self.conditional)
             x_all = self.parallel.cast_input(torch.cat([x_pos, x_neg]))
@@ -272,6 +324,9 @@ class Trainer:
             with self.parallel.autocast():
                 e_all = self.wrapped(x_all, torch.cat([y, y_neg])) if self.conditional else self.wrapped(x_all)
             loss, stats = pcd_loss(e_all[:n], e_all[n:], o.alpha)
+            if kl:
+                term, kl_stats = self._kl_terms(kl[0], y_neg, past)
+                loss, stats = loss + term, {**stats, **kl_stats}
         if cfg.train.inject_nan_at_step == self.step + 1 and self.rank == 0 \
                 and self.rollbacks < cfg.train.inject_nan_repeats:
             loss = loss * math.nan  # debug/tests: a real NaN through backward and the divergence check
@@ -295,6 +350,8 @@ class Trainer:
         out.update(grad_norm=grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
                    sampler_time=t2 - t1, data_time=t1 - t0, step_time=t3 - t0,
                    samples_per_s=n / (t3 - t0), lr=self.optimizer.param_groups[0]["lr"])
+        if cfg.sampler.kind == "mala":  # None on a step without sampling (weight 0 in the metrics)
+            out["accept_rate"] = acceptance_rate(self.sampler_counts)
         if self.runtime.precision == "fp16":
             out.update(skipped_step=float(overflow), grad_scale=self.parallel.grad_scale(),
                        sampler_grad_scale=self.input_grad_scaler.scale)
@@ -306,6 +363,8 @@ class Trainer:
         gen = dist.torch_generator(self.seed, self.rank, self.step, "objective", self.device)
         self.parallel.zero_grad(self.optimizer)
         loss, stats, x_neg = self.estimator.loss(x_pos, gen)
+        self.sampler_counts.update(self.estimator.sampler_counts)
+        self.estimator.sampler_counts.clear()
         return x_neg, loss, stats, t1 + float(stats.pop("sampler_time", 0.0))
 
     def check_half_precision(self, x: torch.Tensor, y: torch.Tensor | None) -> None:

@@ -23,6 +23,9 @@ ssm         sliced score matching (optionally variance-reduced)
 nce         noise-contrastive estimation with a learnable log Z
 adversarial learned sampler q_phi (noisy generator or flow), minimax bound with entropy
 ksd         kernel Stein discrepancy, RBF kernel, U-statistic
+mpf         minimum probability flow with MALA connectivity (``kl_tricks``)
+kl_contraction  minimum KL contraction, Gaussian smoothing (``kl_tricks``)
+lsd         learned Stein discrepancy: critic network with its own Adam (``lsd``)
 ==========  =====================================================================
 """
 from __future__ import annotations
@@ -37,13 +40,17 @@ from torch import nn
 
 from ebmscale import dist
 from ebmscale.objectives.adversarial import flow_sampler_loss, noisy_sampler_loss
+from ebmscale.objectives.kl_tricks import kl_contraction_loss, mpf_loss
 from ebmscale.objectives.ksd import ksd_loss
+from ebmscale.objectives.lsd import critic_loss, model_loss
 from ebmscale.objectives.nce import GaussianNoise, UniformNoise, nce_loss, noise_from_state
 from ebmscale.objectives.pcd import pcd_loss
 from ebmscale.objectives.score_matching import dsm_loss, exact_sm_loss, ssm_loss
-from ebmscale.sampling import langevin, sampling_mode
+from ebmscale.sampling import energy_and_grad, langevin, sampling_mode
 
-ESTIMATOR_KINDS = ("cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd")
+ESTIMATOR_KINDS = ("cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd", "mpf", "kl_contraction", "lsd")
+# Up to this data dimension the critic's trace is exact (one backward per dimension) under lsd_trace=auto.
+EXACT_TRACE_MAX_DIM = 16
 
 
 class Host(Protocol):
@@ -93,6 +100,8 @@ class Estimator:
     def __init__(self, host: Host):
         self.host = host
         self.o = host.cfg.objective
+        # MALA's acceptance counts of this step's sampler calls (the trainer reads and clears them).
+        self.sampler_counts: dict = {}
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         """The training forward: through the data-parallel wrapper, in the loss precision."""
@@ -114,7 +123,18 @@ class Estimator:
         h = self.host
         settings = dataclasses.replace(h.settings, steps=steps)
         with sampling_mode(h.model, checkpointing=h.cfg.train.sampler_checkpointing) as m:
-            return langevin(m, x0, settings, gen, autocast_dtype=h.parallel.autocast_dtype)
+            return langevin(m, x0, settings, gen, autocast_dtype=h.parallel.autocast_dtype, stats=self.sampler_counts)
+
+    def normal(self, shape: tuple, gen: torch.Generator) -> torch.Tensor:
+        """Standard-normal draws of ``shape`` (first dimension: the batch) from this rank's stream."""
+        return torch.randn(shape, generator=gen, device=self.host.device)
+
+    def frozen_energy_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies and dE/dx on the frozen, unwrapped model (no parameter gradients, no
+        collectives, no power-iteration step), energies under autocast as in the sampler."""
+        h = self.host
+        with sampling_mode(h.model) as m:
+            return energy_and_grad(m, x, autocast_dtype=h.parallel.autocast_dtype)
 
     def loss(self, x_pos: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
         raise NotImplementedError
@@ -162,6 +182,80 @@ class KernelStein(Estimator):
     def loss(self, x_pos, gen):
         loss, stats = ksd_loss(self.energy, x_pos, self.o.ksd_bandwidth)
         return self._tie_constant(loss), stats, None
+
+
+class ProbabilityFlow(Estimator):
+    """Minimum probability flow with MALA connectivity (``kl_tricks.mpf_loss``)."""
+
+    def loss(self, x_pos, gen):
+        loss, stats = mpf_loss(self.energy, self.frozen_energy_and_grad, x_pos, self.o.mpf_step,
+                               lambda shape: self.normal(shape, gen))
+        return loss, stats, None
+
+
+class KLContraction(Estimator):
+    """Minimum KL contraction with Gaussian smoothing (``kl_tricks.kl_contraction_loss``)."""
+
+    def loss(self, x_pos, gen):
+        o = self.o
+        loss, stats = kl_contraction_loss(self.energy, x_pos, o.kl_contraction_sigma, o.kl_contraction_samples,
+                                          lambda shape: self.normal(shape, gen))
+        return loss, stats, None
+
+
+class LearnedStein(Estimator):
+    """Learned Stein discrepancy: ``lsd_critic_steps`` critic updates (its own Adam, gradients
+    averaged across ranks by hand) on the frozen model's score, then the model's loss
+    E[s_theta^T f] through the wrapper. The critic is the model factory's network for
+    ``model.arch`` with a d-way head (``logits``), reshaped to the data's shape."""
+
+    def __init__(self, host: Host):
+        super().__init__(host)
+        from ebmscale.models import build_model
+
+        o, c = self.o, host.cfg.optim
+        self.dim = math.prod(host.shape)
+        # A d-way head; the MLP factory only builds a multi-output head for a conditional model
+        # (only the head's size matters: the critic uses ``logits``, never the energy).
+        critic_cfg = dataclasses.replace(host.cfg.model, num_classes=self.dim, conditional=host.cfg.model.arch == "mlp")
+        # Same initial critic on every rank: its own seed, without touching the global stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(dist.derive_seed(host.cfg.train.seed, 0, 0, "critic-init"))
+            self.critic = build_model(critic_cfg, host.shape).to(host.device)
+        self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=o.lsd_critic_lr or c.lr, betas=tuple(c.betas))
+        self.exact_trace = o.lsd_trace == "exact" or (o.lsd_trace == "auto" and self.dim <= EXACT_TRACE_MAX_DIM)
+
+    def critic_fn(self, x: torch.Tensor) -> torch.Tensor:
+        """f(x), the data's shape, fp32 (the forward under the loss precision's autocast)."""
+        with self.host.parallel.autocast():
+            out = self.critic.logits(x)
+        return out.float().reshape(x.shape)
+
+    def loss(self, x_pos, gen):
+        o, h = self.o, self.host
+        t0 = time.perf_counter()
+        normal = lambda shape: self.normal(shape, gen)  # noqa: E731
+        _, grad = self.frozen_energy_and_grad(x_pos)
+        params = list(self.critic.parameters())
+        self.critic.train()
+        for _ in range(o.lsd_critic_steps):
+            c_loss, c_stats = critic_loss(self.critic_fn, x_pos, -grad, o.lsd_l2, self.exact_trace, normal)
+            self.optimizer.zero_grad(set_to_none=True)
+            c_loss.backward()
+            average_grads(params, h.world)
+            self.optimizer.step()
+        with torch.no_grad():
+            f = self.critic_fn(x_pos)
+        t1 = time.perf_counter()
+        loss, stats = model_loss(self.energy, f, x_pos)
+        return self._tie_constant(loss), {**stats, **c_stats, "sampler_time": t1 - t0}, None
+
+    def state_dict(self) -> dict:
+        return {"critic": self.critic.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.critic.load_state_dict(state["critic"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 class NoiseContrastive(Estimator):
@@ -272,7 +366,8 @@ class Adversarial(Estimator):
 
 
 _CLASSES = {"cd": ContrastiveDivergence, "sm": ScoreMatching, "dsm": ScoreMatching, "ssm": ScoreMatching,
-            "nce": NoiseContrastive, "adversarial": Adversarial, "ksd": KernelStein}
+            "nce": NoiseContrastive, "adversarial": Adversarial, "ksd": KernelStein, "mpf": ProbabilityFlow,
+            "kl_contraction": KLContraction, "lsd": LearnedStein}
 
 
 def build_estimator(host: Host) -> Estimator | None:

@@ -62,6 +62,21 @@ class GlobalNoiseTrainer(Trainer):
     *global* batch from streams that ignore the rank, and each rank takes its own slice, so any
     number of ranks sees the same negatives in total. (Production draws per-rank streams.)"""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._normal: tuple[int, torch.Generator] | None = None
+        if self.estimator is not None:  # the estimators' own normal draws (mpf, kl_contraction, lsd)
+            self.estimator.normal = self._global_normal
+
+    def _global_normal(self, shape: tuple, gen: torch.Generator) -> torch.Tensor:
+        """Normal draws for the global batch from one stream per step (ignoring the rank). These are
+        paired with data examples, so each rank takes the rows of its own examples: the stream deals
+        the global batch out interleaved (rank r holds global rows r, r + world, ...)."""
+        if self._normal is None or self._normal[0] != self.step:
+            self._normal = (self.step, dist.torch_generator(self.cfg.train.seed, 0, self.step, "objective", self.device))
+        full = torch.randn((shape[0] * self.world, *shape[1:]), generator=self._normal[1])
+        return full[self.rank::self.world]
+
     def _slice(self, full: torch.Tensor, n: int) -> torch.Tensor:
         return full[self.rank * n:(self.rank + 1) * n]
 
@@ -180,12 +195,34 @@ def scenario_deepspeed(out: str) -> dict:
     return run_equivalence([], PER_RANK_BATCH, os.path.join(out, "equiv"))
 
 
+# fp32 pinned: train.precision=auto is bf16 on CPUs with bf16 units, whose rounding differs per batch size.
+SM_EQUIV = ("objective.kind=sm", "train.precision=fp32")
+# Issue 19's objectives for world-size equivalence (fp32 pinned: bf16 would round differently per batch).
+NEW_OBJECTIVES = {
+    "mpf": ("objective.kind=mpf", "objective.mpf_step=0.3", "train.precision=fp32"),
+    "kl_contraction": ("objective.kind=kl_contraction", "objective.kl_contraction_samples=4", "train.precision=fp32"),
+    "lsd": ("objective.kind=lsd", "objective.lsd_critic_steps=2", "train.precision=fp32"),
+    "pcd_kl": ("objective.kl_weight=1", "objective.entropy_weight=0", "train.precision=fp32"),
+}
+
+
 def scenario_estimators(out: str) -> dict:
     """The estimators of ``ebmscale.objectives.estimators`` under DDP: exact score matching (a
     deterministic loss of the data that back-propagates through input gradients) for world-size
     equivalence, and NCE / adversarial runs whose extra parameters (log Z, the sampler) must stay
     identical on every rank."""
-    res: dict = {"equiv_sm": run_equivalence(["objective.kind=sm"], PER_RANK_BATCH, os.path.join(out, "sm"))}
+    res: dict = {"equiv_sm": run_equivalence(list(SM_EQUIV), PER_RANK_BATCH, os.path.join(out, "sm"))}
+    for name, overrides in NEW_OBJECTIVES.items():
+        res[f"equiv_{name}"] = run_equivalence(list(overrides), PER_RANK_BATCH, os.path.join(out, name))
+    # MALA under DDP: runs, and its acceptance rate is reduced across ranks like any metric.
+    tr = Trainer(load_config(None, [*BASE, f"data.batch_size={PER_RANK_BATCH}", "sampler.kind=mala",
+                                    "sampler.noise_std=0", "train.precision=fp32"]), os.path.join(out, "mala"))
+    local = []
+    for _ in range(2):
+        local.append(tr.train_step()["accept_rate"])
+        tr.metrics.report("accept_rate", local[-1])
+    res["mala"] = {"local": local, "reduced": tr.metrics.flush(tr.step)["accept_rate"]}
+    tr.metrics.close()
     for kind, extra in (("nce", []), ("adversarial", ["objective.sampler_width=16"])):
         tr = Trainer(load_config(None, [*BASE, f"data.batch_size={PER_RANK_BATCH}", f"objective.kind={kind}", *extra]),
                      os.path.join(out, kind))
