@@ -159,6 +159,8 @@ class OptimConfig:
     decay_steps: list = _f([], "steps at which the learning rate is multiplied by decay_factor")
     decay_factor: float = _f(0.3, "learning-rate step-decay factor", min=0.0, max=1.0)
     ema: float = _f(0.0, "EMA decay of the weights kept for sampling/eval; 0 = off", min=0.0, max=1.0)
+    accumulate: int = _f(1, "micro-batches of data.batch_size per optimizer step (gradient accumulation; pcd, jem)",
+                         min=1)
 
 
 @dataclass
@@ -409,12 +411,12 @@ def validate(cfg: Config) -> None:
     if t.compile == "true" and t.sampler_checkpointing:
         raise ConfigError("train.compile=true cannot run with train.sampler_checkpointing (its per-call patching "
                           "forces a recompile every call); set train.compile=auto or false")
+    if cfg.optim.accumulate > 1 and cfg.objective.kind not in ("pcd", "jem"):
+        raise ConfigError(f"optim.accumulate > 1 is only supported by objective.kind=pcd or jem, "
+                          f"not {cfg.objective.kind!r}")
     if t.fid_every:
         if toy:
             raise ConfigError(f"train.fid_every needs an image dataset, not '{d.dataset}'")
-        if m.conditional:
-            raise ConfigError("train.fid_every does not support model.conditional yet; use `ebmscale eval fid` "
-                              "or set train.fid_every=0")
         if not t.fid_ref_stats:
             raise ConfigError("train.fid_every needs train.fid_ref_stats (write it with `ebmscale eval ref-stats`)")
         if not os.path.isfile(t.fid_ref_stats):
