@@ -59,9 +59,10 @@ class LocalBuffer:
     def write_back(self, handle: np.ndarray, x: np.ndarray) -> None:
         self.buffer.write(handle, x)
 
-    def peek(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """``n`` stored chains, read-only (see :meth:`ReplayBuffer.peek`)."""
-        return self.buffer.peek(n, rng)
+    def peek(self, n: int, rng: np.random.Generator, labels: np.ndarray | None = None) -> np.ndarray:
+        """``n`` stored chains (one per label of ``labels`` when given), read-only (see
+        :meth:`ReplayBuffer.peek`)."""
+        return self.buffer.peek(n, rng, labels)
 
     def prefetch(self, n: int, rng: np.random.Generator) -> None:
         """Nothing to overlap: an in-process draw costs a memory copy."""

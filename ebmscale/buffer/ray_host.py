@@ -84,8 +84,8 @@ class BufferShard:
     def write(self, idx: np.ndarray, q: np.ndarray) -> None:
         self.buf.write(idx, q)
 
-    def peek(self, n: int, seed: int) -> np.ndarray:
-        return self.buf.peek(n, np.random.default_rng(seed))
+    def peek(self, n: int, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
+        return self.buf.peek(n, np.random.default_rng(seed), labels)
 
     def state_dict(self) -> dict:
         return self.buf.state_dict()
@@ -306,16 +306,27 @@ class RayBuffer:
             plan = self._plan(n, None, rng)
             self._prefetched = (n, plan, self._submit(plan, None))
 
-    def peek(self, n: int, rng: np.random.Generator) -> np.ndarray:
+    def peek(self, n: int, rng: np.random.Generator, labels: np.ndarray | None = None) -> np.ndarray:
         """``n`` stored chains read across the shards (in proportion to their size, distinct slots
         within a shard), without re-initialisation or any change of state; after this rank's
-        write-backs have landed."""
+        write-backs have landed. With ``labels``: one chain per label, from that class's part of
+        the shard serving it, in the order of ``labels``."""
         self.flush()
-        shard = rng.choice(len(self.shards), size=int(n), p=self._p_all)
+        m = int(n) if labels is None else len(labels)
+        shard = rng.choice(len(self.shards), size=m, p=self._p_all)
         seeds = rng.integers(0, 2 ** 63 - 1, size=len(self.shards))
-        counts = np.bincount(shard, minlength=len(self.shards))
-        parts = [self.shards[k].peek.remote(int(c), int(seeds[k])) for k, c in enumerate(counts) if c]
-        return np.concatenate(ray.get(parts))
+        if labels is None:
+            counts = np.bincount(shard, minlength=len(self.shards))
+            parts = [self.shards[k].peek.remote(int(c), int(seeds[k])) for k, c in enumerate(counts) if c]
+            return np.concatenate(ray.get(parts))
+        labels = np.asarray(labels, dtype=np.int64)
+        x = np.empty((m, *self.shape), dtype=np.float32)
+        where = [np.flatnonzero(shard == k) for k in range(len(self.shards))]
+        parts = [(pos, self.shards[k].peek.remote(len(pos), int(seeds[k]), labels[pos]))
+                 for k, pos in enumerate(where) if len(pos)]
+        for (pos, _), chains in zip(parts, ray.get([ref for _, ref in parts])):
+            x[pos] = chains
+        return x
 
     def write_back(self, handle: list, x: np.ndarray) -> None:
         """Queue the evolved chains for their slots and return; waits only while more than

@@ -117,10 +117,22 @@ class ReplayBuffer:
         out_labels = None if self.labels is None else self.labels[idx].copy()
         return q, idx, out_labels, reinit, noise
 
-    def peek(self, n: int, rng: np.random.Generator) -> np.ndarray:
+    def peek(self, n: int, rng: np.random.Generator, labels: np.ndarray | None = None) -> np.ndarray:
         """``min(n, capacity)`` stored chains (distinct slots, float32) without re-initialisation
-        or any change of state: what evaluation samples from ("init from the buffer")."""
-        idx = np.sort(rng.choice(self.capacity, size=min(int(n), self.capacity), replace=False))
+        or any change of state: what evaluation samples from ("init from the buffer"). With
+        ``labels``, one chain per label from that class's part (distinct slots while the part
+        holds enough, then repeated ones), in the order of ``labels``."""
+        if labels is None:
+            idx = np.sort(rng.choice(self.capacity, size=min(int(n), self.capacity), replace=False))
+            return self._decode(self.data[idx])
+        if not self.num_classes:
+            raise ValueError("labels given to an unlabelled replay buffer")
+        labels = np.asarray(labels, dtype=np.int64)
+        idx = np.empty(len(labels), dtype=np.int64)
+        for c in np.unique(labels):
+            where = np.flatnonzero(labels == c)
+            slots = self._slots_of[int(c)]
+            idx[where] = rng.choice(slots, size=len(where), replace=len(where) > len(slots))
         return self._decode(self.data[idx])
 
     def write(self, idx: np.ndarray, x: np.ndarray) -> None:

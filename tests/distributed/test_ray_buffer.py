@@ -187,6 +187,15 @@ def test_affine_mixing_and_class_labels(ray_session):
                 n += len(pos)
         # Rank 1's own shard with probability 0.8 + 0.2 * 1/2.
         assert abs(own / n - 0.9) < 4 * np.sqrt(0.9 * 0.1 / n)
+        # The read-only labelled peek (class-conditional FID from the buffer): each chain from its
+        # class's slots, in the order of the labels. Every stored chain is set to its slot's class.
+        state = a.state_dict()
+        for sh in state["shards"]:
+            sh["data"][:] = (np.arange(len(sh["data"])) % 4)[:, None]
+        a.load_state_dict(state)
+        labels = np.array([3, 0, 2, 2, 1, 3, 0, 1, 1])
+        got = b.peek(0, np.random.default_rng(2), labels)
+        assert np.array_equal(got, np.repeat(labels[:, None], 2, 1).astype(np.float32))
     finally:
         b.close()
         a.close()
