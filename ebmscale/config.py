@@ -42,7 +42,8 @@ class DataConfig:
     range: str = _f("symmetric", "pixel range the model sees: 'unit' = [0,1] (IGEBM), 'symmetric' = [-1,1] (JEM)",
                     choices=("unit", "symmetric"))
     batch_size: int = _f(64, "positive examples per rank per step", min=1)
-    num_workers: int = _f(0, "data loader worker processes per rank", min=0)
+    num_workers: int = _f(0, "data loader worker processes per rank; -1 = auto (CPU cores per rank - 1, at most 8)",
+                          min=-1)
     flip: bool = _f(False, "random horizontal flip of training images")
     noise_std: float = _f(0.0, "std of Gaussian noise added to training inputs (JEM: 0.03)", min=0.0)
     holdout: int = _f(0, "training examples held out for validation (JEM: 5000)", min=0)
