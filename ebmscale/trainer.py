@@ -39,6 +39,7 @@ from ebmscale.checkpoint import (BUFFER_FILE, DEEPSPEED_DIR, SHARED_FILE, Checkp
                                  complete_checkpoints, hang_for_tests, rank_file, resolve, save_checkpoint, step_dir)
 from ebmscale.config import TOY_DATASETS, Config, ConfigError, class_conditional_chains, dump_yaml, to_dict
 from ebmscale.data import build_train_stream, data_shape
+from ebmscale.data.lookahead import Lookahead
 from ebmscale.data.reshard import remap_stream_state
 from ebmscale.data.transforms import data_bounds, to_model_input
 from ebmscale.metrics import MetricLogger
@@ -134,7 +135,9 @@ class Trainer:
         forward_module = LogitsForward(self.model) if cfg.objective.kind == "jem" else self.model
         self.wrapped = self.parallel.prepare(forward_module, self.optimizer)
         self.input_grad_scaler = InputGradScaler() if cfg.train.precision == "fp16" else None
-        self.stream = build_train_stream(cfg, self.rank, self.world)
+        # One batch of lookahead: the next batch's labels let a class-conditional buffer draw be
+        # prefetched (_prefetch_next); the batches and the checkpointed position are unchanged.
+        self.stream = Lookahead(build_train_stream(cfg, self.rank, self.world))
         self.conditional = cfg.model.conditional
         # Class-partitioned buffer whenever chains are class-conditional (JEM's p(x, y) term too).
         partitioned = class_conditional_chains(cfg)
@@ -207,11 +210,17 @@ class Trainer:
             self.buffer.write_back(idx, x_neg.cpu().numpy())
         return x_neg, labels
 
-    def _prefetch_next(self, n: int, unlabelled: bool) -> None:
+    def _prefetch_next(self, n: int, labelled: bool) -> None:
         """Send the next micro-batch's first buffer draw now (after this one's write-backs), so it
-        overlaps the loss forward/backward; only unlabelled draws (the next labels are unknown)."""
-        if unlabelled and self.cfg.sampler.init == "buffer":
-            self.buffer.prefetch(n, dist.numpy_rng(self.seed, self.rank, self.tick + 1, "buffer"))
+        overlaps the loss forward/backward. A labelled draw takes the next batch's labels, read
+        one batch ahead from the stream (only where the buffer prefetches: the Ray host)."""
+        if self.cfg.sampler.init != "buffer" or not getattr(self.buffer, "use_prefetch", False):
+            return
+        labels = None
+        if labelled:
+            y = self.stream.peek()[1]
+            labels = y[:n].numpy()
+        self.buffer.prefetch(n, dist.numpy_rng(self.seed, self.rank, self.tick + 1, "buffer"), labels)
 
     def _chain_init(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """Fresh chain starts for short-run sampling (uniform over the data range, this rank's
@@ -256,7 +265,7 @@ class Trainer:
                 x_neg_y, y_neg = self._negatives(m, y[:m], rng, gen)
                 parts.append(x_neg_y)
             t2 = time.perf_counter()
-            self._prefetch_next(m, unlabelled=o.px_weight > 0)
+            self._prefetch_next(m, labelled=o.px_weight == 0)
             # One wrapped forward over every batch: one spectral-norm power iteration per step.
             with self._forward_context():
                 logits = self.wrapped(self.parallel.cast_input(torch.cat(parts))).split([n] + [m] * (len(parts) - 1))
@@ -272,7 +281,7 @@ class Trainer:
         else:
             x_neg, y_neg = self._negatives(m, y[:m] if self.conditional else None, rng, gen)
             t2 = time.perf_counter()
-            self._prefetch_next(m, unlabelled=not self.conditional)
+            self._prefetch_next(m, labelled=self.conditional)
             x_all = self.parallel.cast_input(torch.cat([x_pos, x_neg]))
             # One wrapped forward over [x+, x-]: one spectral-norm power iteration per step.
             with self._forward_context():

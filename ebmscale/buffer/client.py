@@ -64,7 +64,7 @@ class LocalBuffer:
         :meth:`ReplayBuffer.peek`)."""
         return self.buffer.peek(n, rng, labels)
 
-    def prefetch(self, n: int, rng: np.random.Generator) -> None:
+    def prefetch(self, n: int, rng: np.random.Generator, labels: np.ndarray | None = None) -> None:
         """Nothing to overlap: an in-process draw costs a memory copy."""
 
     def counters(self) -> dict[str, float]:
