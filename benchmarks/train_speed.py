@@ -73,7 +73,7 @@ def run_one(config: str | None, overrides: list[str], warmup: int, steps: int, r
     wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     trainer.metrics.close()
-    return {"speed": trainer.speed.describe(), "steps_per_s": steps / wall, "steps_per_cpu_s": steps / cpu,
+    return {"speed": trainer.runtime.describe(), "steps_per_s": steps / wall, "steps_per_cpu_s": steps / cpu,
             "sampler_share": sampler / wall, "threads": torch.get_num_threads(),
             "model": f"{cfg.model.arch} depth {cfg.model.depth} width {cfg.model.width}",
             "batch": cfg.data.batch_size, "sampler_steps": cfg.sampler.steps}

@@ -100,18 +100,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from ebmscale.data import data_shape
     from ebmscale.models import build_model, count_parameters
-
-    from ebmscale.parallel import resolve_device
-    from ebmscale.performance import resolve_speed
+    from ebmscale.performance import resolve_runtime
 
     shape = data_shape(cfg)
     model = build_model(cfg.model, shape)
-    device = resolve_device(cfg.train.device)
-    speed = resolve_speed(cfg.train, device, image_data=len(shape) == 3)
-    print(dump_yaml(cfg), end="")
+    runtime = resolve_runtime(cfg, image_data=len(shape) == 3)
+    print(dump_yaml(cfg), end="")  # what is asked (train.precision may say auto) ...
+    # ... and what it resolves to on this machine (the run directory's runtime.yaml).
     _print_json_last({"arch": cfg.model.arch, "variant": cfg.model.variant, "input_shape": list(shape),
-                      "parameters": count_parameters(model), "device": str(device),
-                      "speed": dataclasses.asdict(speed)})
+                      "parameters": count_parameters(model), "device": str(runtime.device),
+                      "asked": {k: getattr(cfg.train, k) for k in ("device", "distributed", "precision",
+                                                                   "channels_last", "compile", "reuse_cpu_memory")},
+                      "resolved": runtime.to_dict()})
     return 0
 
 

@@ -187,6 +187,10 @@ class TrainConfig:
                                 "auto (bf16 where the device computes it natively, else fp32; chains, losses "
                                 "and the optimizer's master weights stay fp32)",
                         choices=("auto", "fp32", "bf16", "fp16"))
+    precision_check: float = _f(0.5, "bf16/fp16 only: on the first step, compare every parameter gradient (and the "
+                                      "sampler's input gradient) with fp32 on the same batch and stop, naming the "
+                                      "layer, if one is off by more than this relative error; 0 = off",
+                                min=0.0)
     compile: str = _f("auto", "torch.compile the sampler's energy: true | false | auto (on CUDA only, off with "
                               "sampler_checkpointing)", choices=("auto", "true", "false"))
     reuse_cpu_memory: bool = _f(True, "CPU only: keep freed memory for reuse (glibc mallopt) instead of page-faulting "

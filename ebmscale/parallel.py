@@ -32,9 +32,9 @@ from torch import nn
 
 from ebmscale import dist
 from ebmscale.config import Config, ConfigError
-from ebmscale.performance import resolve_precision
+from ebmscale.performance import (AUTOCAST_DTYPES, Runtime, _flag, launched_with_deepspeed,  # noqa: F401 (re-exported)
+                                  resolve_backend, resolve_device, resolve_runtime)
 
-AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 # The built-in DeepSpeed template, identical to launch/deepspeed/zero2.json (a test keeps the two
@@ -61,26 +61,6 @@ DEFAULT_DEEPSPEED_CONFIG: dict = {
 }
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-
-def launched_with_deepspeed() -> bool:
-    """Whether ``accelerate launch`` was given a DeepSpeed config (it exports this variable)."""
-    return _flag("ACCELERATE_USE_DEEPSPEED")
-
-
-def resolve_backend(requested: str) -> str:
-    """``train.distributed`` -> 'ddp' or 'deepspeed' (auto follows the launcher)."""
-    if requested == "auto":
-        return "deepspeed" if launched_with_deepspeed() else "ddp"
-    if requested == "ddp" and launched_with_deepspeed():
-        # accelerate would build a DeepSpeed engine from the launcher's environment regardless.
-        raise ConfigError("launched with a DeepSpeed accelerate config but train.distributed=ddp; "
-                          "set train.distributed=deepspeed (or auto), or launch with a DDP config")
-    return requested
-
-
 def _load_template(cfg: Config) -> tuple[dict, str]:
     """The DeepSpeed JSON to start from and where it came from."""
     path = cfg.train.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
@@ -96,10 +76,11 @@ def _load_template(cfg: Config) -> tuple[dict, str]:
     return copy.deepcopy(DEFAULT_DEEPSPEED_CONFIG), "built-in"
 
 
-def deepspeed_config(cfg: Config, world: int) -> dict:
+def deepspeed_config(cfg: Config, world: int, precision: str | None = None) -> dict:
     """The DeepSpeed config for this run: the template with the training semantics -- micro
     batch, global batch, clipping, precision, ZeRO stage -- taken from the ebmscale config, so the
-    JSON only carries tuning knobs and can never silently change what is trained."""
+    JSON only carries tuning knobs and can never silently change what is trained. ``precision`` is
+    the resolved one (:attr:`Runtime.precision`); None resolves ``cfg`` for this machine."""
     ds, origin = _load_template(cfg)
     zero = ds.setdefault("zero_optimization", {})
     stage = cfg.train.zero_stage or zero.get("stage", 2)
@@ -120,7 +101,7 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
     batch = cfg.data.batch_size
     ds.update(train_micro_batch_size_per_gpu=batch, train_batch_size=batch * world * k, gradient_accumulation_steps=k,
               gradient_clipping=float(cfg.optim.grad_clip_norm))
-    p = resolve_precision(cfg.train.precision, resolve_device(cfg.train.device))
+    p = precision or resolve_runtime(cfg, image_data=True).precision
     ds["bf16"] = {**{k: v for k, v in ds.get("bf16", {}).items() if k != "enabled"}, "enabled": p == "bf16"}
     fp16 = {k: v for k, v in ds.get("fp16", {}).items() if k not in ("enabled", "auto_cast")}
     # auto_cast off: the trainer casts the loss inputs itself, for bf16 and fp16 alike.
@@ -139,20 +120,22 @@ class Parallel:
     ``backward(loss)``; then ``clip_grad_norm(...)``, ``step(optimizer)``.
     """
 
-    def __init__(self, cfg: Config):
-        t = cfg.train
+    def __init__(self, cfg: Config, runtime: Runtime | None = None):
         self.cfg = cfg
-        device = resolve_device(t.device)
-        # 'auto' is resolved in place, before anything reads it: the DeepSpeed JSON, the scalers,
-        # the checkpointed config and the log all see the precision this run actually uses.
-        t.precision = resolve_precision(t.precision, device)
-        self.precision = t.precision
-        self.autocast_dtype = AUTOCAST_DTYPES[t.precision]
-        self.backend = resolve_backend(t.distributed)
+        # Precision, backend and device come resolved (the config is never changed): the DeepSpeed
+        # JSON, the scalers and the log all see the precision this run actually uses.
+        self.runtime = runtime or resolve_runtime(cfg, image_data=True)
+        device = self.runtime.device
+        self.precision = self.runtime.precision
+        self.autocast_dtype = self.runtime.autocast_dtype
+        self.backend = self.runtime.backend
         launcher_mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
-        if launcher_mp not in ("no", _ACCELERATE_PRECISION[t.precision]):
+        # Refused whatever it says (bf16 included, even where train.precision resolves to bf16):
+        # one config file must mean the same run under any launcher.
+        if launcher_mp != "no":
             raise ConfigError(f"accelerate launch --mixed_precision {launcher_mp} is not read by ebmscale; set "
                               f"train.precision={launcher_mp} and leave the launcher's mixed_precision at 'no'")
+        precision = self.precision
         cpu = device.type == "cpu"
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
@@ -163,9 +146,6 @@ class Parallel:
         handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and (launched or self.backend == "deepspeed") else []
         if self.backend == "deepspeed":
             if cpu:
-                if t.precision == "fp16":
-                    raise ConfigError("DeepSpeed has no fp16 on CPU; use train.precision=bf16 (or fp32), or "
-                                      "train.distributed=ddp")
                 if _flag("ACCELERATE_USE_CPU"):
                     # accelerate silently drops DeepSpeed when ACCELERATE_USE_CPU is set.
                     raise ConfigError("train.distributed=deepspeed cannot run with ACCELERATE_USE_CPU=1 (accelerate "
@@ -180,11 +160,11 @@ class Parallel:
             from accelerate.utils import DeepSpeedPlugin
 
             world = int(os.environ.get("WORLD_SIZE", "1"))
-            self.ds_config = deepspeed_config(cfg, world)
+            self.ds_config = deepspeed_config(cfg, world, precision)
             plugin = DeepSpeedPlugin(hf_ds_config=self.ds_config, zero_stage=self.ds_config["zero_optimization"]["stage"],
                                      gradient_accumulation_steps=self.ds_config["gradient_accumulation_steps"],
                                      gradient_clipping=self.ds_config["gradient_clipping"])
-            self.accelerator = Accelerator(mixed_precision=_ACCELERATE_PRECISION[t.precision], deepspeed_plugin=plugin,
+            self.accelerator = Accelerator(mixed_precision=_ACCELERATE_PRECISION[precision], deepspeed_plugin=plugin,
                                            kwargs_handlers=handlers, device_placement=False)
         else:
             self.ds_config = None
@@ -351,13 +331,6 @@ def _single_process_rendezvous() -> None:
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
         os.environ.setdefault(key, value)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``train.device`` -> a torch device ('auto' = this rank's GPU if there is one, else the CPU)."""
-    if name == "auto":
-        return torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
 
 
 @contextlib.contextmanager

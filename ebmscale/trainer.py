@@ -47,7 +47,8 @@ from ebmscale.models import build_model
 from ebmscale.models.common import frozen_power_iteration
 from ebmscale.objectives import ESTIMATOR_KINDS, build_estimator, jem_loss, pcd_loss
 from ebmscale.parallel import Parallel, resolve_device  # noqa: F401 (resolve_device: re-exported)
-from ebmscale.performance import compiled_energy, resolve_speed, reuse_freed_cpu_memory
+from ebmscale.performance import (compiled_energy, half_precision_gradient_errors, resolve_runtime,
+                                  reuse_freed_cpu_memory)
 from ebmscale.sampling import InputGradScaler, LangevinSettings, NoiseFn, langevin, sampling_mode, uniform_noise
 
 class DivergenceError(RuntimeError):
@@ -99,29 +100,29 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | None = None):
         self.cfg = cfg
         self.run_dir = run_dir or cfg.train.run_dir
+        self.toy = cfg.data.dataset in TOY_DATASETS
+        self.shape = data_shape(cfg)
+        # Device, backend, precision, layout, compile, allocator: resolved once, read everywhere.
+        self.runtime = resolve_runtime(cfg, image_data=len(self.shape) == 3)
         # The process group comes up first: rank, world and device come from it.
-        self.parallel = Parallel(cfg)
+        self.parallel = Parallel(cfg, self.runtime)
         self.rank, self.world = self.parallel.rank, self.parallel.world
         self.device = self.parallel.device
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.toy = cfg.data.dataset in TOY_DATASETS
-        self.shape = data_shape(cfg)
         self.bounds = (-math.inf, math.inf) if self.toy else data_bounds(cfg.data.range)
         self.init_bounds = self._init_bounds()
         # Model init from the global seed only: identical on every rank.
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, self.shape).to(self.device)
-        # Precision, layout, compile, allocator: resolved for this device in one place.
-        self.speed = resolve_speed(cfg.train, self.device, image_data=len(self.shape) == 3)
-        if self.speed.reuse_cpu_memory:
+        if self.runtime.reuse_cpu_memory:
             reuse_freed_cpu_memory()
         # channels_last makes conv kernels markedly faster on CPU and GPU; layout only, same math.
-        self.memory_format = torch.channels_last if self.speed.channels_last else torch.contiguous_format
+        self.memory_format = torch.channels_last if self.runtime.channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         # What the sampler evaluates: the module itself, or one torch.compile wrapper of it, built
         # once (it shares the module's parameters, so training updates reach it).
-        self.sampler_energy = compiled_energy(self.model) if self.speed.compile else self.model
+        self.sampler_energy = compiled_energy(self.model) if self.runtime.compile else self.model
         self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.optim.ema > 0 else None
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         o = cfg.optim
@@ -134,7 +135,7 @@ class Trainer:
         # stays fp32 even where DeepSpeed casts the module to half precision).
         forward_module = LogitsForward(self.model) if cfg.objective.kind == "jem" else self.model
         self.wrapped = self.parallel.prepare(forward_module, self.optimizer)
-        self.input_grad_scaler = InputGradScaler() if cfg.train.precision == "fp16" else None
+        self.input_grad_scaler = InputGradScaler() if self.runtime.precision == "fp16" else None
         # One batch of lookahead: the next batch's labels let a class-conditional buffer draw be
         # prefetched (_prefetch_next); the batches and the checkpointed position are unchanged.
         self.stream = Lookahead(build_train_stream(cfg, self.rank, self.world))
@@ -158,6 +159,7 @@ class Trainer:
         # CD-k, score matching, NCE, adversarial, KSD (None for pcd/jem): ebmscale.objectives.estimators.
         self.estimator = build_estimator(self)
         self.saved_step: int | None = None  # step of the checkpoint last written or loaded
+        self.precision_checked = False  # the half-precision canary runs on this process's first step
 
     def _init_bounds(self) -> tuple[float, float]:
         """Range of uniform chain initialisation: the data range for images, the quadrature
@@ -251,6 +253,8 @@ class Trainer:
         t0 = time.perf_counter()
         x_pos, y = self._positives(next(self.stream))
         n = x_pos.shape[0]
+        if not self.precision_checked:
+            self.check_half_precision(x_pos, y)
         t1 = time.perf_counter()
         rng = dist.numpy_rng(seed, self.rank, self.tick, "buffer")
         gen = dist.torch_generator(seed, self.rank, self.tick, "langevin", self.device)
@@ -333,7 +337,7 @@ class Trainer:
         out.update(grad_norm=grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
                    sampler_time=sampler_time, data_time=data_time, step_time=t3 - t0,
                    samples_per_s=n / (t3 - t0), lr=self.optimizer.param_groups[0]["lr"])
-        if cfg.train.precision == "fp16":
+        if self.runtime.precision == "fp16":
             out.update(skipped_step=float(overflow), grad_scale=self.parallel.grad_scale(),
                        sampler_grad_scale=self.input_grad_scaler.scale)
         return out
@@ -344,6 +348,29 @@ class Trainer:
         gen = dist.torch_generator(self.seed, self.rank, self.tick, "objective", self.device)
         loss, stats, x_neg = self.estimator.loss(x_pos, gen)
         return x_neg, loss, stats, t1 + float(stats.pop("sampler_time", 0.0))
+
+    def check_half_precision(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        """The half-precision canary (``train.precision_check``): before the first update, the
+        gradients of this batch's energies in the run's bf16/fp16 against fp32, per tensor. A kernel
+        that is wrong on this hardware (like oneDNN's bf16 weight gradient for some stride-2 convs,
+        see :class:`ebmscale.models.common.Conv2d`) stops the run with one line naming the layer,
+        on every rank together, before it can corrupt a weight."""
+        self.precision_checked = True
+        tol = self.cfg.train.precision_check
+        if not tol or self.runtime.autocast_dtype is None:
+            return
+        labels = y if self.conditional else None
+        errors = half_precision_gradient_errors(self.model, lambda m, xi: m(xi, labels), x, self.runtime)
+        bad = {k: v for k, v in errors.items() if not v <= tol}
+        flag = torch.tensor([float(bool(bad))])
+        if self.world > 1:
+            dist.all_reduce_max(flag)
+        if flag.item():
+            what = (", ".join(f"'{k}' ({v:.3g})" for k, v in sorted(bad.items(), key=lambda kv: -kv[1])[:3])
+                    if bad else "a layer on another rank")
+            raise ConfigError(f"{self.runtime.precision} gradients disagree with fp32 on this {self.device.type} "
+                              f"(relative error > train.precision_check={tol:g}): {what}; a kernel is wrong for "
+                              f"this layer here: set train.precision=fp32")
 
     def _check_divergence(self, stats: dict, grad_norm: float | None, overflow: bool = False) -> None:
         """Raise :class:`DivergenceError` naming the step and the metric. With several ranks the
@@ -395,6 +422,7 @@ class Trainer:
             "optimizer": None if self.parallel.is_deepspeed else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "precision": self.parallel.state_dict(),
+            "runtime": self.runtime.to_dict(),  # what this run resolved to (information only)
         }
 
     def rank_state(self) -> dict:
@@ -599,6 +627,17 @@ def save_scatter(points: np.ndarray, path: str) -> None:
     plt.close(fig)
 
 
+def write_runtime(run_dir: str, runtime) -> str:
+    """Write ``<run_dir>/runtime.yaml``: the resolved :class:`~ebmscale.performance.Runtime` beside
+    the asked ``config.yaml`` (train.precision=auto there, the precision actually used here)."""
+    import yaml
+
+    path = os.path.join(run_dir, "runtime.yaml")
+    with open(path, "w") as fh:
+        yaml.safe_dump(runtime.to_dict(), fh, sort_keys=False)
+    return path
+
+
 def _report_fid(trainer: Trainer) -> None:
     """Training-time FID of the current step (collective: every rank calls it) into the metrics."""
     from ebmscale.eval.training import training_fid  # Inception and scipy only when FID is on
@@ -629,6 +668,9 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
         with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
             fh.write(dump_yaml(cfg))
     trainer = Trainer(cfg, run_dir)
+    if dist.is_main():
+        # What was asked is config.yaml (never changed); what it resolved to on this hardware:
+        write_runtime(run_dir, trainer.runtime)
     if resume == "auto":
         path = trainer.load_latest()
         dist.print0(f"resumed from {path} at step {trainer.step}" if path else
@@ -639,7 +681,7 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
         dist.print0(f"resumed from {path} at step {trainer.step}")
     if trainer.parallel.distributed:
         dist.print0(f"data parallel: {trainer.parallel.describe()}")
-    dist.print0(f"speed settings on {trainer.device.type}: {trainer.speed.describe()}")
+    dist.print0(f"speed settings on {trainer.device.type}: {trainer.runtime.describe()}")
     t = cfg.train
     end = t.steps if max_steps is None else min(t.steps, max_steps)
     if t.rollback_max and not complete_checkpoints(run_dir) and trainer.step < end:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ebmscale.models.common import apply_spectral_norm, energy_from_head, make_activation
+from ebmscale.models.common import Conv2d, apply_spectral_norm, energy_from_head, make_activation
 
 
 class ConvNetEnergy(nn.Module):
@@ -25,7 +25,7 @@ class ConvNetEnergy(nn.Module):
         cin, side = in_channels, resolution
         for i in range(depth):
             cout = width * min(2 ** i, 4)
-            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), make_activation(activation, leaky_slope)]
+            layers += [Conv2d(cin, cout, 3, stride=2, padding=1), make_activation(activation, leaky_slope)]
             cin, side = cout, (side + 1) // 2
         self.body = nn.Sequential(*layers)
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, 4 * width),

@@ -75,7 +75,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from ebmscale.models.common import Swish, apply_spectral_norm, make_activation
+from ebmscale.models.common import Conv2d, Swish, apply_spectral_norm, make_activation
 
 
 @dataclass(frozen=True)
@@ -135,9 +135,13 @@ class CappedSpectralNorm(nn.Module):
             self._u.copy_(F.normalize(mat @ self._v, dim=0, eps=self.eps))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        # In the weight's own precision even under autocast: sigma of a near-zero matrix in bf16
-        # would be noise, and the buffers are fp32.
+        # In fp32 (the buffers' dtype) even under autocast, and even where DeepSpeed made the weight
+        # itself half precision (it casts parameters, not buffers): sigma of a near-zero matrix in
+        # bf16 would be noise. An fp32 weight takes exactly the same path as before.
+        half = weight.dtype != self._u.dtype
+        out_dtype = weight.dtype
         with torch.autocast(weight.device.type, enabled=False):
+            weight = weight.to(self._u.dtype)
             mat = weight.flatten(1)
             if self.training:
                 self._power_method(mat.detach(), self.n_power_iterations)
@@ -145,7 +149,8 @@ class CappedSpectralNorm(nn.Module):
             # may have saved them for this one.
             u, v = self._u.clone(), self._v.clone()
             sigma = torch.dot(u, mat @ v)
-            return weight / sigma.clamp(min=1.0)
+            out = weight / sigma.clamp(min=1.0)
+            return out.to(out_dtype) if half else out
 
 
 class _LabelTable(nn.Module):
@@ -176,9 +181,9 @@ class IGEBMBlock(nn.Module):
     def __init__(self, cin: int, cout: int, num_classes: int, activation: str, leaky_slope: float,
                  downsample: bool, dropout: float, spectral_norm: bool):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.skip = nn.Conv2d(cin, cout, 3, padding=1, bias=False) if cin != cout else None
+        self.conv1 = Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.conv2 = Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.skip = Conv2d(cin, cout, 3, padding=1, bias=False) if cin != cout else None
         self.bias1 = _LabelTable(num_classes, cin, 0.0)
         self.bias2 = _LabelTable(num_classes, cout, 0.0)
         self.gain2 = _LabelTable(num_classes, cout, 1.0, offset=True)
@@ -220,7 +225,7 @@ class IGEBMResNet(nn.Module):
         if len(stage_widths) != len(blocks_per_stage) or min(blocks_per_stage, default=0) < 1:
             raise ValueError(f"need >= 1 block per stage, got widths {stage_widths} and blocks {blocks_per_stage}")
         self.num_classes = int(num_classes)
-        self.stem = nn.Conv2d(in_channels, stem_width, 3, padding=1, bias=False)
+        self.stem = Conv2d(in_channels, stem_width, 3, padding=1, bias=False)
         self.stem_act = make_activation(activation, leaky_slope)
         blocks: list[IGEBMBlock] = []
         cin = stem_width

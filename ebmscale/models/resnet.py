@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ebmscale.models.common import apply_spectral_norm, energy_from_head, make_activation
+from ebmscale.models.common import Conv2d, apply_spectral_norm, energy_from_head, make_activation
 
 
 class _Block(nn.Module):
@@ -15,10 +15,10 @@ class _Block(nn.Module):
     def __init__(self, cin: int, cout: int, activation: str, leaky_slope: float, downsample: bool):
         super().__init__()
         self.act1 = make_activation(activation, leaky_slope)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
         self.act2 = make_activation(activation, leaky_slope)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.conv2 = Conv2d(cout, cout, 3, padding=1)
+        self.skip = Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,7 @@ class SmallResNetEnergy(nn.Module):
         super().__init__()
         width = max(width, 1)
         chans = [width, 2 * width, 2 * width]
-        self.stem = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.stem = Conv2d(in_channels, width, 3, padding=1)
         blocks: list[nn.Module] = []
         cin = width
         for s, c in enumerate(chans):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ebmscale.models.common import apply_spectral_norm, make_activation
+from ebmscale.models.common import Conv2d, apply_spectral_norm, make_activation
 from ebmscale.models.heads import ClassifierEnergy
 
 NORMS = ("none", "batch")
@@ -43,12 +43,12 @@ class WideBlock(nn.Module):
         bias = norm == "none"
         self.norm1 = _norm(cin, norm)
         self.act1 = make_activation(activation, leaky_slope)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=bias)
+        self.conv1 = Conv2d(cin, cout, 3, padding=1, bias=bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.norm2 = _norm(cout, norm)
         self.act2 = make_activation(activation, leaky_slope)
-        self.conv2 = nn.Conv2d(cout, cout, 3, stride=stride, padding=1, bias=bias)
-        self.shortcut = (nn.Conv2d(cin, cout, 1, stride=stride, bias=bias) if stride != 1 or cin != cout
+        self.conv2 = Conv2d(cout, cout, 3, stride=stride, padding=1, bias=bias)
+        self.shortcut = (Conv2d(cin, cout, 1, stride=stride, bias=bias) if stride != 1 or cin != cout
                          else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ class WideResNet(nn.Module):
             raise ValueError(f"Wide-ResNet norm must be one of {NORMS}, got '{norm}'")
         n = (depth - 4) // 6
         widths = [16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-        self.stem = nn.Conv2d(in_channels, 16, 3, padding=1, bias=norm == "none")
+        self.stem = Conv2d(in_channels, 16, 3, padding=1, bias=norm == "none")
         stages: list[nn.Module] = []
         cin = 16
         for width, stride in zip(widths, (1, 2, 2)):

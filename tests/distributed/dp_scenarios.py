@@ -33,7 +33,9 @@ PER_RANK_BATCH = 16
 BASE = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=16", "model.depth=2", "model.spectral_norm=true",
         "data.toy_train_size=2000", "sampler.kind=sgld", "sampler.steps=5", "sampler.step_size=0.1",
         "sampler.noise_std=0.05", "buffer.capacity=64", "objective.alpha=0.1", "train.progress=false",
-        "train.tensorboard=false", "train.threads=1", "train.device=cpu", "optim.ema=0", "buffer.backend=local"]
+        "train.tensorboard=false", "train.threads=1", "train.device=cpu", "optim.ema=0", "buffer.backend=local",
+        # fp32 pinned: these scenarios compare world sizes at fp32 rounding (auto is bf16 on AMX CPUs).
+        "train.precision=fp32"]
 
 # The equivalence run: short-run chains (no per-rank buffer), SGD (Adam's first steps are
 # sign(g) and would magnify summation-order noise in near-zero gradient entries), fp32 (the
@@ -52,6 +54,12 @@ LEARN = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=32", "model.d
          "train.precision=bf16", "train.steps=200", "train.log_every=50", "train.sample_every=0",
          "train.checkpoint_every=0", "train.progress=false", "train.tensorboard=false", "train.threads=1",
          "train.device=cpu", "data.batch_size=32", "buffer.backend=local"]
+
+
+# fp16 under DDP: the same learning check with the loss GradScaler and the sampler's input-gradient
+# scaler, logged every step so the test can count skipped steps and scale back-offs.
+FP16 = [o for o in LEARN if not o.startswith(("train.precision=", "train.log_every=", "train.steps="))] + [
+    "train.precision=fp16", "train.steps=150", "train.log_every=1"]
 
 
 class GlobalNoiseTrainer(Trainer):
@@ -149,7 +157,7 @@ def scenario_ddp(out: str) -> dict:
     return res
 
 
-def _learn_report(result, cfg, rank: int, out: str) -> dict:
+def _learn_report(result, cfg, rank: int, out: str, name: str = "learn") -> dict:
     """How well the bf16 model separates data from uniform points, and where its chains are."""
     from ebmscale.checkpoint import load_checkpoint
     from ebmscale.data import toy_splits
@@ -159,7 +167,7 @@ def _learn_report(result, cfg, rank: int, out: str) -> dict:
     report = {"steps": result.steps, "last_metrics": result.last_metrics}
     if rank != 0:
         return report
-    state = load_checkpoint(os.path.join(out, "learn"))
+    state = load_checkpoint(os.path.join(out, name))
     model = build_model(cfg.model, (2,))
     model.load_state_dict(state["model"])
     model.eval()
@@ -175,6 +183,14 @@ def _learn_report(result, cfg, rank: int, out: str) -> dict:
                   uniform_nll_median=float(-d.log_prob(u.double()).median()),
                   data_nll_median=float(-d.log_prob(test.double()).median()))
     return report
+
+
+def scenario_fp16(out: str) -> dict:
+    """fp16 training through train() on 2 ranks: GradScaler on the loss, InputGradScaler in the
+    sampler; every step's reduced metrics are in metrics.jsonl (rank 0)."""
+    cfg = load_config(None, FP16)
+    result = train(cfg, run_dir=os.path.join(out, "fp16"))
+    return {"fp16": _learn_report(result, cfg, dist.rank(), out, "fp16")}
 
 
 def scenario_deepspeed(out: str) -> dict:
@@ -258,7 +274,7 @@ def main() -> None:
     torch.set_num_threads(1)
     scenario, out = sys.argv[1], sys.argv[2]
     res = {"ddp": scenario_ddp, "deepspeed": scenario_deepspeed, "deepspeed_accumulate": scenario_deepspeed_accumulate,
-           "estimators": scenario_estimators}[scenario](out)
+           "estimators": scenario_estimators, "fp16": scenario_fp16}[scenario](out)
     res["rank"], res["world"] = dist.rank(), dist.world_size()
     torch.save(res, os.path.join(out, f"rank{dist.rank()}.pt"))
     dist.barrier()

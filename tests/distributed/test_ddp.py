@@ -105,7 +105,7 @@ def test_bf16_training_learns_a_2d_density_and_ranks_share_one_run_dir(ranks):
     assert ranks[0]["learn"]["last_metrics"] == ranks[1]["learn"]["last_metrics"], "metrics reduced before logging"
     run0 = os.path.join(out, "learn")
     # Rank 0 writes the run directory; in a checkpoint every rank writes its own part.
-    assert sorted(os.listdir(run0)) == ["checkpoints", "config.yaml", "metrics.jsonl", "samples"]
+    assert sorted(os.listdir(run0)) == ["checkpoints", "config.yaml", "metrics.jsonl", "runtime.yaml", "samples"]
     assert sorted(os.listdir(os.path.join(run0, "samples"))) == ["final.png", "step-0000200.png"]
     assert sorted(os.listdir(os.path.join(run0, "checkpoints", "step-200"))) == [
         "COMPLETE", "rank-00000.pt", "rank-00001.pt", "shared.pt"]

@@ -77,7 +77,11 @@ def test_fp16_input_gradients_are_scaled_not_flushed():
     _, _, unscaled = run(net, x0, steps, torch.float16, InputGradScaler(scale=1.0, max_scale=1.0))
     scaler = InputGradScaler()
     _, _, scaled = run(net, x0, steps, torch.float16, scaler)
-    assert rel(unscaled[0], g32[0]) > 0.1 and float((unscaled[0] == 0).float().mean()) > 0.1
+    # Unscaled, a share of the gradient is flushed to zero (which entries depends on the magnitudes,
+    # not the CPU). The resulting error depends on the kernels' accumulation: measured 0.27 on an AMD
+    # Zen 3 (AVX2) and 0.088 on a Xeon with AMX; scaled it is below 0.005 on both. So: at least 10x.
+    assert float((unscaled[0] == 0).float().mean()) > 0.1
+    assert rel(unscaled[0], g32[0]) > 0.05
     assert max(rel(a, b) for a, b in zip(scaled, g32)) < 0.005
     assert scaler.scale == 2.0 ** 12 and scaler.backoffs == 0
 
@@ -128,7 +132,11 @@ def test_sampler_checkpointing_same_chains_less_memory_state_untouched():
     assert net.training and all(p.grad is None for p in net.parameters())
     mem_plain = _peak_bytes(lambda: run(net, x0, settings))
     mem_ckpt = _peak_bytes(lambda: run(net, x0, settings, checkpointing=True))
-    assert mem_ckpt < 0.75 * mem_plain, (mem_ckpt, mem_plain)  # measured 0.60
+    # Measured 0.60 on an AMD EPYC Zen 3 (AVX2) and 0.756 on Zen 4 / Xeon AMX (AVX512-BF16), where
+    # oneDNN's fp32 kernels keep larger workspaces that checkpointing cannot remove: the fixed share of
+    # the peak depends on the CPU's kernels. 0.85 holds on both with room, and still fails when
+    # checkpointing saves nothing (a ratio of ~1.0).
+    assert mem_ckpt < 0.85 * mem_plain, (mem_ckpt, mem_plain)
 
 
 def test_checkpoint_units_of_each_architecture():

@@ -81,3 +81,21 @@ def test_info_prints_published_parameter_counts(name, fake_data, cli_env, tmp_pa
     assert r.returncode == 0, r.stderr[-2000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["parameters"] == FULL_SIZE[name]
+
+
+@pytest.mark.parametrize("name", ["igebm_cifar10_cond.yaml", "jem_cifar10.yaml"])
+def test_conditional_igebm_and_jem_train_with_bf16_forced(name, fake_data, tmp_path):
+    """What a GPU runs under train.precision=auto, forced here so that every CPU runs it (emulated bf16
+    where there are no bf16 units): the class-conditional IGEBM with spectral norm and JEM's hybrid
+    objective, through the half-precision canary, with finite losses and gradients."""
+    path = os.path.join(CONFIGS, name)
+    arch = load_config(path).model.arch
+    cfg = load_config(path, [*_data_overrides(path, fake_data), *TINY[arch], "data.batch_size=4", "data.holdout=0",
+                             "sampler.steps=2", "buffer.capacity=1000", "train.steps=2", "train.progress=false",
+                             "train.tensorboard=false", "train.log_every=1", "buffer.backend=local",
+                             "train.precision=bf16"])
+    result = train(cfg, run_dir=str(tmp_path / "run"))
+    assert result.steps == 2 and math.isfinite(result.last_metrics["loss"])
+    assert math.isfinite(result.last_metrics["grad_norm"])
+    with open(os.path.join(str(tmp_path / "run"), "runtime.yaml")) as fh:
+        assert "precision: bf16" in fh.read()

@@ -13,7 +13,7 @@ from ebmscale import performance
 from ebmscale.config import ConfigError, load_config
 from ebmscale.models.wrn import WideResNet
 from ebmscale.models.heads import ClassifierEnergy
-from ebmscale.performance import SpeedSettings, hardware_bf16, resolve_compile, resolve_precision, resolve_speed
+from ebmscale.performance import Runtime, hardware_bf16, resolve_compile, resolve_precision, resolve_runtime, resolve_speed
 from ebmscale.sampling import LangevinSettings, langevin, sampling_mode
 from ebmscale.trainer import Trainer
 
@@ -41,6 +41,10 @@ def test_auto_precision_is_bf16_only_on_native_bf16_hardware(monkeypatch):
     # An explicit request is never second-guessed.
     _cpu_units(monkeypatch, amx=False, avx512_bf16=False)
     assert [resolve_precision(p, CPU) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    # 2-D toy MLP energies stay fp32 under auto even on bf16 hardware (exact-likelihood recipes).
+    _cpu_units(monkeypatch, amx=True, avx512_bf16=True)
+    assert resolve_precision("auto", CPU, image_data=False) == "fp32"
+    assert resolve_precision("bf16", CPU, image_data=False) == "bf16"
 
 
 def test_compile_auto_is_cuda_only_and_never_with_checkpointing():
@@ -55,14 +59,51 @@ def test_resolve_speed_applies_layout_and_allocator_where_they_mean_something(mo
     t = load_config(None, []).train
     assert (t.precision, t.compile, t.channels_last, t.reuse_cpu_memory) == ("auto", "auto", True, True)
     img = resolve_speed(t, CPU, image_data=True)
-    assert img == SpeedSettings(precision="fp32", channels_last=True, compile=False,
-                                reuse_cpu_memory=performance._glibc() is not None)
+    assert img == Runtime(device=CPU, backend="ddp", precision="fp32", channels_last=True, compile=False,
+                          reuse_cpu_memory=performance._glibc() is not None, hardware_bf16=False)
     assert resolve_speed(t, CPU, image_data=False).channels_last is False  # 2-D toy energies
     assert resolve_speed(t, CUDA, image_data=True).reuse_cpu_memory is False
     off = load_config(None, ["train.channels_last=false", "train.compile=false", "train.reuse_cpu_memory=false",
                              "train.precision=bf16"]).train
-    assert resolve_speed(off, CPU, image_data=True) == SpeedSettings("bf16", False, False, False)
-    assert "precision bf16, contiguous, eager" == SpeedSettings("bf16", False, False, False).describe()
+    rt = resolve_speed(off, CPU, image_data=True)
+    assert (rt.precision, rt.channels_last, rt.compile, rt.reuse_cpu_memory) == ("bf16", False, False, False)
+    assert rt.autocast_dtype == torch.bfloat16 and "precision bf16, contiguous, eager" == rt.describe()
+
+
+def test_runtime_is_resolved_once_and_the_config_is_never_changed(monkeypatch, tmp_path):
+    """The trainer reads one frozen Runtime; cfg.train.precision stays 'auto'; the run directory holds
+    the asked config.yaml and the resolved runtime.yaml; the probe decides 'auto' both ways."""
+    import dataclasses
+
+    import yaml
+
+    from ebmscale.trainer import write_runtime
+
+    base = ["data.dataset=digits", "model.width=4", "model.depth=2", "data.batch_size=8", "sampler.steps=2",
+            "buffer.capacity=16", "buffer.backend=local", "train.progress=false", "train.tensorboard=false"]
+    for units, expect in ((False, "fp32"), (True, "bf16")):
+        _cpu_units(monkeypatch, amx=units, avx512_bf16=units)
+        cfg = load_config(None, base)
+        tr = Trainer(cfg, str(tmp_path / expect))
+        assert cfg.train.precision == "auto"  # never written back
+        assert tr.runtime.precision == tr.parallel.precision == expect
+        assert tr.parallel.autocast_dtype == tr.runtime.autocast_dtype
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            tr.runtime.precision = "fp32"
+        with open(write_runtime(str(tmp_path), tr.runtime)) as fh:
+            assert yaml.safe_load(fh)["precision"] == expect
+        assert tr.shared_state()["config"]["train"]["precision"] == "auto"
+
+
+def test_a_precision_the_device_cannot_run_is_one_error_naming_the_key(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    with pytest.raises(ConfigError, match=r"train.precision=bf16: Tesla V100 has no bf16"):
+        resolve_runtime(load_config(None, ["train.precision=bf16", "train.device=cuda:0"]), image_data=True)
+    with pytest.raises(ConfigError, match=r"train.precision=fp16: DeepSpeed has no fp16 on CPU"):
+        resolve_runtime(load_config(None, ["train.precision=fp16", "train.distributed=deepspeed",
+                                           "train.device=cpu"]), image_data=True)
 
 
 def test_compile_switch_reads_yaml_booleans_and_rejects_checkpointing():
@@ -117,12 +158,14 @@ def test_compiled_sampler_in_the_trainer_matches_eager_and_compiles_once(tmp_pat
     rounding, and the second step reuses the first step's compiled graph."""
     import torch._dynamo
 
+    # fp32 pinned: the comparison below is at fp32 rounding (auto is bf16 on AMX / AVX512-BF16 CPUs).
     base = ["data.dataset=digits", "model.width=4", "model.depth=2", "data.batch_size=8", "sampler.steps=3",
-            "buffer.capacity=32", "train.progress=false", "train.tensorboard=false", "train.seed=5"]
+            "buffer.capacity=32", "train.progress=false", "train.tensorboard=false", "train.seed=5",
+            "train.precision=fp32"]
     eager = Trainer(load_config(None, [*base, "train.compile=false"]), str(tmp_path / "eager"))
-    assert eager.sampler_energy is eager.model and not eager.speed.compile
+    assert eager.sampler_energy is eager.model and not eager.runtime.compile
     compiled = Trainer(load_config(None, [*base, "train.compile=true"]), str(tmp_path / "compiled"))
-    assert compiled.speed.compile and compiled.sampler_energy._orig_mod is compiled.model
+    assert compiled.runtime.compile and compiled.sampler_energy._orig_mod is compiled.model
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
