@@ -5,7 +5,9 @@ Layout of one checkpoint (``<run_dir>/checkpoints/step-N/``)::
 
     shared.pt        rank 0: config, counters, model, EMA, optimizer, LR scheduler, loss scaler
     rank-00000.pt    every rank r: its RNG states, data position, replay-buffer shard, sampler scaler
-    buffer.pt        rank 0, only for a global (Ray-hosted) buffer: the buffer's own state
+    buffer/          a global (Ray-hosted) buffer: each shard's own files, written by the shard
+                     itself (ebmscale.buffer.shardfile); checkpoints of earlier versions hold one
+                     buffer.pt written by rank 0 instead, still read
     deepspeed/       DeepSpeed runs only: every rank's ZeRO shard (fp32 master weights, optimizer)
     COMPLETE         JSON written last by rank 0: step, world size, and every file's size and SHA-256
 
@@ -238,12 +240,15 @@ def hang_for_tests(where: str, step: int) -> None:
 
 def save_checkpoint(run_dir: str, step: int, *, shared: dict | None, rank_state: dict,
                     extra_files: dict[str, dict] | None = None,
-                    write_sharded: Callable[[str], None] | None = None, keep: int = 0) -> str:
+                    write_sharded: Callable[[str], None] | None = None,
+                    write_global: Callable[[str], dict[str, dict]] | None = None, keep: int = 0) -> str:
     """Write checkpoint ``step`` (collective: call on every rank) and return its directory.
 
     ``shared`` and ``extra_files`` (name -> state) are written by rank 0, ``rank_state`` by
     every rank as ``rank-RRRRR.pt``; ``write_sharded(dir)``, when given, is called on every rank
-    to write per-rank shards under ``deepspeed/``. Rank 0 writes the marker last and then keeps
+    to write per-rank shards under ``deepspeed/``; ``write_global(dir)``, on rank 0, has the owners
+    of a global state write it into the directory and returns their files' marker entries (the
+    Ray buffer's shards). Rank 0 writes the marker last and then keeps
     the ``keep`` newest complete checkpoints (0 = all).
     """
     rank, world = dist.rank(), dist.world_size()
@@ -261,6 +266,8 @@ def save_checkpoint(run_dir: str, step: int, *, shared: dict | None, rank_state:
         entries[SHARED_FILE] = write_file(os.path.join(path, SHARED_FILE), shared)
         for name, state in (extra_files or {}).items():
             entries[name] = write_file(os.path.join(path, name), state)
+        if write_global is not None:
+            entries.update(write_global(path))
     if write_sharded is not None:
         write_sharded(os.path.join(path, DEEPSPEED_DIR))
     # Each rank hashed its own files; they reach rank 0 as small JSON side files.
@@ -310,9 +317,16 @@ def load_buffer_state(path: str) -> dict:
     if path.endswith(".safetensors"):
         raise CheckpointError(f"'{path}' is an export: it holds weights only, no replay buffer "
                               "(sample from noise, or pass the run's checkpoint)")
+    from ebmscale.buffer import shardfile
+
     ck = StepCheckpoint(resolve(path))
     if ck.has(BUFFER_FILE):
         states = list(as_numpy(ck.read(BUFFER_FILE))["shards"])
+    elif shardfile.shard_entries(ck.files):
+        try:
+            states = shardfile.load_all(ck.path, shardfile.shard_entries(ck.files))
+        except shardfile.ShardFileError as exc:
+            raise CheckpointError(str(exc)) from None
     else:
         states = [as_numpy(ck.read(rank_file(r)).get("buffer")) for r in range(ck.world)]
         if any(s is None for s in states):

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ebmscale import dist
+from ebmscale import dist, runguard
 from ebmscale.buffer import build_buffer
+from ebmscale.buffer import shardfile
 from ebmscale.buffer.client import as_numpy
 from ebmscale.buffer.reshard import reshard_buffer_states
 from ebmscale.checkpoint import (BUFFER_FILE, DEEPSPEED_DIR, SHARED_FILE, CheckpointError, StepCheckpoint,
@@ -441,7 +442,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """This rank's complete state (shared part and own part) as one dict; with a global buffer
         it holds the buffer's state too (every shard on rank 0), so that an in-memory round trip
-        restores it. Checkpoints store that part once, as BUFFER_FILE."""
+        restores it. Checkpoints store that part as the shards' own files (Trainer.save)."""
         state = {**self.shared_state(), **self.rank_state()}
         if self.buffer_is_global:
             state["buffer"] = self.buffer.state_dict()
@@ -488,11 +489,12 @@ class Trainer:
     def save(self) -> str:
         """Write checkpoint ``<run_dir>/checkpoints/step-<step>/`` (collective: call on every
         rank) and keep the newest ``train.keep_checkpoints``; see :mod:`ebmscale.checkpoint`."""
-        extra = {BUFFER_FILE: as_numpy(self.buffer.state_dict())} \
-            if self.buffer_is_global and self.rank == 0 else None
+        # A global buffer: every rank's write-backs land first, then each shard writes its own files.
+        self.buffer.flush()
         path = save_checkpoint(self.run_dir, self.step, shared=self.shared_state() if self.rank == 0 else None,
-                               rank_state=self.rank_state(), extra_files=extra,
+                               rank_state=self.rank_state(),
                                write_sharded=self.parallel.save_sharded if self.parallel.is_deepspeed else None,
+                               write_global=self.buffer.save_shards if self.buffer_is_global else None,
                                keep=self.cfg.train.keep_checkpoints)
         self.saved_step = self.step
         return path
@@ -521,7 +523,16 @@ class Trainer:
         if self.parallel.is_deepspeed:
             ck.verify_tree(DEEPSPEED_DIR)
         global_buffer = None
-        if self.buffer_is_global and self.rank == 0 and ck.has(BUFFER_FILE):
+        if self.buffer_is_global and shardfile.shard_entries(ck.files):
+            # The shards read their own files (rank 0 has them checked here, in parallel).
+            global_buffer = {"sharded": ck.path, "files": shardfile.shard_entries(ck.files)}
+            try:
+                error = self.buffer.verify_saved(ck.path, global_buffer["files"]) if self.rank == 0 else None
+            except shardfile.ShardFileError as exc:
+                error = str(exc)
+            if error:
+                raise CheckpointError(error)
+        elif self.buffer_is_global and self.rank == 0 and ck.has(BUFFER_FILE):
             global_buffer = as_numpy(ck.read(BUFFER_FILE))
         return state, global_buffer
 
@@ -534,7 +545,10 @@ class Trainer:
     def _apply_checkpoint(self, ck: StepCheckpoint, state: dict, global_buffer: dict | None) -> None:
         self.load_state_dict(state)
         if global_buffer is not None:
-            self.buffer.load_state_dict(global_buffer)
+            try:
+                self.buffer.load_state_dict(global_buffer)
+            except shardfile.ShardFileError as exc:
+                raise CheckpointError(str(exc)) from None
         if self.parallel.is_deepspeed:
             self.parallel.load_sharded(os.path.join(ck.path, DEEPSPEED_DIR))
         self.saved_step = self.step
@@ -662,6 +676,14 @@ def train(cfg: Config, run_dir: str | None = None, resume: str | None = None,
     past a damaged one; none = start afresh). A divergence rolls back to the newest checkpoint up
     to ``train.rollback_max`` times (see :meth:`Trainer.rollback`).
     """
+    run_dir = run_dir or cfg.train.run_dir
+    # One writer per run directory (rank 0 holds its lock until the end), and a rank whose
+    # launcher was killed stops instead of training on: see ebmscale.runguard.
+    with runguard.guard(run_dir, main=dist.is_main()):
+        return _train(cfg, run_dir, resume, max_steps)
+
+
+def _train(cfg: Config, run_dir: str | None, resume: str | None, max_steps: int | None) -> TrainResult:
     run_dir = run_dir or cfg.train.run_dir
     if dist.is_main():
         os.makedirs(run_dir, exist_ok=True)

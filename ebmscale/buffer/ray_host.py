@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -36,13 +37,17 @@ import tempfile
 import uuid
 from typing import Any, Callable
 
-# Before ray starts anything: no token file in $HOME, no usage-stats prompt or report.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Before ray starts anything: token authentication always (the token comes from a file ebmscale
+# points RAY_AUTH_TOKEN_PATH at, never from $HOME: see start_embedded / connect_cluster); no
+# usage-stats prompt or report.
+os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
+from ebmscale.buffer import shardfile  # noqa: E402
 from ebmscale.buffer.client import as_numpy, resplit_states, split_capacity  # noqa: E402
 from ebmscale.buffer.replay import ReplayBuffer, encode, starts_from_encoded  # noqa: E402
 from ebmscale.config import ConfigError  # noqa: E402
@@ -68,14 +73,16 @@ class BufferShard:
         self.shard_id, self.incarnation = shard_id, 0
         ctx = ray.get_runtime_context()
         if ctx.was_current_actor_reconstructed:
-            # A restart after a crash: restore the last checkpoint if the registry holds one.
-            snapshot, self.incarnation = ray.get(ray.get_actor(registry).restarted.remote(shard_id))
-            if snapshot is None:  # no checkpoint yet: fresh noise, from a stream new to this incarnation
+            # A restart after a crash: restore the last checkpoint if the registry holds one (its
+            # shard files on disk, or a state in the object store).
+            source, self.incarnation = ray.get(ray.get_actor(registry).restarted.remote(shard_id))
+            if source is None:  # no checkpoint yet: fresh noise, from a stream new to this incarnation
                 kwargs = dict(kwargs, seed=int(np.random.SeedSequence([kwargs["seed"], self.incarnation])
                                                .generate_state(1)[0]))
             self.buf = ReplayBuffer(**kwargs)
-            if snapshot is not None:
-                self.buf.load_state_dict(ray.get(snapshot[0]))
+            if source is not None:
+                self.buf.load_state_dict(shardfile.load_state(*source["files"]) if "files" in source
+                                         else ray.get(source["ref"][0]))
         else:
             self.buf = ReplayBuffer(**kwargs)
 
@@ -97,6 +104,28 @@ class BufferShard:
     def load_state_dict(self, state: dict) -> None:
         self.buf.load_state_dict(state)
 
+    def save(self, step_path: str) -> dict:
+        """Write this shard's files into the checkpoint (straight from here, in parallel with the
+        other shards); returns their marker entries."""
+        return shardfile.write_shard(step_path, self.shard_id, self.buf)
+
+    def verify(self, step_path: str, entries: dict) -> str | None:
+        """Check saved files against their marker entries; the first problem as one line, or None."""
+        try:
+            for name, entry in entries.items():
+                shardfile.verify(step_path, name, entry)
+        except shardfile.ShardFileError as exc:
+            return str(exc)
+        return None
+
+    def load(self, step_path: str, parts: list, rng_from: int) -> str | None:
+        """Replace this shard's chains with the saved slices ``parts`` (read here, memory-mapped)."""
+        try:
+            self.buf.load_state_dict(shardfile.load_state(step_path, parts, rng_from))
+        except shardfile.ShardFileError as exc:
+            return str(exc)
+        return None
+
     def info(self) -> dict:
         return {"pid": os.getpid(), "incarnation": self.incarnation, "capacity": self.buf.capacity,
                 "node": ray.get_runtime_context().get_node_id(), "torch_loaded": "torch" in sys.modules}
@@ -104,20 +133,20 @@ class BufferShard:
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class BufferRegistry:
-    """Counts shard restarts and holds references to the last checkpointed shard states (the
-    objects stay in Ray's object store while rank 0, their owner, lives)."""
+    """Counts shard restarts and knows where each shard's last checkpointed state is: its files
+    (``{"files": (step_path, parts, rng_from)}``) or a state in Ray's object store (``{"ref":
+    [ref]}``, kept while rank 0, its owner, lives)."""
 
     def __init__(self):
-        self.snapshots: list = []
+        self.sources: list = []
         self.restarts = 0
 
-    def set_snapshots(self, refs: list) -> None:
-        self.snapshots = list(refs)  # refs inside a list arrive unresolved: no copy of the data here
+    def set_sources(self, sources: list) -> None:
+        self.sources = list(sources)  # refs nested in a list arrive unresolved: no copy of the data here
 
-    def restarted(self, shard_id: int) -> tuple[list | None, int]:
+    def restarted(self, shard_id: int) -> tuple[dict | None, int]:
         self.restarts += 1
-        ref = self.snapshots[shard_id] if shard_id < len(self.snapshots) else None
-        return ([ref] if ref is not None else None), self.restarts
+        return (self.sources[shard_id] if shard_id < len(self.sources) else None), self.restarts
 
     def count(self) -> int:
         return self.restarts
@@ -139,6 +168,50 @@ class _Session:
 
 
 _QUIET = dict(log_to_driver=False, logging_level=logging.ERROR)
+TOKEN_FILE = "auth_token"
+# What launch/ray/head.sh writes when RAY_AUTH_TOKEN_PATH is not set (relative to where it runs).
+CLUSTER_TOKEN_FILE = ".ray_auth_token"
+
+
+def write_token(path: str, token: str) -> None:
+    """Write an authentication token to ``path``, readable by its owner only (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, token.encode())
+    finally:
+        os.close(fd)
+
+
+def use_token_file(path: str) -> None:
+    """Authenticate this process (and the Ray processes it starts) with the token in ``path``."""
+    os.environ["RAY_AUTH_TOKEN_PATH"] = os.path.abspath(path)
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+
+
+def _refresh_auth() -> None:
+    """Make Ray read RAY_AUTH_MODE and the token again before a ray.init: it caches both, from the
+    first time it was imported (maybe before this module set them) or the last instance it
+    joined (what Ray's own helpers do when they switch token auth on)."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _cluster_token(target: str) -> None:
+    """Find the token of a cluster started with launch/ray/head.sh: $RAY_AUTH_TOKEN, the file
+    $RAY_AUTH_TOKEN_PATH names, or ./.ray_auth_token (head.sh's default)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or (CLUSTER_TOKEN_FILE if os.path.isfile(CLUSTER_TOKEN_FILE) else "")
+    if not path:
+        raise ConfigError(f"the Ray cluster at '{target}' needs its authentication token: set RAY_AUTH_TOKEN_PATH to "
+                          "the file launch/ray/head.sh wrote (or RAY_AUTH_TOKEN to the token)")
+    if not os.path.isfile(path):
+        raise ConfigError(f"RAY_AUTH_TOKEN_PATH '{path}' does not exist (the token of the Ray cluster at '{target}')")
+    use_token_file(path)
 
 
 def start_embedded(namespace: str, dashboard: bool = False, temp_dir: str = "") -> _Session:
@@ -147,10 +220,17 @@ def start_embedded(namespace: str, dashboard: bool = False, temp_dir: str = "") 
         return _Session(owned=False, temp_dir=None)
     own_temp = not temp_dir
     temp_dir = temp_dir or tempfile.mkdtemp(prefix="ebmscale-ray-", dir="/tmp")
+    # Token authentication, the token in the session directory (0600), never in $HOME.
+    os.makedirs(temp_dir, exist_ok=True)
+    token_path = os.path.join(os.path.abspath(temp_dir), TOKEN_FILE)
+    write_token(token_path, secrets.token_hex(32))
+    use_token_file(token_path)
+    _refresh_auth()
     # address='local': a new instance even where `ray start` left one (or a stale record of one);
-    # num_cpus=1: the actors ask for none, and Ray would otherwise pre-start a worker per core.
-    ray.init(address="local", namespace=namespace, include_dashboard=dashboard, _temp_dir=os.path.abspath(temp_dir), num_cpus=1,
-             **_QUIET)
+    # num_cpus=1: the actors ask for none, and Ray would otherwise pre-start a worker per core;
+    # the dashboard, if asked for, on loopback only.
+    ray.init(address="local", namespace=namespace, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+             _temp_dir=os.path.abspath(temp_dir), num_cpus=1, **_QUIET)
     return _Session(owned=True, temp_dir=temp_dir if own_temp else None)
 
 
@@ -168,9 +248,10 @@ def _cluster_address(address: str) -> str:
                           "launch/ray/head.sh and launch/ray/worker.sh, or set RAY_ADDRESS)") from None
 
 
-def connect_cluster(address: str, namespace: str, timeout_s: float = 10.0) -> _Session:
-    """Join a running cluster; an address that does not answer fails here, naming it (Ray itself
-    would retry for minutes)."""
+def connect_cluster(address: str, namespace: str, timeout_s: float = 10.0, token_path: str = "") -> _Session:
+    """Join a running cluster with its token (``token_path``: an embedded instance's token file;
+    else see :func:`_cluster_token`); an address that does not answer fails here, naming it (Ray
+    itself would retry for minutes)."""
     target = _cluster_address(address)
     host, _, port = target.rpartition(":")
     try:
@@ -181,11 +262,25 @@ def connect_cluster(address: str, namespace: str, timeout_s: float = 10.0) -> _S
                           f"{exc or type(exc).__name__}") from None
     if ray.is_initialized():  # already connected in this process (a test, a benchmark): reuse it
         return _Session(owned=False, temp_dir=None)
+    if token_path:
+        use_token_file(token_path)
+    else:
+        _cluster_token(target)
+    _refresh_auth()
     try:
         ray.init(address=target, namespace=namespace, **_QUIET)
     except ConnectionError as exc:
-        raise ConfigError(f"cannot join the Ray cluster at '{target}' (buffer.ray_address={address}): {exc}") from None
+        raise ConfigError(f"cannot join the Ray cluster at '{target}' (buffer.ray_address={address}): {exc} (is "
+                          "RAY_AUTH_TOKEN_PATH the token file of this cluster?)") from None
     return _Session(owned=True, temp_dir=None)
+
+
+def _spread_nodes() -> list[str]:
+    """Ids of the cluster's live nodes: this process's node first, then the others by address.
+    (Ray's SPREAD strategy put both zero-CPU shards on one node of a two-node cluster.)"""
+    here = ray.get_runtime_context().get_node_id()
+    others = sorted((n["NodeManagerAddress"], n["NodeID"]) for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here)
+    return [here, *(node for _, node in others)]
 
 
 class RayBuffer:
@@ -230,22 +325,28 @@ class RayBuffer:
             info = share(None)
             if "error" in info:
                 raise ConfigError(f"rank 0 could not start the Ray replay buffer: {info['error']}")
-            self._session = (connect_cluster(info["address"], b.ray_namespace) if not b.ray_address
+            self._session = (connect_cluster(info["address"], b.ray_namespace, token_path=info["token_path"])
+                             if not b.ray_address
                              else connect_cluster(b.ray_address, b.ray_namespace))
         self.names = info["shards"]
         self.shards = [ray.get_actor(n, namespace=b.ray_namespace) for n in self.names]
         self.registry = ray.get_actor(info["registry"], namespace=b.ray_namespace)
-        # P(shard) for a start: proportional to size (uniform over slots); 'own' = this rank's shards.
-        caps = np.asarray(self.capacities, dtype=np.float64)
-        self._p_all = caps / caps.sum()
-        own = np.array([k % world == rank for k in range(n_shards)]) if n_shards >= world else \
-            (np.arange(n_shards) == rank % n_shards)
-        self._p_own = np.where(own, caps, 0.0) / caps[own].sum()
+        self._set_capacities(self.capacities)
         self._inflight: list = []
         self._prefetched: tuple | None = None
         self._restart_poll = None
         self._restarts_seen = 0
         self._snapshot_refs: list = []
+
+    def _set_capacities(self, capacities: list[int]) -> None:
+        """P(shard) for a start: proportional to size (uniform over slots); 'own' = this rank's shards."""
+        self.capacities = list(capacities)
+        n_shards, world, rank = len(capacities), self.world, self.rank
+        caps = np.asarray(capacities, dtype=np.float64)
+        self._p_all = caps / caps.sum()
+        own = np.array([k % world == rank for k in range(n_shards)]) if n_shards >= world else \
+            (np.arange(n_shards) == rank % n_shards)
+        self._p_own = np.where(own, caps, 0.0) / caps[own].sum()
 
     def _create(self, b: Any, n_shards: int, shard_seed: Callable[[int], int]) -> dict:
         run = uuid.uuid4().hex[:10]
@@ -253,16 +354,22 @@ class RayBuffer:
         # Rank 0 keeps these handles: a (non-detached) actor whose handles are all dropped is stopped.
         self._owned = [BufferRegistry.options(name=registry, namespace=b.ray_namespace).remote()]
         names = [f"ebmscale-{run}-shard-{k}" for k in range(n_shards)]
+        nodes = _spread_nodes()
         actors = []
         for k, name in enumerate(names):
             kwargs = dict(capacity=self.capacities[k], shape=self.shape, bounds=self.bounds, reinit_prob=b.reinit_prob,
                           storage=b.storage, num_classes=self.num_classes, seed=int(shard_seed(k)))
-            # SPREAD: on a cluster the shards (and their memory) go to different nodes.
-            actors.append(BufferShard.options(name=name, namespace=b.ray_namespace, scheduling_strategy="SPREAD")
+            # Shard k on node k mod N (rank 0's node first): the shards and their memory are spread
+            # over the cluster. Hard affinity: in Ray 2.60 a soft one (like SPREAD) put shards on
+            # any node; the price is that a shard whose node died cannot restart elsewhere.
+            where = NodeAffinitySchedulingStrategy(nodes[k % len(nodes)], soft=False)
+            actors.append(BufferShard.options(name=name, namespace=b.ray_namespace, scheduling_strategy=where)
                           .remote(k, kwargs, registry))
         self._owned += actors
         ray.get([a.info.remote() for a in actors])  # created and filled before any rank draws
-        return {"address": ray.get_runtime_context().gcs_address, "shards": names, "registry": registry}
+        # Embedded: the other ranks (same node) read the token from the session directory.
+        return {"address": ray.get_runtime_context().gcs_address, "shards": names, "registry": registry,
+                "token_path": os.environ.get("RAY_AUTH_TOKEN_PATH", "") if not b.ray_address else ""}
 
     # ------------------------------------------------------------------ draw / write back
     def _plan(self, n: int, labels: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -382,7 +489,11 @@ class RayBuffer:
 
     def load_state_dict(self, state: dict) -> None:
         """Rank 0 pushes the saved shards into the actors (re-split when the shard count or sizes
-        differ, or from a local buffer's state); other ranks do nothing, so every rank may call it."""
+        differ, or from a local buffer's state); other ranks do nothing, so every rank may call it.
+        A checkpoint's shard files (``{"sharded": step_path, "files": entries}``) are read by the
+        shards themselves (:meth:`load_saved`)."""
+        if "sharded" in state:
+            return self.load_saved(state["sharded"], state["files"])
         if self.rank != 0:
             return
         state = as_numpy(state)
@@ -398,7 +509,51 @@ class RayBuffer:
 
     def _take_snapshot(self, refs: list) -> None:
         self._snapshot_refs = refs  # rank 0 owns these objects: keep them referenced
-        ray.get(self.registry.set_snapshots.remote(refs))
+        ray.get(self.registry.set_sources.remote([{"ref": [r]} for r in refs]))
+
+    # ------------------------------------------------------------------ sharded checkpoints
+    def save_shards(self, step_path: str) -> dict[str, dict]:
+        """Rank 0: every shard writes its own files into checkpoint directory ``step_path`` at
+        once (nothing of the buffer passes through this process); returns the marker entries.
+        These files become what a crashed shard restarts from. Call after every rank's
+        write-backs have landed (:meth:`flush` on every rank, then a barrier)."""
+        self.flush()
+        entries: dict[str, dict] = {}
+        for e in ray.get([s.save.remote(step_path) for s in self.shards]):
+            entries.update(e)
+        self._snapshot_refs = []
+        ray.get(self.registry.set_sources.remote(
+            [{"files": (step_path, [(k, 0, cap)], k)} for k, cap in enumerate(self.capacities)]))
+        return entries
+
+    def verify_saved(self, step_path: str, files: dict[str, dict]) -> str | None:
+        """Rank 0: the shards check a checkpoint's buffer files against the marker, in parallel
+        (each file read once, where its shard runs); the first problem as one line, or None."""
+        ids = shardfile.saved_shards(files)
+        jobs = []
+        for k in ids:
+            mine = {n: files[n] for n in shardfile.names(k).values() if n in files}
+            jobs.append(self.shards[k % len(self.shards)].verify.remote(step_path, mine))
+        return next((e for e in ray.get(jobs) if e), None)
+
+    def load_saved(self, step_path: str, files: dict[str, dict]) -> None:
+        """Restore a checkpoint's shard files (collective-safe: every rank takes the new layout;
+        rank 0 has each shard read its own part, in parallel). Same shard count: shard k reads
+        file k. Otherwise the saved chains are re-split into the current shard count, keeping
+        every chain once (:func:`~ebmscale.buffer.shardfile.plan_load`), so the buffer keeps the
+        checkpoint's number of chains."""
+        saved = [int(shardfile.read_meta(step_path, k)["capacity"]) for k in shardfile.saved_shards(files)]
+        caps, plans = shardfile.plan_load(saved, len(self.shards))
+        self._prefetched = None
+        if self.rank == 0:
+            self.flush()
+            sources = [(step_path, parts, k % len(saved)) for k, parts in enumerate(plans)]
+            errors = [e for e in ray.get([a.load.remote(*src) for a, src in zip(self.shards, sources)]) if e]
+            if errors:
+                raise shardfile.ShardFileError(errors[0])
+            self._snapshot_refs = []
+            ray.get(self.registry.set_sources.remote([{"files": src} for src in sources]))
+        self._set_capacities(caps)
 
     # ------------------------------------------------------------------ shutdown
     def close(self, clean: bool = True) -> None:
@@ -420,3 +575,32 @@ class RayBuffer:
         finally:
             if self._session is not None:
                 self._session.close()
+
+
+def wait_for_nodes(address: str, nodes: int, timeout_s: float = 300.0) -> int:
+    """Wait until the Ray cluster at ``address`` (host:port) has ``nodes`` live nodes and return
+    how many it has; raises ConfigError naming the address when it has not within ``timeout_s``.
+    For launch scripts (launch/slurm/train.sbatch) that start a cluster and then train on it;
+    the token comes from RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN as for training."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:  # the head may not listen yet
+        try:
+            connect_cluster(address, "ebmscale-wait", timeout_s=5.0)
+            break
+        except ConfigError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
+    try:
+        while True:
+            alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+            if alive >= nodes or time.monotonic() > deadline:
+                break
+            time.sleep(2.0)
+    finally:
+        ray.shutdown()
+    if alive < nodes:
+        raise ConfigError(f"the Ray cluster at '{address}' has {alive} of {nodes} nodes after {timeout_s:.0f} s")
+    return alive

@@ -1,6 +1,6 @@
 """The Ray-hosted buffer under ``accelerate launch`` (2 gloo ranks on CPU), embedded mode:
 
-    accelerate launch --config_file launch/accelerate/cpu_gloo.yaml tests/distributed/ray_scenarios.py OUT_DIR
+    accelerate launch --config_file launch/accelerate/cpu_gloo.yaml tests/distributed/ray_scenarios.py OUT_DIR [key=value ...]
 
 Rank 0 starts a local Ray and passes its address to rank 1 over torch.distributed; both train
 through ``train()``. At step 2 rank 1 writes marked chains back and rank 0 reads them from the
@@ -48,9 +48,14 @@ class CrossRankTrainer(trainer_module.Trainer):
                 self.buffer.flush()
             slots = dist.broadcast_object([(k, idx.tolist()) for k, _, idx in handle], src=1)
             dist.barrier()
+            session = dist.broadcast_object(self.buffer._session.temp_dir if self.rank == 0 else None, src=0)
+            if session:  # embedded: every rank authenticates with the token in rank 0's session directory
+                token = os.environ["RAY_AUTH_TOKEN_PATH"]
+                self.cross["token"] = {"mode": os.stat(token).st_mode & 0o777, "in_session": token.startswith(session)}
             if self.rank == 0:
+                self.cross["shard_nodes"] = len({i["node"] for i in self.buffer.shard_info()})
                 shards = self.buffer.state_dict()["shards"]
-                self.cross = {"seen": all(bool(np.all(shards[k]["data"][idx] == MARK)) for k, idx in slots),
+                self.cross |= {"seen": all(bool(np.all(shards[k]["data"][idx] == MARK)) for k, idx in slots),
                               "shards_touched": sorted({k for k, _ in slots}), "num_shards": len(shards)}
         return super().train_step()
 
@@ -59,7 +64,7 @@ def main() -> None:
     torch.set_num_threads(1)
     out = sys.argv[1]
     trainer_module.Trainer = CrossRankTrainer  # train() builds this subclass
-    cfg = load_config(None, CONFIG)
+    cfg = load_config(None, [*CONFIG, *sys.argv[2:]])  # extra overrides, e.g. buffer.ray_address
     result = trainer_module.train(cfg, run_dir=os.path.join(out, "run"))
     tr = CrossRankTrainer.instances[0]
     import ray  # only to check that train() disconnected

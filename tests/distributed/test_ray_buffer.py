@@ -54,6 +54,8 @@ def test_embedded_mode_under_accelerate_launch(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert (r0["world"], r0["steps"], r1["steps"]) == (2, 6, 6) and r0["is_global"]
     assert r0["cross"]["seen"] and r0["cross"]["num_shards"] == 2
+    for r in (r0, r1):  # token auth on, its token file (0600) in rank 0's session directory
+        assert r["cross"]["token"] == {"mode": 0o600, "in_session": True}
     assert r0["temp_dir"] and r1["temp_dir"] is None  # rank 0 owned the session directory
     for r in (r0, r1):
         assert not r["ray_connected_after"] and not r["temp_dir_left"]
@@ -65,10 +67,16 @@ def test_embedded_mode_under_accelerate_launch(tmp_path):
 
 
 def test_cluster_mode_with_the_launch_scripts(tmp_path, cli_env):
-    """launch/ray/head.sh starts a cluster; training with buffer.ray_address=auto joins it."""
+    """launch/ray/head.sh starts a cluster with a fresh token (0600 file); a client without the
+    token, or with a wrong one, is refused; training with buffer.ray_address=auto and the token
+    joins it."""
     ray_tmp = tempfile.mkdtemp(prefix="ebr", dir="/tmp")  # short: Ray puts unix sockets under it
-    env = dict(cli_env, RAY_TMPDIR=ray_tmp, RAY_PORT=str(_free_port()),
-               RAY_BIN=os.path.join(os.path.dirname(sys.executable), "ray"))
+    token = os.path.join(ray_tmp, "cluster.token")
+    env = {k: v for k, v in cli_env.items() if not k.startswith("RAY_AUTH")}
+    env.update(RAY_TMPDIR=ray_tmp, RAY_PORT=str(_free_port()), RAY_BIN=os.path.join(os.path.dirname(sys.executable), "ray"),
+               HOME=str(tmp_path / "home"))
+    no_token = dict(env)
+    env["RAY_AUTH_TOKEN_PATH"] = token
     # --block keeps the cluster's processes in our own process group, so we stop exactly them.
     head = subprocess.Popen(["bash", os.path.join(REPO, "launch", "ray", "head.sh"), "--block",
                              "--ray-client-server-port", str(_free_port()),
@@ -82,11 +90,25 @@ def test_cluster_mode_with_the_launch_scripts(tmp_path, cli_env):
                 break
             time.sleep(0.1)
         assert os.path.exists(record), head.stderr.read() if head.poll() is not None else "no cluster record"
+        assert os.stat(token).st_mode & 0o777 == 0o600 and len(open(token).read()) == 64
+        # A plain Ray client with a wrong token is refused by the cluster itself.
+        with open(record) as fh:
+            address = fh.read().strip()
+        probe = subprocess.run([sys.executable, "-c", "import ray, sys; ray.init(address=sys.argv[1]); print('joined')",
+                                address], env=dict(no_token, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64),
+                               capture_output=True, text=True, timeout=300)
+        assert probe.returncode != 0 and "joined" not in probe.stdout
+        assert "ConnectionError" in probe.stderr or "Authentication" in probe.stderr, probe.stderr[-2000:]
+        # ebmscale without any token: one line that says where the token comes from.
+        r = run_cli(["train", "--run-dir", str(tmp_path / "refused"), "buffer.ray_address=auto", "train.steps=1",
+                     *TOY], no_token, tmp_path)
+        assert r.returncode == 2 and "needs its authentication token" in r.stderr, r.stderr[-2000:]
         run = tmp_path / "run"
         r = run_cli(["train", "--run-dir", str(run), "buffer.ray_address=auto", "train.steps=4", "train.log_every=2",
                      *TOY], env, tmp_path)
         assert r.returncode == 0, r.stderr[-3000:]
         assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 4
+        assert not any("ray" in n.lower() for _, dirs, files in os.walk(tmp_path / "home") for n in dirs + files)
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
