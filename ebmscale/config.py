@@ -47,7 +47,8 @@ class DataConfig:
     range: str = _f("symmetric", "pixel range the model sees: 'unit' = [0,1] (IGEBM), 'symmetric' = [-1,1] (JEM)",
                     choices=("unit", "symmetric"))
     batch_size: int = _f(64, "positive examples per rank per step", min=1)
-    num_workers: int = _f(0, "data loader worker processes per rank", min=0)
+    num_workers: int = _f(0, "data loader worker processes per rank; -1 = auto (CPU cores per rank - 1, at most 8)",
+                          min=-1)
     flip: bool = _f(False, "random horizontal flip of training images")
     noise_std: float = _f(0.0, "std of Gaussian noise added to training inputs (JEM: 0.03)", min=0.0)
     holdout: int = _f(0, "training examples held out for validation (JEM: 5000)", min=0)
@@ -185,6 +186,8 @@ class OptimConfig:
     decay_steps: list = _f([], "steps at which the learning rate is multiplied by decay_factor")
     decay_factor: float = _f(0.3, "learning-rate step-decay factor", min=0.0, max=1.0)
     ema: float = _f(0.0, "EMA decay of the weights kept for sampling/eval; 0 = off", min=0.0, max=1.0)
+    accumulate: int = _f(1, "micro-batches of data.batch_size per optimizer step (gradient accumulation; pcd, jem)",
+                         min=1)
 
 
 @dataclass
@@ -456,12 +459,12 @@ def validate(cfg: Config) -> None:
     if t.compile == "true" and t.sampler_checkpointing:
         raise ConfigError("train.compile=true cannot run with train.sampler_checkpointing (its per-call patching "
                           "forces a recompile every call); set train.compile=auto or false")
+    if cfg.optim.accumulate > 1 and cfg.objective.kind not in ("pcd", "jem"):
+        raise ConfigError(f"optim.accumulate > 1 is only supported by objective.kind=pcd or jem, "
+                          f"not {cfg.objective.kind!r}")
     if t.fid_every:
         if toy:
             raise ConfigError(f"train.fid_every needs an image dataset, not '{d.dataset}'")
-        if m.conditional:
-            raise ConfigError("train.fid_every does not support model.conditional yet; use `ebmscale eval fid` "
-                              "or set train.fid_every=0")
         if not t.fid_ref_stats:
             raise ConfigError("train.fid_every needs train.fid_ref_stats (write it with `ebmscale eval ref-stats`)")
         if not os.path.isfile(t.fid_ref_stats):

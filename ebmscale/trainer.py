@@ -18,6 +18,7 @@ repeats exactly what an uninterrupted one would have done.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -40,10 +41,12 @@ from ebmscale.checkpoint import (BUFFER_FILE, DEEPSPEED_DIR, SHARED_FILE, Checkp
 from ebmscale.config import (TOY_DATASETS, Config, ConfigError, class_conditional_chains, dump_yaml, to_dict,
                              tracker_names)
 from ebmscale.data import build_train_stream, data_shape
+from ebmscale.data.lookahead import Lookahead
 from ebmscale.data.reshard import remap_stream_state
 from ebmscale.data.transforms import data_bounds, to_model_input
 from ebmscale.metrics import MetricLogger
 from ebmscale.models import build_model
+from ebmscale.models.common import frozen_power_iteration
 from ebmscale.objectives import ESTIMATOR_KINDS, build_estimator, jem_loss, pcd_loss
 from ebmscale.objectives.improved_cd import differentiable_step, kl_surrogate, nn_entropy
 from ebmscale.parallel import Parallel, resolve_device, start_trackers  # noqa: F401 (resolve_device: re-exported)
@@ -137,7 +140,9 @@ class Trainer:
         forward_module = LogitsForward(self.model) if cfg.objective.kind == "jem" else self.model
         self.wrapped = self.parallel.prepare(forward_module, self.optimizer)
         self.input_grad_scaler = InputGradScaler() if self.runtime.precision == "fp16" else None
-        self.stream = build_train_stream(cfg, self.rank, self.world)
+        # One batch of lookahead: the next batch's labels let a class-conditional buffer draw be
+        # prefetched (_prefetch_next); the batches and the checkpointed position are unchanged.
+        self.stream = Lookahead(build_train_stream(cfg, self.rank, self.world))
         self.conditional = cfg.model.conditional
         # Class-partitioned buffer whenever chains are class-conditional (JEM's p(x, y) term too).
         partitioned = class_conditional_chains(cfg)
@@ -152,6 +157,7 @@ class Trainer:
         # Toy chains are clamped to the quadrature box: the exact evaluation normalises over it.
         self.settings = LangevinSettings.from_config(cfg.sampler, self.init_bounds if self.toy else self.bounds)
         self.step = 0
+        self.micro = 0  # index of the micro-batch within the step (optim.accumulate)
         self.metrics = MetricLogger(self.run_dir if dist.is_main() else None,
                                     start_trackers(tracker_names(cfg.train), self.run_dir, to_dict(cfg)))
         self.last_negatives: torch.Tensor | None = None
@@ -176,13 +182,19 @@ class Trainer:
         return tuple(get_toy(self.cfg.data.dataset).bounds)
 
     # ------------------------------------------------------------------ one step
+    @property
+    def tick(self) -> int:
+        """What this micro-batch's random streams derive from, with (seed, rank): step x
+        optim.accumulate + micro-batch index -- the step itself without accumulation."""
+        return self.step * self.cfg.optim.accumulate + self.micro
+
     def _positives(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, y = batch
         x = x.to(self.device, non_blocking=True)
         y = None if y is None else y.to(self.device)
         if self.toy:
             return x.float(), y
-        g = dist.torch_generator(self.seed, self.rank, self.step, "augment", self.device)
+        g = dist.torch_generator(self.seed, self.rank, self.tick, "augment", self.device)
         d = self.cfg.data
         x = to_model_input(x, d.range, flip=d.flip, noise_std=d.noise_std, generator=g)
         return x.contiguous(memory_format=self.memory_format), y
@@ -254,11 +266,17 @@ class Trainer:
             stats["entropy"] = ent.detach()
         return o.kl_weight * term, stats
 
-    def _prefetch_next(self, n: int, unlabelled: bool) -> None:
-        """Send the next step's first buffer draw now (after this step's write-backs), so it
-        overlaps the loss forward/backward; only unlabelled draws (the next labels are unknown)."""
-        if unlabelled and self.cfg.sampler.init == "buffer":
-            self.buffer.prefetch(n, dist.numpy_rng(self.seed, self.rank, self.step + 1, "buffer"))
+    def _prefetch_next(self, n: int, labelled: bool) -> None:
+        """Send the next micro-batch's first buffer draw now (after this one's write-backs), so it
+        overlaps the loss forward/backward. A labelled draw takes the next batch's labels, read
+        one batch ahead from the stream (only where the buffer prefetches: the Ray host)."""
+        if self.cfg.sampler.init != "buffer" or not getattr(self.buffer, "use_prefetch", False):
+            return
+        labels = None
+        if labelled:
+            y = self.stream.peek()[1]
+            labels = y[:n].numpy()
+        self.buffer.prefetch(n, dist.numpy_rng(self.seed, self.rank, self.tick + 1, "buffer"), labels)
 
     def _chain_init(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """Fresh chain starts for short-run sampling (uniform over the data range, this rank's
@@ -270,8 +288,21 @@ class Trainer:
         :meth:`_chain_init`."""
         return None
 
-    def train_step(self) -> dict[str, float]:
-        """One optimisation step; returns this rank's (unreduced) statistics."""
+    def _forward_context(self) -> contextlib.ExitStack:
+        """Context of the wrapped loss forward: autocast, and from the second micro-batch of a step
+        on a frozen power iteration, so that it advances once per step, as one forward over the
+        whole batch would (entered here, not around the micro-batch: the sampler's
+        ``sampling_mode`` restores the module's modes when it returns)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.parallel.autocast())
+        if self.micro:
+            stack.enter_context(frozen_power_iteration(self.model))
+        return stack
+
+    def _micro_step(self) -> tuple[torch.Tensor, dict, torch.Tensor | None, int, float, float]:
+        """One micro-batch: positives, chains (with their buffer write-backs), the loss forward
+        through the wrapper. Returns (loss, stats, negatives, batch size, data seconds, sampler
+        seconds)."""
         cfg, seed = self.cfg, self.seed
         t0 = time.perf_counter()
         x_pos, y = self._positives(next(self.stream))
@@ -279,11 +310,9 @@ class Trainer:
         if not self.precision_checked:
             self.check_half_precision(x_pos, y)
         t1 = time.perf_counter()
-        rng = dist.numpy_rng(seed, self.rank, self.step, "buffer")
-        gen = dist.torch_generator(seed, self.rank, self.step, "langevin", self.device)
+        rng = dist.numpy_rng(seed, self.rank, self.tick, "buffer")
+        gen = dist.torch_generator(seed, self.rank, self.tick, "langevin", self.device)
         o = cfg.objective
-        self.model.train()
-        self.sampler_counts.clear()
         # Chains per step: sampler.batch_size, or one per data example.
         m = cfg.sampler.batch_size or n
         if o.kind == "jem":
@@ -294,10 +323,9 @@ class Trainer:
                 x_neg_y, y_neg = self._negatives(m, y[:m], rng, gen)
                 parts.append(x_neg_y)
             t2 = time.perf_counter()
-            self._prefetch_next(m, unlabelled=o.px_weight > 0)
-            self.parallel.zero_grad(self.optimizer)
+            self._prefetch_next(m, labelled=o.px_weight == 0)
             # One wrapped forward over every batch: one spectral-norm power iteration per step.
-            with self.parallel.autocast():
+            with self._forward_context():
                 logits = self.wrapped(self.parallel.cast_input(torch.cat(parts))).split([n] + [m] * (len(parts) - 1))
             it = iter(logits[1:])
             l_neg = next(it) if o.px_weight > 0 else None
@@ -313,26 +341,50 @@ class Trainer:
             kl = [] if o.kl_weight > 0 else None
             past = None
             if kl is not None and o.entropy_weight > 0:
-                past_rng = dist.numpy_rng(seed, self.rank, self.step, "entropy")
+                past_rng = dist.numpy_rng(seed, self.rank, self.tick, "entropy")
                 past = torch.from_numpy(self.buffer.peek(o.entropy_batch, past_rng)).to(self.device)
             x_neg, y_neg = self._negatives(m, y[:m] if self.conditional else None, rng, gen, last_step=kl)
             t2 = time.perf_counter()
-            self._prefetch_next(m, unlabelled=not self.conditional)
+            self._prefetch_next(m, labelled=self.conditional)
             x_all = self.parallel.cast_input(torch.cat([x_pos, x_neg]))
-            self.parallel.zero_grad(self.optimizer)
             # One wrapped forward over [x+, x-]: one spectral-norm power iteration per step.
-            with self.parallel.autocast():
+            with self._forward_context():
                 e_all = self.wrapped(x_all, torch.cat([y, y_neg])) if self.conditional else self.wrapped(x_all)
             loss, stats = pcd_loss(e_all[:n], e_all[n:], o.alpha)
             if kl:
                 term, kl_stats = self._kl_terms(kl[0], y_neg, past)
                 loss, stats = loss + term, {**stats, **kl_stats}
-        if cfg.train.inject_nan_at_step == self.step + 1 and self.rank == 0 \
-                and self.rollbacks < cfg.train.inject_nan_repeats:
-            loss = loss * math.nan  # debug/tests: a real NaN through backward and the divergence check
-            stats = {**stats, "loss": loss.detach()}
-        # Backward averages the gradients across ranks (and under DeepSpeed also steps).
-        self.parallel.backward(loss)
+        self.last_positives = (x_pos, y)  # the monitor's images and histograms
+        return loss, stats, x_neg, n, t1 - t0, t2 - t1
+
+    def train_step(self) -> dict[str, float]:
+        """One optimisation step over ``optim.accumulate`` micro-batches (each with its own data,
+        chains and buffer write-backs; gradients averaged over them and across ranks); returns
+        this rank's (unreduced) statistics."""
+        cfg = self.cfg
+        k = cfg.optim.accumulate
+        t0 = time.perf_counter()
+        self.model.train()
+        self.sampler_counts.clear()
+        self.parallel.zero_grad(self.optimizer)
+        stats: dict[str, float] = {}
+        negatives, n, data_time, sampler_time = [], 0, 0.0, 0.0
+        for j in range(k):
+            self.micro = j
+            with self.parallel.micro_batch(j):
+                loss, micro_stats, x_neg, n_j, t_data, t_sampler = self._micro_step()
+                if cfg.train.inject_nan_at_step == self.step + 1 and self.rank == 0 and j == 0 \
+                        and self.rollbacks < cfg.train.inject_nan_repeats:
+                    loss = loss * math.nan  # debug/tests: a real NaN through backward and the divergence check
+                    micro_stats = {**micro_stats, "loss": loss.detach()}
+                # Backward averages the gradients across ranks on the last micro-batch (and under
+                # DeepSpeed then also steps).
+                self.parallel.backward(loss)
+            for key, v in micro_stats.items():  # equal micro-batches: the mean of means is the mean
+                stats[key] = stats.get(key, 0.0) + float(v) / k
+            negatives.append(x_neg)
+            n, data_time, sampler_time = n + n_j, data_time + t_data, sampler_time + t_sampler
+        self.micro = 0
         grad_norm, overflow = self.parallel.clip_grad_norm(self.optimizer, self.model.parameters(),
                                                            cfg.optim.grad_clip_norm)
         self._check_divergence(stats, grad_norm, overflow)
@@ -343,12 +395,12 @@ class Trainer:
         if self.ema is not None:
             self._update_ema()
         self.step += 1
-        self.last_negatives, self.last_positives = x_neg, (x_pos, y)
+        self.last_negatives = negatives[0] if k == 1 else torch.cat(negatives)
         t3 = time.perf_counter()
-        out: dict[str, float | None] = {k: float(v) for k, v in stats.items()}
+        out: dict[str, float | None] = dict(stats)
         # None = no value this step (an fp16 overflow, or DeepSpeed not computing the norm).
         out.update(grad_norm=grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
-                   sampler_time=t2 - t1, data_time=t1 - t0, step_time=t3 - t0,
+                   sampler_time=sampler_time, data_time=data_time, step_time=t3 - t0,
                    samples_per_s=n / (t3 - t0), lr=self.optimizer.param_groups[0]["lr"])
         if cfg.sampler.kind == "mala":  # None on a step without sampling (weight 0 in the metrics)
             out["accept_rate"] = acceptance_rate(self.sampler_counts)
@@ -360,8 +412,7 @@ class Trainer:
     def _objective_step(self, x_pos: torch.Tensor, t1: float) -> tuple[torch.Tensor | None, torch.Tensor, dict, float]:
         """The loss of an estimator of ``ebmscale.objectives.estimators`` (its energy forward goes
         through the wrapper); returns (negatives or None, loss, stats, end of its sampling time)."""
-        gen = dist.torch_generator(self.seed, self.rank, self.step, "objective", self.device)
-        self.parallel.zero_grad(self.optimizer)
+        gen = dist.torch_generator(self.seed, self.rank, self.tick, "objective", self.device)
         loss, stats, x_neg = self.estimator.loss(x_pos, gen)
         self.sampler_counts.update(self.estimator.sampler_counts)
         self.estimator.sampler_counts.clear()

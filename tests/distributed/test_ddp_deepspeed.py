@@ -40,3 +40,20 @@ def test_zero2_ranks_identical_no_sampler_collectives_and_equal_to_one_process(r
     for got, want in zip(r0["logged"], ref["logged"]):
         for k in ("loss", "e_pos", "e_neg", "grad_norm"):
             assert abs(got[k] - want[k]) < TOL * max(1.0, abs(want[k])), (k, got[k], want[k])
+
+
+@pytest.fixture(scope="module")
+def accumulating(tmp_path_factory) -> list[dict]:
+    return launch("deepspeed_accumulate", str(tmp_path_factory.mktemp("zero2_accum")), "deepspeed_zero2.yaml")
+
+
+def test_zero2_gradient_accumulation_matches_one_process_with_the_global_batch(accumulating, tmp_path_factory):
+    # 2 ranks x gradient_accumulation_steps 2 x B/2 = 1 process x 2B.
+    from tests.distributed.test_ddp import assert_matches_reference
+
+    ref = reference(str(tmp_path_factory.mktemp("ref")))
+    r0, r1 = accumulating
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    for r in accumulating:
+        assert_matches_reference(r, ref)
