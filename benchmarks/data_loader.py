@@ -1,4 +1,5 @@
-"""Decoded images/s per loader worker: the shard stream vs torchvision's ImageFolder, same images.
+"""Decoded images/s per loader worker: the shard stream (PNG and JPEG members) vs torchvision's
+ImageFolder, same images; and what the IGEBM ImageNet-128 recipe's training step consumes.
 
 For each resolution (32x32 and 128x128 by default) the script makes one set of photographic
 images (random crops of scikit-learn's two bundled photos, so PNG sizes are realistic), stores it
@@ -8,13 +9,22 @@ same PNG bytes, and then times, for each worker count:
 * ``shards``: :class:`ebmscale.data.stream.ShardStream` (tar reading, shuffle buffer, PNG decode
   to uint8 in the workers, chunks rebatched in the main process), shards of 1,000 images;
 * ``imagefolder``: ``torchvision.datasets.ImageFolder`` with ``PILToTensor`` (the same PNG
-  decode to uint8) in a shuffled ``DataLoader``, one file open per image.
+  decode to uint8) in a shuffled ``DataLoader``, one file open per image;
+* ``--formats``: the shard stream again over shards of each other member format (``jpg`` at
+  ``--quality``, ``npy``), written from the same images.
+
+``--consumption CONFIG`` also times training steps of that recipe (default the IGEBM ImageNet-128
+one) at its architecture and sampler settings, with a small batch (``--consumption-batch``), on
+synthetic 128x128 shards, and reports the images/s its step consumes per rank -- beside the
+loader's images/s with the workers the recipe configures (``data.num_workers: -1`` = auto).
 
 Timing starts after the first batch (worker start-up and the shuffle buffer's fill excluded) and
 covers ``--images`` images. Figures are images/s divided by the number of workers.
 
     .venv/bin/python benchmarks/data_loader.py                      # 32 and 128, 1 and 2 workers
     .venv/bin/python benchmarks/data_loader.py --resolutions 64 --images 4000 --workers 4
+    .venv/bin/python benchmarks/data_loader.py --resolutions 64 128 --workers 1 --formats jpg \
+        --no-imagefolder --consumption configs/igebm_imagenet128.yaml
 """
 from __future__ import annotations
 
@@ -71,6 +81,39 @@ def time_shards(shard_dir: str, workers: int, batch: int, n: int, buffer: int) -
     return rate
 
 
+def consumption(config: str, batch: int, steps: int, work: str) -> dict:
+    """Images/s one rank's training step consumes under ``config`` (its architecture, sampler and
+    precision as resolved here), with ``batch`` examples per step, on synthetic shards of the
+    recipe's shape: the mean over ``steps`` steps after one warm-up step."""
+    from ebmscale.config import load_config
+    from ebmscale.data.images import resolve_num_workers
+    from ebmscale.data.shards import Source, write_shards
+    from ebmscale.trainer import Trainer
+
+    base = load_config(config)
+    res, classes = base.data.resolution, max(1, base.model.num_classes)
+    shards = os.path.join(work, f"consume{res}")
+    if not os.path.isdir(shards):
+        images = make_images(max(64, 4 * batch), res)
+        labels = np.arange(len(images)) % classes
+        write_shards(Source("bench", "", "", labels, [str(c) for c in range(classes)], 3, images=images,
+                            shape=(3, res, res)), shards, shard_size=1000, processes=1)
+    cfg = load_config(config, [f"data.path={shards}", f"data.batch_size={batch}", "data.holdout=0",
+                               "data.num_workers=0", "buffer.backend=local", "buffer.capacity=1000",
+                               "train.progress=false", "train.tensorboard=false", f"train.run_dir={work}/run"])
+    tr = Trainer(cfg)
+    tr.train_step()
+    times, sampler = [], []
+    for _ in range(steps):
+        out = tr.train_step()
+        times.append(out["step_time"])
+        sampler.append(out["sampler_time"])
+    step = float(np.mean(times))
+    return {"config": config, "batch": batch, "sampler_steps": cfg.sampler.steps, "precision": cfg.train.precision,
+            "step_s": round(step, 3), "sampler_s": round(float(np.mean(sampler)), 3),
+            "images_per_s": round(batch / step, 3), "recipe_workers": resolve_num_workers(base.data.num_workers)}
+
+
 def time_imagefolder(root: str, workers: int, batch: int, n: int) -> float:
     """Images/s of torchvision's ImageFolder + PILToTensor in a shuffled DataLoader, after its first batch."""
     import torch
@@ -101,6 +144,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--shuffle-buffer", type=int, default=1000)
     ap.add_argument("--keep", default="", help="keep the generated data in this folder (default: a temp folder)")
+    ap.add_argument("--formats", nargs="*", default=[], choices=("jpg", "npy"),
+                    help="also time shards of these member formats")
+    ap.add_argument("--quality", type=int, default=90, help="JPEG quality of --formats jpg")
+    ap.add_argument("--no-imagefolder", action="store_true", help="skip the ImageFolder baseline")
+    ap.add_argument("--consumption", default="", help="recipe whose training step's image consumption to time")
+    ap.add_argument("--consumption-batch", type=int, default=2)
+    ap.add_argument("--consumption-steps", type=int, default=2)
     args = ap.parse_args(argv)
 
     import torch
@@ -120,18 +170,39 @@ def main(argv: list[str] | None = None) -> dict:
                 src = Source("bench", "", "", labels, [f"class{c:02d}" for c in range(10)], 3, images=images,
                              shape=(3, res, res))
                 write_shards(src, shards, shard_size=1000, processes=1)
+                for fmt in args.formats:
+                    write_shards(src, f"{shards}-{fmt}", shard_size=1000, processes=1, image_format=fmt,
+                                 quality=args.quality)
             for w in args.workers:
                 s = time_shards(shards, w, args.batch_size, args.images, args.shuffle_buffer)
-                f = time_imagefolder(folder, w, args.batch_size, args.images)
-                rows.append({"resolution": res, "workers": w, "shards_per_worker": round(s / max(1, w)),
-                             "imagefolder_per_worker": round(f / max(1, w)), "ratio": round(s / f, 2)})
-                print(f"{res:>4}x{res:<4} workers={w}  shards {s / max(1, w):>8.0f} img/s/worker   "
-                      f"ImageFolder {f / max(1, w):>8.0f} img/s/worker   ratio {s / f:.2f}", flush=True)
+                row = {"resolution": res, "workers": w, "shards_per_worker": round(s / max(1, w))}
+                line = f"{res:>4}x{res:<4} workers={w}  png shards {s / max(1, w):>8.0f} img/s/worker"
+                for fmt in args.formats:
+                    r = time_shards(f"{shards}-{fmt}", w, args.batch_size, args.images, args.shuffle_buffer)
+                    row[f"{fmt}_shards_per_worker"] = round(r / max(1, w))
+                    line += f"   {fmt} shards {r / max(1, w):>8.0f}"
+                if not args.no_imagefolder:
+                    f = time_imagefolder(folder, w, args.batch_size, args.images)
+                    row.update(imagefolder_per_worker=round(f / max(1, w)), ratio=round(s / f, 2))
+                    line += f"   ImageFolder {f / max(1, w):>8.0f} img/s/worker   ratio {s / f:.2f}"
+                rows.append(row)
+                print(line, flush=True)
+        consumed = None
+        if args.consumption:
+            consumed = consumption(args.consumption, args.consumption_batch, args.consumption_steps, work)
+            print(f"{args.consumption}: one rank's step consumes {consumed['images_per_s']} img/s "
+                  f"(batch {consumed['batch']}, {consumed['sampler_steps']} Langevin steps, {consumed['precision']}, "
+                  f"{consumed['step_s']} s/step); the recipe's loader has {consumed['recipe_workers']} worker(s) here",
+                  flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    result = {"cpu_cores": len(os.sched_getaffinity(0)), "batch_size": args.batch_size, "images": args.images,
-              "rows": rows}
+    import platform
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    result = {"cpu": cpu, "cpu_cores": len(os.sched_getaffinity(0)), "batch_size": args.batch_size,
+              "images": args.images, "rows": rows, "consumption": consumed}
     print(json.dumps(result))
     return result
 

@@ -46,6 +46,11 @@ ESTIMATORS = {
     "adversarial_noisy": "toy_8gaussians_adversarial_noisy.yaml",
     "adversarial_flow": "toy_8gaussians_adversarial_flow.yaml",
     "ksd": "toy_8gaussians_ksd.yaml",
+    "pcd_mala": "toy_8gaussians_mala.yaml",
+    "pcd_improved": "toy_8gaussians_improved_cd.yaml",
+    "mpf": "toy_8gaussians_mpf.yaml",
+    "kl_contraction": "toy_8gaussians_kl_contraction.yaml",
+    "lsd": "toy_8gaussians_lsd.yaml",
 }
 DATASETS = ("8gaussians", "rings", "checkerboard")
 BEGIN, END = "<!-- estimators:begin -->", "<!-- estimators:end -->"

@@ -7,6 +7,7 @@ so a bad config fails before any work starts with one line naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +29,11 @@ def _f(default: Any, help: str, *, choices: tuple | None = None, min: float | No
     return field(default=default, metadata=meta)
 
 
-OBJECTIVE_KINDS = ("pcd", "jem", "cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd")
+OBJECTIVE_KINDS = ("pcd", "jem", "cd", "sm", "dsm", "ssm", "nce", "adversarial", "ksd", "mpf", "kl_contraction",
+                   "lsd")
+# Model architectures whose output head can serve as the LSD critic (IGEBM's classes condition its
+# blocks instead of giving a head of any size).
+LSD_CRITIC_ARCHS = ("mlp", "cnn", "resnet", "wrn")
 TOY_DATASETS = ("8gaussians", "rings", "checkerboard", "moons")
 IMAGE_DATASETS = ("mnist", "digits", "shards", "folder", "cifar10", "cifar100", "npz")
 
@@ -42,7 +47,8 @@ class DataConfig:
     range: str = _f("symmetric", "pixel range the model sees: 'unit' = [0,1] (IGEBM), 'symmetric' = [-1,1] (JEM)",
                     choices=("unit", "symmetric"))
     batch_size: int = _f(64, "positive examples per rank per step", min=1)
-    num_workers: int = _f(0, "data loader worker processes per rank", min=0)
+    num_workers: int = _f(0, "data loader worker processes per rank; -1 = auto (CPU cores per rank - 1, at most 8)",
+                          min=-1)
     flip: bool = _f(False, "random horizontal flip of training images")
     noise_std: float = _f(0.0, "std of Gaussian noise added to training inputs (JEM: 0.03)", min=0.0)
     holdout: int = _f(0, "training examples held out for validation (JEM: 5000)", min=0)
@@ -76,10 +82,11 @@ class ModelConfig:
 
 @dataclass
 class SamplerConfig:
-    kind: str = _f("sgld", "'sgld' = x - step*grad + noise_std*N (IGEBM/JEM); 'langevin' = x - eps^2/2*grad + eps*N",
-                   choices=("sgld", "langevin"))
+    kind: str = _f("sgld", "'sgld' = x - step*grad + noise_std*N (IGEBM/JEM); 'langevin' = x - eps^2/2*grad + eps*N; "
+                           "'mala' = langevin's proposal with a Metropolis-Hastings accept/reject (unbiased)",
+                   choices=("sgld", "langevin", "mala"))
     steps: int = _f(20, "Langevin steps per training step (K)", min=0)
-    step_size: float = _f(10.0, "sgld: gradient step; langevin: eps (gradient weight eps^2/2, noise eps)", min=0.0)
+    step_size: float = _f(10.0, "sgld: gradient step; langevin, mala: eps (gradient weight eps^2/2, noise eps)", min=0.0)
     noise_std: float = _f(0.005, "sgld only: std of the noise added each step", min=0.0)
     grad_clip: float = _f(0.03, "per-step L-inf clip of the energy gradient (IGEBM: 0.01); 0 = off", min=0.0)
     clamp: bool = _f(True, "clamp chains to the data range after every step")
@@ -118,7 +125,9 @@ class BufferConfig:
 class ObjectiveConfig:
     kind: str = _f("pcd", "training objective: pcd (maximum likelihood, IGEBM), jem (hybrid classifier + PCD), "
                           "cd (CD-k), sm (exact score matching), dsm (denoising SM), ssm (sliced SM), "
-                          "nce (noise-contrastive), adversarial (learned sampler), ksd (kernel Stein discrepancy)",
+                          "nce (noise-contrastive), adversarial (learned sampler), ksd (kernel Stein discrepancy), "
+                          "mpf (minimum probability flow), kl_contraction (minimum KL contraction), "
+                          "lsd (learned Stein discrepancy)",
                    choices=OBJECTIVE_KINDS)
     alpha: float = _f(0.1, "energy regularisation weight: alpha * (E(x+)^2 + E(x-)^2) (IGEBM: 1, JEM: 0)", min=0.0)
     clf_weight: float = _f(1.0, "jem: weight of the cross-entropy term log p(y|x)", min=0.0)
@@ -137,7 +146,9 @@ class ObjectiveConfig:
     sampler: str = _f("noisy", "adversarial: q_phi: noisy (x = g(z) + sigma*eps) or flow (affine couplings)",
                       choices=("noisy", "flow"))
     sampler_lr: float = _f(1e-3, "adversarial: Adam learning rate of q_phi", min=0.0, min_exclusive=True)
-    entropy_weight: float = _f(1.0, "adversarial: weight of H(q_phi) in the sampler's loss (1 = the bound)", min=0.0)
+    entropy_weight: float = _f(1.0, "adversarial: weight of H(q_phi) in the sampler's loss (1 = the bound); pcd with "
+                                    "kl_weight > 0: weight of the chains' nearest-neighbour entropy in the KL term "
+                                    "(1 = the KL)", min=0.0)
     sampler_sigma: float = _f(0.1, "adversarial, noisy: output noise std sigma", min=0.0, min_exclusive=True)
     sampler_latent_dim: int = _f(0, "adversarial, noisy: latent dimension; 0 = the data dimension", min=0)
     sampler_width: int = _f(128, "adversarial: hidden units of the generator / of each coupling's MLP", min=1)
@@ -145,6 +156,22 @@ class ObjectiveConfig:
     flow_layers: int = _f(6, "adversarial, flow: affine coupling layers", min=1)
     refine_steps: int = _f(0, "adversarial: Langevin steps (sampler.kind's rule) refining q_phi's samples", min=0)
     ksd_bandwidth: float = _f(0.0, "ksd: RBF bandwidth h; 0 = median heuristic (median pairwise distance)", min=0.0)
+    mpf_step: float = _f(0.1, "mpf: step eps of the MALA transition whose probability flow out of the data is "
+                              "minimised", min=0.0, min_exclusive=True)
+    kl_contraction_sigma: float = _f(0.1, "kl_contraction: std of the Gaussian smoothing Phi", min=0.0,
+                                     min_exclusive=True)
+    kl_contraction_samples: int = _f(16, "kl_contraction: draws M of the inner log E_u exp(-E(y + u)) per "
+                                         "example (bias O(1/M))", min=1)
+    kl_weight: float = _f(0.0, "pcd: weight of improved CD's KL term (the chains' energy differentiated through the "
+                                "last sampler step, parameters frozen in the energy); 0 = off", min=0.0)
+    entropy_batch: int = _f(100, "pcd with kl_weight > 0: past chains (read from the buffer) the nearest-neighbour "
+                                 "entropy compares against", min=1)
+    lsd_critic_steps: int = _f(5, "lsd: critic updates per model step", min=1)
+    lsd_critic_lr: float = _f(0.0, "lsd: Adam learning rate of the critic; 0 = optim.lr", min=0.0)
+    lsd_l2: float = _f(0.5, "lsd: weight lambda of the critic's L2 penalty lambda * E||f||^2 (optimum "
+                            "f* = (s_model - s_data) / (2 lambda))", min=0.0, min_exclusive=True)
+    lsd_trace: str = _f("auto", "lsd: tr(df/dx) exact (one backward per dimension) or hutchinson (one "
+                                "Rademacher probe); auto = exact up to 16 dimensions", choices=("auto", "exact", "hutchinson"))
 
 
 @dataclass
@@ -159,6 +186,8 @@ class OptimConfig:
     decay_steps: list = _f([], "steps at which the learning rate is multiplied by decay_factor")
     decay_factor: float = _f(0.3, "learning-rate step-decay factor", min=0.0, max=1.0)
     ema: float = _f(0.0, "EMA decay of the weights kept for sampling/eval; 0 = off", min=0.0, max=1.0)
+    accumulate: int = _f(1, "micro-batches of data.batch_size per optimizer step (gradient accumulation; pcd, jem)",
+                         min=1)
 
 
 @dataclass
@@ -390,8 +419,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
     if any(int(x) != x or x <= 0 for x in cfg.optim.decay_steps):
         raise ConfigError(f"optim.decay_steps must be positive integers, got {cfg.optim.decay_steps}")
-    if s.kind == "langevin" and s.noise_std not in (0.0, SamplerConfig.noise_std):
-        raise ConfigError("sampler.noise_std is only used by kind=sgld; langevin's noise is step_size itself")
+    if s.kind in ("langevin", "mala") and s.noise_std not in (0.0, SamplerConfig.noise_std):
+        raise ConfigError(f"sampler.noise_std is only used by kind=sgld; {s.kind}'s noise is step_size itself")
+    if s.kind == "mala" and not (0.0 < s.step_size < math.inf):
+        raise ConfigError(f"sampler.step_size must be a positive finite number for sampler.kind=mala, got {s.step_size}")
     if d.dataset in ("shards", "folder", "cifar10", "cifar100", "npz") and not d.path:
         raise ConfigError(f"data.path is required for dataset '{d.dataset}'")
     if d.dataset == "folder" and not d.resolution:
@@ -424,12 +455,12 @@ def validate(cfg: Config) -> None:
     if t.compile == "true" and t.sampler_checkpointing:
         raise ConfigError("train.compile=true cannot run with train.sampler_checkpointing (its per-call patching "
                           "forces a recompile every call); set train.compile=auto or false")
+    if cfg.optim.accumulate > 1 and cfg.objective.kind not in ("pcd", "jem"):
+        raise ConfigError(f"optim.accumulate > 1 is only supported by objective.kind=pcd or jem, "
+                          f"not {cfg.objective.kind!r}")
     if t.fid_every:
         if toy:
             raise ConfigError(f"train.fid_every needs an image dataset, not '{d.dataset}'")
-        if m.conditional:
-            raise ConfigError("train.fid_every does not support model.conditional yet; use `ebmscale eval fid` "
-                              "or set train.fid_every=0")
         if not t.fid_ref_stats:
             raise ConfigError("train.fid_every needs train.fid_ref_stats (write it with `ebmscale eval ref-stats`)")
         if not os.path.isfile(t.fid_ref_stats):
@@ -450,6 +481,22 @@ def validate(cfg: Config) -> None:
 def _validate_estimator(cfg: Config, toy: bool) -> None:
     """Cross-field checks of the estimators beyond PCD/JEM (objective.kind cd ... ksd)."""
     o = cfg.objective
+    if o.kl_weight > 0:
+        if o.kind != "pcd":
+            raise ConfigError(f"objective.kl_weight (improved CD's KL term) is read by objective.kind=pcd only, "
+                              f"not {o.kind}")
+        if cfg.sampler.kind == "mala" or cfg.sampler.steps < 1:
+            raise ConfigError("objective.kl_weight differentiates through the last sampler step: it needs "
+                              "sampler.kind sgld or langevin and sampler.steps >= 1")
+        if cfg.train.distributed == "deepspeed":
+            raise ConfigError("objective.kl_weight differentiates through input gradients, which is tested under DDP "
+                              "only; set train.distributed=ddp")
+        if cfg.train.precision == "fp16":
+            raise ConfigError("objective.kl_weight's input gradients are not loss-scaled: set train.precision to "
+                              "fp32 or bf16")
+        if o.entropy_weight > 0 and cfg.sampler.init != "buffer":
+            raise ConfigError("objective.entropy_weight > 0 with objective.kl_weight compares the chains with past "
+                              "ones from the replay buffer: set sampler.init=buffer (or objective.entropy_weight=0)")
     if o.kind in ("pcd", "jem"):
         return
     if cfg.model.conditional:
@@ -457,7 +504,10 @@ def _validate_estimator(cfg: Config, toy: bool) -> None:
     if cfg.train.precision == "fp16":
         raise ConfigError(f"objective.kind={o.kind} runs in fp32 or bf16 (its extra parameters and input "
                           "gradients are not loss-scaled); set train.precision")
-    if o.kind in ("sm", "dsm", "ssm", "ksd") and cfg.train.distributed == "deepspeed":
+    if o.kind == "lsd" and cfg.model.arch not in LSD_CRITIC_ARCHS:
+        raise ConfigError(f"objective.kind=lsd builds its critic from model.arch with a d-way output head; "
+                          f"model.arch={cfg.model.arch} cannot take one (use one of {', '.join(LSD_CRITIC_ARCHS)})")
+    if o.kind in ("sm", "dsm", "ssm", "ksd", "lsd") and cfg.train.distributed == "deepspeed":
         raise ConfigError(f"objective.kind={o.kind} differentiates through input gradients, which is tested "
                           "under DDP only; set train.distributed=ddp")
     if o.kind == "sm" and not toy:

@@ -18,7 +18,7 @@ from ebmscale.utils import hash_seed
 
 # Named sub-streams so that adding a new consumer of randomness never shifts another's stream.
 STREAMS = {"langevin": 1, "buffer": 2, "data": 3, "augment": 4, "init": 5, "eval": 6, "objective": 7,
-           "sampler-init": 8, "rollback": 9, "monitor": 10}
+           "sampler-init": 8, "rollback": 9, "monitor": 10, "critic-init": 11, "entropy": 12}
 
 
 def is_initialized() -> bool:

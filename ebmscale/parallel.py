@@ -43,7 +43,7 @@ _ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 DEFAULT_DEEPSPEED_CONFIG: dict = {
     "train_micro_batch_size_per_gpu": "auto",
     "train_batch_size": "auto",
-    "gradient_accumulation_steps": 1,
+    "gradient_accumulation_steps": "auto",
     "gradient_clipping": "auto",
     "zero_optimization": {
         "stage": 2,
@@ -94,11 +94,12 @@ def deepspeed_config(cfg: Config, world: int, precision: str | None = None) -> d
     if zero.get("offload_param", {}).get("device", "none") not in ("none", None):
         raise ConfigError(f"{origin}: zero_optimization.offload_param moves parameters off the device the "
                           "sampler runs on; remove it")
-    gas = ds.get("gradient_accumulation_steps", 1)
-    if gas not in (1, "auto"):
-        raise ConfigError(f"{origin}: gradient_accumulation_steps must be 1 (one optimizer step per train step)")
+    gas, k = ds.get("gradient_accumulation_steps", "auto"), cfg.optim.accumulate
+    if gas not in (k, "auto"):
+        raise ConfigError(f"{origin}: gradient_accumulation_steps is {gas}, but optim.accumulate is {k}; set it to "
+                          "'auto' (optim.accumulate decides the micro-batches per optimizer step)")
     batch = cfg.data.batch_size
-    ds.update(train_micro_batch_size_per_gpu=batch, train_batch_size=batch * world, gradient_accumulation_steps=1,
+    ds.update(train_micro_batch_size_per_gpu=batch, train_batch_size=batch * world * k, gradient_accumulation_steps=k,
               gradient_clipping=float(cfg.optim.grad_clip_norm))
     p = precision or resolve_runtime(cfg, image_data=True).precision
     ds["bf16"] = {**{k: v for k, v in ds.get("bf16", {}).items() if k != "enabled"}, "enabled": p == "bf16"}
@@ -114,8 +115,9 @@ class Parallel:
     """The distributed and precision context of one training process (see the module docstring).
 
     Usage by the trainer, in this order: ``prepare(forward_module, optimizer)`` once; per step
-    ``zero_grad``, the loss forward inside ``autocast()`` on ``cast_input(x)``, ``backward(loss)``,
-    ``clip_grad_norm(...)``, ``step(optimizer)``.
+    ``zero_grad``, then for each of the ``optim.accumulate`` micro-batches, inside
+    ``micro_batch(j)``, the loss forward inside ``autocast()`` on ``cast_input(x)`` and
+    ``backward(loss)``; then ``clip_grad_norm(...)``, ``step(optimizer)``.
     """
 
     def __init__(self, cfg: Config, runtime: Runtime | None = None):
@@ -160,7 +162,7 @@ class Parallel:
             world = int(os.environ.get("WORLD_SIZE", "1"))
             self.ds_config = deepspeed_config(cfg, world, precision)
             plugin = DeepSpeedPlugin(hf_ds_config=self.ds_config, zero_stage=self.ds_config["zero_optimization"]["stage"],
-                                     gradient_accumulation_steps=1,
+                                     gradient_accumulation_steps=self.ds_config["gradient_accumulation_steps"],
                                      gradient_clipping=self.ds_config["gradient_clipping"])
             self.accelerator = Accelerator(mixed_precision=_ACCELERATE_PRECISION[precision], deepspeed_plugin=plugin,
                                            kwargs_handlers=handlers, device_placement=False)
@@ -181,6 +183,8 @@ class Parallel:
         self.engine = None
         self.wrapped: nn.Module | None = None
         self._skipped_before = 0
+        self.accumulate = cfg.optim.accumulate
+        self._boundary = True  # whether the current micro-batch is the last of its optimizer step
 
     # ------------------------------------------------------------------ wrapping
     @property
@@ -224,15 +228,36 @@ class Parallel:
         if not self.is_deepspeed:  # the engine clears its gradients inside step()
             optimizer.zero_grad(set_to_none=True)
 
+    @contextlib.contextmanager
+    def micro_batch(self, index: int) -> Iterator[None]:
+        """The context of micro-batch ``index`` (0 .. optim.accumulate - 1) of one optimizer step:
+        its loss forward and backward run inside. DDP accumulates the gradients of all but the
+        last micro-batch locally (``no_sync``: no all-reduce until the last backward); DeepSpeed is
+        told where its accumulation boundary is."""
+        self._boundary = index == self.accumulate - 1
+        if not self._boundary and self.world > 1 and not self.is_deepspeed:
+            with self.wrapped.no_sync():
+                yield
+        else:
+            yield
+
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward with gradient averaging across ranks (DDP hooks / ZeRO reduce-scatter). No
-        parameter changes here on any backend: the update is :meth:`step`, after the caller's
-        divergence check."""
+        """Backward of one micro-batch's loss (its mean), weighted 1/optim.accumulate, with gradient
+        averaging across ranks (DDP hooks / ZeRO reduce-scatter) on the last micro-batch. No
+        parameter changes here on any backend: the update is :meth:`step`, once per optimizer step
+        after the last micro-batch and the caller's divergence check. Under DeepSpeed the engine's
+        own backward runs (not accelerate's, which also steps), with the accumulation boundary set
+        by :meth:`micro_batch`; the engine itself divides the loss by its
+        ``gradient_accumulation_steps``."""
         if self.is_deepspeed:
-            # The engine's own backward, not accelerate's (which also runs engine.step()).
-            self._skipped_before = self.engine.skipped_steps
+            if self._boundary:
+                self._skipped_before = self.engine.skipped_steps
+            self.engine.set_gradient_accumulation_boundary(is_boundary=self._boundary)
             self.engine.backward(loss)
-        elif self.scaler is not None:
+            return
+        if self.accumulate > 1:
+            loss = loss / self.accumulate
+        if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
             loss.backward()

@@ -40,6 +40,7 @@ from ebmscale.checkpoint_manager import CheckpointManager, SelfSavingWriter
 from ebmscale.config import (TOY_DATASETS, Config, ConfigError, class_conditional_chains, dump_yaml, to_dict,
                              tracker_names)
 from ebmscale.data import build_train_stream, data_shape
+from ebmscale.data.lookahead import Lookahead
 from ebmscale.data.reshard import remap_stream_state
 from ebmscale.data.transforms import data_bounds, to_model_input
 from ebmscale.metrics import MetricLogger
@@ -48,7 +49,7 @@ from ebmscale.objectives import Context, Streams, estimator_class
 from ebmscale.parallel import Parallel, resolve_device, start_trackers  # noqa: F401 (resolve_device: re-exported)
 from ebmscale.performance import (compiled_energy, half_precision_gradient_errors, resolve_runtime,
                                   reuse_freed_cpu_memory)
-from ebmscale.sampling import InputGradScaler, LangevinSettings, NoiseFn, uniform_noise
+from ebmscale.sampling import InputGradScaler, LangevinSettings, NoiseFn, acceptance_rate, uniform_noise
 
 class DivergenceError(RuntimeError):
     """Training diverged; the message names the step and the metric that tripped."""
@@ -122,7 +123,9 @@ class Trainer:
         objective = estimator_class(cfg.objective.kind)
         self.wrapped = self.parallel.prepare(objective.forward_module(self.model), self.optimizer)
         self.input_grad_scaler = InputGradScaler() if self.runtime.precision == "fp16" else None
-        self.stream = build_train_stream(cfg, self.rank, self.world)
+        # One batch of lookahead: the next batch's labels let a class-conditional buffer draw be
+        # prefetched (Context.prefetch); the batches and the checkpointed position are unchanged.
+        self.stream = Lookahead(build_train_stream(cfg, self.rank, self.world))
         # Class-partitioned buffer whenever chains are class-conditional (JEM's p(x, y) term too).
         partitioned = class_conditional_chains(cfg)
         # One in-process buffer per rank, or the global one on Ray (config buffer.backend). Objectives
@@ -135,6 +138,7 @@ class Trainer:
         # Toy chains are clamped to the quadrature box: the exact evaluation normalises over it.
         self.settings = LangevinSettings.from_config(cfg.sampler, self.init_bounds if self.toy else self.bounds)
         self.step = 0
+        self.micro = 0  # index of the micro-batch within the step (optim.accumulate)
         self.metrics = MetricLogger(self.run_dir if dist.is_main() else None,
                                     start_trackers(tracker_names(cfg.train), self.run_dir, to_dict(cfg)))
         self.last_negatives: torch.Tensor | None = None
@@ -144,7 +148,7 @@ class Trainer:
                                grad_scaler=self.input_grad_scaler, buffer=self.buffer, device=self.device,
                                shape=self.shape, init_bounds=self.init_bounds, toy=self.toy, world=self.world,
                                memory_format=self.memory_format, chain_init=self._chain_init,
-                               noise_fn=self._noise_fn)
+                               noise_fn=self._noise_fn, next_labels=lambda: self.stream.peek()[1])
         self.estimator = objective(self.context)
         # For the monitor's images and histograms: the latest (positives, labels).
         self.last_positives: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -161,13 +165,19 @@ class Trainer:
         return tuple(get_toy(self.cfg.data.dataset).bounds)
 
     # ------------------------------------------------------------------ one step
+    @property
+    def tick(self) -> int:
+        """What this micro-batch's random streams derive from, with (seed, rank): step x
+        optim.accumulate + micro-batch index -- the step itself without accumulation."""
+        return self.step * self.cfg.optim.accumulate + self.micro
+
     def _positives(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, y = batch
         x = x.to(self.device, non_blocking=True)
         y = None if y is None else y.to(self.device)
         if self.toy:
             return x.float(), y
-        g = dist.torch_generator(self.seed, self.rank, self.step, "augment", self.device)
+        g = dist.torch_generator(self.seed, self.rank, self.tick, "augment", self.device)
         d = self.cfg.data
         x = to_model_input(x, d.range, flip=d.flip, noise_std=d.noise_std, generator=g)
         return x.contiguous(memory_format=self.memory_format), y
@@ -182,22 +192,45 @@ class Trainer:
         :meth:`_chain_init`."""
         return None
 
-    def train_step(self) -> dict[str, float]:
-        """One optimisation step; returns this rank's (unreduced) statistics."""
-        cfg = self.cfg
+    def _micro_step(self) -> tuple[torch.Tensor, dict, torch.Tensor | None, int, float, float]:
+        """One micro-batch: positives, then the objective's loss (chains with their buffer
+        write-backs, the loss forward through the wrapper). Returns (loss, stats, negatives, batch
+        size, data seconds, sampler seconds)."""
         t0 = time.perf_counter()
         x_pos, y = self._positives(next(self.stream))
         n = x_pos.shape[0]
         if not self.precision_checked:
             self.check_half_precision(x_pos, y)
         t1 = time.perf_counter()
-        self.model.train()
-        self.parallel.zero_grad(self.optimizer)
         loss, stats, x_neg = self._loss(x_pos, y)
         t2 = t1 + float(stats.pop("sampler_time", 0.0))
-        # Backward averages the gradients across ranks; the divergence check comes before the
-        # update on every backend (DeepSpeed too: its step is separate).
-        self.parallel.backward(loss)
+        self.last_positives = (x_pos, y)  # the monitor's images and histograms
+        return loss, stats, x_neg, n, t1 - t0, t2 - t1
+
+    def train_step(self) -> dict[str, float]:
+        """One optimisation step over ``optim.accumulate`` micro-batches (each with its own data,
+        chains and buffer write-backs; gradients averaged over them and across ranks); returns
+        this rank's (unreduced) statistics."""
+        cfg = self.cfg
+        k = cfg.optim.accumulate
+        t0 = time.perf_counter()
+        self.model.train()
+        self.sampler_counts.clear()
+        self.parallel.zero_grad(self.optimizer)
+        stats: dict[str, float] = {}
+        negatives, n, data_time, sampler_time = [], 0, 0.0, 0.0
+        for j in range(k):
+            self.micro = self.context.micro = j
+            with self.parallel.micro_batch(j):
+                loss, micro_stats, x_neg, n_j, t_data, t_sampler = self._micro_step()
+                # Backward averages the gradients across ranks on the last micro-batch; no update
+                # yet on any backend: the divergence check comes first (DeepSpeed's step too).
+                self.parallel.backward(loss)
+            for key, v in micro_stats.items():  # equal micro-batches: the mean of means is the mean
+                stats[key] = stats.get(key, 0.0) + float(v) / k
+            negatives.append(x_neg)
+            n, data_time, sampler_time = n + n_j, data_time + t_data, sampler_time + t_sampler
+        self.micro = self.context.micro = 0
         grad_norm, overflow = self.parallel.clip_grad_norm(self.optimizer, self.model.parameters(),
                                                            cfg.optim.grad_clip_norm)
         self._check_divergence(stats, grad_norm, overflow)
@@ -210,22 +243,24 @@ class Trainer:
         if self.ema is not None:
             self._update_ema()
         self.step += 1
-        self.last_negatives, self.last_positives = x_neg, (x_pos, y)
+        self.last_negatives = negatives[0] if k == 1 else torch.cat(negatives)
         t3 = time.perf_counter()
-        out: dict[str, float | None] = {k: float(v) for k, v in stats.items()}
+        out: dict[str, float | None] = dict(stats)
         # None = no value this step (an fp16 overflow, or DeepSpeed not computing the norm).
         out.update(grad_norm=grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
-                   sampler_time=t2 - t1, data_time=t1 - t0, step_time=t3 - t0,
+                   sampler_time=sampler_time, data_time=data_time, step_time=t3 - t0,
                    samples_per_s=n / (t3 - t0), lr=self.optimizer.param_groups[0]["lr"])
+        if cfg.sampler.kind == "mala":  # None on a step without sampling (weight 0 in the metrics)
+            out["accept_rate"] = acceptance_rate(self.sampler_counts)
         if self.runtime.precision == "fp16":
             out.update(skipped_step=float(overflow), grad_scale=self.parallel.grad_scale(),
                        sampler_grad_scale=self.input_grad_scaler.scale)
         return out
 
     def _loss(self, x_pos: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
-        """The objective's loss of this step on its streams of (seed, rank, step): (loss, stats,
-        negatives or None). One call, whatever the objective."""
-        return self.estimator.loss(x_pos, y, Streams(self.seed, self.rank, self.step, self.device))
+        """The objective's loss of this micro-batch on its streams of (seed, rank, tick): (loss,
+        stats, negatives or None). One call, whatever the objective."""
+        return self.estimator.loss(x_pos, y, Streams(self.seed, self.rank, self.tick, self.device))
 
     def check_half_precision(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         """The half-precision canary (``train.precision_check``): before the first update, the
@@ -384,6 +419,12 @@ class Trainer:
     def last_class_chains(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The latest class-conditional (chains, labels), for the monitor."""
         return self.context.last_class_chains
+
+    @property
+    def sampler_counts(self) -> dict:
+        """MALA's accepted / proposed chain-steps of the current step (sampler.kind=mala), counted
+        by the objective's sampler calls."""
+        return self.context.sampler_counts
 
     @property
     def saved_step(self) -> int | None:

@@ -16,14 +16,14 @@ from typing import Callable
 
 
 def nan_trainer(base: type, at_step: int, repeats: int = 1) -> type:
-    """A subclass of the trainer ``base`` whose rank-0 loss is NaN at step ``at_step`` (1-based)
-    while fewer than ``repeats`` rollbacks have happened: a real NaN through backward and the
-    divergence check."""
+    """A subclass of the trainer ``base`` whose rank-0 loss (of the step's first micro-batch) is
+    NaN at step ``at_step`` (1-based) while fewer than ``repeats`` rollbacks have happened: a real
+    NaN through backward and the divergence check."""
 
     class NanTrainer(base):
         def _loss(self, *args, **kwargs):
             loss, stats, x_neg = super()._loss(*args, **kwargs)
-            if at_step == self.step + 1 and self.rank == 0 and self.rollbacks < repeats:
+            if at_step == self.step + 1 and self.rank == 0 and self.micro == 0 and self.rollbacks < repeats:
                 loss = loss * math.nan
                 stats = {**stats, "loss": loss.detach()}
             return loss, stats, x_neg

@@ -71,11 +71,12 @@ class LocalBuffer:
         """This rank's buffer's health counts (see :mod:`ebmscale.buffer.health`)."""
         return self.buffer.health(subsample)
 
-    def peek(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """``n`` stored chains, read-only (see :meth:`ReplayBuffer.peek`)."""
-        return self.buffer.peek(n, rng)
+    def peek(self, n: int, rng: np.random.Generator, labels: np.ndarray | None = None) -> np.ndarray:
+        """``n`` stored chains (one per label of ``labels`` when given), read-only (see
+        :meth:`ReplayBuffer.peek`)."""
+        return self.buffer.peek(n, rng, labels)
 
-    def prefetch(self, n: int, rng: np.random.Generator) -> None:
+    def prefetch(self, n: int, rng: np.random.Generator, labels: np.ndarray | None = None) -> None:
         """Nothing to overlap: an in-process draw costs a memory copy."""
 
     def counters(self) -> dict[str, float]:

@@ -11,9 +11,9 @@ holds a :class:`RayBuffer` client with the interface of :class:`ebmscale.buffer.
   with a fixed seed repeats a run exactly, prefetched or not. ``mixing=random`` picks shards in
   proportion to their size (uniform over all slots of all ranks' history); ``mixing=affine`` takes
   ``1 - mix_fraction`` of the starts from the rank's own shard(s) and the rest from any shard.
-* prefetch: right after a step's write-backs are queued, the next step's (unlabelled) draw is sent;
-  calls from one caller to one actor run in order, so it sees this rank's own writes. Labelled
-  draws need the next batch's labels and are fetched when asked.
+* prefetch: right after a step's write-backs are queued, the next step's draw is sent (labelled
+  draws with the next batch's labels, which the trainer reads one batch ahead); calls from one
+  caller to one actor run in order, so it sees this rank's own writes.
 * draws and write-backs cross the wire in the storage dtype (fp16/uint8 halve/quarter the
   transfer; the client decodes draws, the shards' fresh-noise starts stay float32); write-backs are
   sent without waiting; at most ``max_inflight`` requests stay in flight per rank.
@@ -53,6 +53,10 @@ from ebmscale.buffer.replay import ReplayBuffer, encode, starts_from_encoded  # 
 from ebmscale.config import ConfigError  # noqa: E402
 from ebmscale.utils import hash_seed  # noqa: E402
 
+
+
+def _same_labels(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
 def current_cluster_file() -> str:
@@ -95,8 +99,8 @@ class BufferShard:
         """This shard's health counts (a few numbers: the chains stay here)."""
         return self.buf.health(subsample)
 
-    def peek(self, n: int, seed: int) -> np.ndarray:
-        return self.buf.peek(n, np.random.default_rng(seed))
+    def peek(self, n: int, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
+        return self.buf.peek(n, np.random.default_rng(seed), labels)
 
     def state_dict(self) -> dict:
         return self.buf.state_dict()
@@ -400,8 +404,8 @@ class RayBuffer:
         labels = None if labels is None else np.asarray(labels, dtype=np.int64)
         plan = self._plan(n, labels, rng)
         pre, self._prefetched = self._prefetched, None
-        if (pre is not None and labels is None and pre[0] == n and np.array_equal(pre[1][0], plan[0])
-                and np.array_equal(pre[1][1], plan[1])):
+        if (pre is not None and pre[0] == n and np.array_equal(pre[1][0], plan[0])
+                and np.array_equal(pre[1][1], plan[1]) and _same_labels(pre[3], labels)):
             parts = pre[2]
         else:
             parts = self._submit(plan, labels)
@@ -413,22 +417,35 @@ class RayBuffer:
             handle.append((k, pos, idx, reinit))
         return x, handle
 
-    def prefetch(self, n: int, rng: np.random.Generator) -> None:
-        """Send the draw ``draw(n, None, rng')`` will make with ``rng'`` equal to ``rng`` now."""
+    def prefetch(self, n: int, rng: np.random.Generator, labels: np.ndarray | None = None) -> None:
+        """Send the draw ``draw(n, labels, rng')`` will make with ``rng'`` equal to ``rng`` now
+        (a draw with other arguments ignores it and asks again)."""
         if self.use_prefetch:
-            plan = self._plan(n, None, rng)
-            self._prefetched = (n, plan, self._submit(plan, None))
+            labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+            plan = self._plan(n, labels, rng)
+            self._prefetched = (n, plan, self._submit(plan, labels), labels)
 
-    def peek(self, n: int, rng: np.random.Generator) -> np.ndarray:
+    def peek(self, n: int, rng: np.random.Generator, labels: np.ndarray | None = None) -> np.ndarray:
         """``n`` stored chains read across the shards (in proportion to their size, distinct slots
         within a shard), without re-initialisation or any change of state; after this rank's
-        write-backs have landed."""
+        write-backs have landed. With ``labels``: one chain per label, from that class's part of
+        the shard serving it, in the order of ``labels``."""
         self.flush()
-        shard = rng.choice(len(self.shards), size=int(n), p=self._p_all)
+        m = int(n) if labels is None else len(labels)
+        shard = rng.choice(len(self.shards), size=m, p=self._p_all)
         seeds = rng.integers(0, 2 ** 63 - 1, size=len(self.shards))
-        counts = np.bincount(shard, minlength=len(self.shards))
-        parts = [self.shards[k].peek.remote(int(c), int(seeds[k])) for k, c in enumerate(counts) if c]
-        return np.concatenate(ray.get(parts))
+        if labels is None:
+            counts = np.bincount(shard, minlength=len(self.shards))
+            parts = [self.shards[k].peek.remote(int(c), int(seeds[k])) for k, c in enumerate(counts) if c]
+            return np.concatenate(ray.get(parts))
+        labels = np.asarray(labels, dtype=np.int64)
+        x = np.empty((m, *self.shape), dtype=np.float32)
+        where = [np.flatnonzero(shard == k) for k in range(len(self.shards))]
+        parts = [(pos, self.shards[k].peek.remote(len(pos), int(seeds[k]), labels[pos]))
+                 for k, pos in enumerate(where) if len(pos)]
+        for (pos, _), chains in zip(parts, ray.get([ref for _, ref in parts])):
+            x[pos] = chains
+        return x
 
     def write_back(self, handle: list, x: np.ndarray) -> None:
         """Queue the evolved chains for their slots and return; waits only while more than

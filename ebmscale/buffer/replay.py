@@ -107,14 +107,7 @@ class ReplayBuffer:
         what :meth:`sample` returns. uint8 storage thus crosses the wire at a quarter of float32."""
         rng = self.rng if rng is None else rng
         if labels is not None:
-            if not self.num_classes:
-                raise ValueError("labels given to an unlabelled replay buffer")
-            labels = np.asarray(labels, dtype=np.int64)
-            idx = np.empty(len(labels), dtype=np.int64)
-            for c in np.unique(labels):
-                where = np.flatnonzero(labels == c)
-                slots = self._slots_of[int(c)]
-                idx[where] = slots[rng.integers(0, len(slots), size=len(where))]
+            idx = self._slots_for(labels, lambda slots, k: slots[rng.integers(0, len(slots), size=k)])
         else:
             idx = rng.integers(0, self.capacity, size=n).astype(np.int64)
         q = self.data[idx]
@@ -124,11 +117,28 @@ class ReplayBuffer:
         out_labels = None if self.labels is None else self.labels[idx].copy()
         return q, idx, out_labels, reinit, noise
 
-    def peek(self, n: int, rng: np.random.Generator) -> np.ndarray:
+    def peek(self, n: int, rng: np.random.Generator, labels: np.ndarray | None = None) -> np.ndarray:
         """``min(n, capacity)`` stored chains (distinct slots, float32) without re-initialisation
-        or any change of state: what evaluation samples from ("init from the buffer")."""
-        idx = np.sort(rng.choice(self.capacity, size=min(int(n), self.capacity), replace=False))
+        or any change of state: what evaluation samples from ("init from the buffer"). With
+        ``labels``, one chain per label from that class's part (distinct slots while the part
+        holds enough, then repeated ones), in the order of ``labels``."""
+        if labels is None:
+            idx = np.sort(rng.choice(self.capacity, size=min(int(n), self.capacity), replace=False))
+            return self._decode(self.data[idx])
+        idx = self._slots_for(labels, lambda slots, k: rng.choice(slots, size=k, replace=k > len(slots)))
         return self._decode(self.data[idx])
+
+    def _slots_for(self, labels: np.ndarray, pick) -> np.ndarray:
+        """One slot per label from that label's part of the buffer: ``pick(slots of the class,
+        count)`` chooses them, class by class in increasing order (the order the RNG is used in)."""
+        if not self.num_classes:
+            raise ValueError("labels given to an unlabelled replay buffer")
+        labels = np.asarray(labels, dtype=np.int64)
+        idx = np.empty(len(labels), dtype=np.int64)
+        for c in np.unique(labels):
+            where = np.flatnonzero(labels == c)
+            idx[where] = pick(self._slots_of[int(c)], len(where))
+        return idx
 
     def write(self, idx: np.ndarray, x: np.ndarray, reinit: np.ndarray | None = None, steps: int = 0) -> None:
         """Store evolved chains back into their slots (float chains, or already :func:`encode`-d).

@@ -5,8 +5,8 @@ import argparse
 import os
 
 from ebmscale.data.builtin import BUILTIN_IMAGE_SETS, DataError
-from ebmscale.data.shards import (MANIFEST_NAME, SOURCE_KINDS, claim_output, default_processes, load_source,
-                                  verify_shards, write_shards)
+from ebmscale.data.shards import (MANIFEST_NAME, SOURCE_KINDS, check_shard_format, claim_output, default_processes,
+                                  load_source, verify_shards, write_shards)
 
 
 def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +24,9 @@ def add_shards_arguments(parser: argparse.ArgumentParser) -> None:
                         help="side of the square output images: shorter-side resize + centre crop; "
                              "0 = native size (required for folder)")
     parser.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
+    parser.add_argument("--format", default="png", help="image members: png (lossless, default), jpg (JPEG at "
+                                                        "--quality; decodes faster), npy (raw uint8 arrays)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality 1..100 of --format jpg")
     parser.add_argument("--processes", type=int, default=0, help="writer processes; 0 = all available cores")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample order written to the shards")
     parser.add_argument("--no-shuffle", action="store_true", help="keep the source order (default: seeded shuffle)")
@@ -53,6 +56,7 @@ def shards_command(args: argparse.Namespace) -> dict:
         raise DataError("--resolution is required for folder sources (images are resized and centre-cropped)")
     if args.processes < 0:
         raise DataError(f"--processes must be >= 0, got {args.processes}")
+    check_shard_format(args.format, args.quality)
     claim_output(os.path.abspath(args.out), args.overwrite)  # before reading a large source
     src = load_source(args.source, args.input, args.split, images_key=args.images_key,
                       labels_key=args.labels_key, cifar100_labels=args.cifar100_labels)
@@ -60,10 +64,10 @@ def shards_command(args: argparse.Namespace) -> dict:
     processes = min(args.processes or default_processes(), n_shards)
     m = write_shards(src, args.out, resolution=args.resolution, shard_size=args.shard_size, processes=processes,
                      seed=args.seed, shuffle=not args.no_shuffle, progress=not args.no_progress,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, image_format=args.format, quality=args.quality)
     s = m.pop("_summary")
     return {"out": os.path.abspath(args.out), "manifest": os.path.join(os.path.abspath(args.out), MANIFEST_NAME),
             "source": args.source, "samples": m["num_samples"], "shards": len(m["shards"]),
-            "shape": m["shape"], "classes": m["num_classes"], "skipped": m["skipped_sources"],
+            "shape": m["shape"], "format": m["image_format"], "classes": m["num_classes"], "skipped": m["skipped_sources"],
             "skipped_examples": s["skipped_examples"], "processes": processes,
             "seconds": round(s["seconds"], 3), "images_per_s": round(m["num_samples"] / max(s["seconds"], 1e-9), 1)}

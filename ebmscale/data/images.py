@@ -8,6 +8,7 @@ other image dataset -- the built-in ``mnist`` and ``digits``, a ``folder`` tree,
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from ebmscale.config import Config
@@ -96,4 +97,31 @@ def build_image_stream(cfg: Config, rank: int, world: int):
         # A cache built by an older converter, or shards swapped under a running config.
         raise DataError(f"shards '{path}' hold images of shape {shards.shape}, the config expects {expected}")
     return ShardStream(shards, d.batch_size, seed=cfg.train.seed, rank=rank, world=world,
-                       num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer)
+                       num_workers=resolve_num_workers(d.num_workers), shuffle_buffer=d.shuffle_buffer,
+                       pin_memory=_trains_on_cuda(cfg.train.device))
+
+
+def cpus_per_rank() -> int:
+    """CPU cores this process may use, shared among the ranks of its node (LOCAL_WORLD_SIZE)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def resolve_num_workers(requested: int, max_workers: int = 8) -> int:
+    """``data.num_workers``; -1 (auto) = this rank's CPU cores minus one for the training
+    process, at least 1 and at most ``max_workers``. The sample order depends on the number (see
+    :mod:`ebmscale.data.stream`), so a resume on a machine with other core counts names
+    data.num_workers; set it explicitly to move runs between machines."""
+    if requested >= 0:
+        return requested
+    return max(1, min(max_workers, cpus_per_rank() - 1))
+
+
+def _trains_on_cuda(device: str) -> bool:
+    """Whether ``train.device`` puts training on a GPU (then the stream pins its batches)."""
+    import torch
+
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())

@@ -25,6 +25,7 @@ bottleneck); webdataset and any tar tool read them. This module does not import 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -95,6 +96,41 @@ def encode_png_batch(images: np.ndarray, level: int = 6) -> list[bytes]:
     tail = _png_chunk(b"IEND", b"")
     return [head + _png_chunk(b"IDAT", zlib.compress(r.tobytes(), level)) + tail
             for r in _png_filtered_rows(images)]
+
+
+SHARD_FORMATS = ("png", "jpg", "npy")
+
+
+def check_shard_format(image_format: str, quality: int) -> None:
+    """Raise DataError naming --format / --quality when they are not a shard format and a JPEG
+    quality (1..100; 95 and below are what Pillow recommends)."""
+    if image_format not in SHARD_FORMATS:
+        raise DataError(f"unknown shard format '{image_format}' (--format: {', '.join(SHARD_FORMATS)})")
+    if not 1 <= quality <= 100:
+        raise DataError(f"--quality must be a JPEG quality in 1..100, got {quality}")
+
+
+def encode_images(images: np.ndarray, image_format: str = "png", quality: int = 95) -> list[bytes]:
+    """Encoded members of uint8 images ``(N, H, W, C)``, C = 1 or 3: lossless PNG, JPEG at
+    ``quality`` (Pillow, 4:2:0 chroma subsampling as its default; what ImageNet users keep), or
+    ``.npy`` (raw uint8 HWC arrays: no decoding at all, about 3x the bytes of PNG)."""
+    if image_format == "png":
+        return encode_png_batch(images)
+    if image_format == "npy":
+        out = []
+        for img in images:
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(img), allow_pickle=False)
+            out.append(buf.getvalue())
+        return out
+    from PIL import Image
+
+    out = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, "JPEG", quality=int(quality))
+        out.append(buf.getvalue())
+    return out
 
 
 def encode_png(img: np.ndarray, level: int = 6) -> bytes:
@@ -383,6 +419,8 @@ class _ShardTask:
     images: np.ndarray | None       # NHWC uint8 slice (array sources)
     files: list[str] | None         # image paths (folder sources)
     labels: np.ndarray | None
+    image_format: str = "png"       # png, jpg or npy (see SHARD_FORMATS)
+    quality: int = 95               # JPEG quality
 
 
 class TarSink:
@@ -460,10 +498,10 @@ def _write_shard(task: _ShardTask) -> dict:
         # Blocks bound the memory of decoded images (a 5000-image shard at 128x128 is 245 MB).
         for lo in range(0, n, _ENCODE_BLOCK):
             keep, images = _block_images(task, lo, min(n, lo + _ENCODE_BLOCK), bad)
-            for i, png in zip(keep, encode_png_batch(images) if keep else []):
+            for i, blob in zip(keep, encode_images(images, task.image_format, task.quality) if keep else []):
                 # webdataset groups members by the name before the first dot: <key>.png, <key>.cls
                 key = f"{task.first_key + i:09d}"
-                sink.add(key + ".png", png)
+                sink.add(f"{key}.{task.image_format}", blob)
                 if task.labels is not None:
                     sink.add(key + ".cls", str(int(task.labels[i])).encode())
             count += len(keep)
@@ -473,14 +511,15 @@ def _write_shard(task: _ShardTask) -> dict:
             "bytes": os.path.getsize(task.path), "sha256": digest, "bad": bad}
 
 
-def _tasks(src: Source, tmp: str, order: np.ndarray, resolution: int, shard_size: int) -> Iterator[_ShardTask]:
+def _tasks(src: Source, tmp: str, order: np.ndarray, resolution: int, shard_size: int, image_format: str = "png",
+           quality: int = 95) -> Iterator[_ShardTask]:
     for s, start in enumerate(range(0, len(order), shard_size)):
         idx = order[start:start + shard_size]
         yield _ShardTask(
             index=s, path=os.path.join(tmp, SHARD_NAME.format(s)), first_key=start, resolution=resolution,
             images=None if src.images is None else src.images[idx],
             files=None if src.files is None else [src.files[i] for i in idx],
-            labels=None if src.labels is None else src.labels[idx])
+            labels=None if src.labels is None else src.labels[idx], image_format=image_format, quality=quality)
 
 
 def _output_shape(src: Source, resolution: int) -> tuple[int, int, int]:
@@ -501,12 +540,15 @@ def claim_output(out_dir: str, overwrite: bool) -> None:
 
 
 def write_shards(src: Source, out_dir: str, *, resolution: int = 0, shard_size: int = 5000, processes: int = 1,
-                 seed: int = 0, shuffle: bool = True, progress: bool = False, overwrite: bool = False) -> dict:
+                 seed: int = 0, shuffle: bool = True, progress: bool = False, overwrite: bool = False,
+                 image_format: str = "png", quality: int = 95) -> dict:
     """Write ``src`` as webdataset shards plus ``manifest.json`` into ``out_dir``; return the manifest.
+    Images are stored as ``image_format`` (:func:`encode_images`; JPEG at ``quality``).
 
     The work happens in a sibling temporary folder renamed to ``out_dir`` at the end, so readers
     never see a partial output. ``processes`` > 1 writes shards in parallel worker processes.
     """
+    check_shard_format(image_format, quality)
     if shard_size < 1:
         raise DataError(f"samples per shard must be >= 1, got {shard_size}")
     if resolution < 0:
@@ -523,7 +565,8 @@ def write_shards(src: Source, out_dir: str, *, resolution: int = 0, shard_size: 
     os.makedirs(tmp)
     t0 = time.perf_counter()
     try:
-        results = _run_tasks(_tasks(src, tmp, order, resolution, shard_size), len(src), processes, progress,
+        results = _run_tasks(_tasks(src, tmp, order, resolution, shard_size, image_format, quality), len(src),
+                             processes, progress,
                              desc=f"shards {src.kind}")
         results.sort(key=lambda r: r["index"])
         bad = [b for r in results for b in r.pop("bad")]
@@ -537,7 +580,8 @@ def write_shards(src: Source, out_dir: str, *, resolution: int = 0, shard_size: 
             "num_samples": total, "shape": list(shape), "resolution": shape[1],
             "num_classes": len(src.class_names) if src.labels is not None else 0,
             "classes": src.class_names if src.labels is not None else [],
-            "image_format": "png", "label_format": "cls" if src.labels is not None else None,
+            "image_format": image_format, **({"jpeg_quality": int(quality)} if image_format == "jpg" else {}),
+            "label_format": "cls" if src.labels is not None else None,
             "resize": RESIZE_METHOD if resolution else None,
             "source": {"kind": src.kind, "path": os.path.abspath(src.path) if src.path else "",
                        "split": src.split, **src.extra},

@@ -66,7 +66,7 @@ from ebmscale.utils import even_share, hash_seed
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 64          # samples per worker -> main-process message; part of the stream's definition
-_IMAGE_EXTS = ("png", "jpg", "jpeg", "ppm", "bmp", "webp")
+_IMAGE_EXTS = ("png", "jpg", "jpeg", "npy", "ppm", "bmp", "webp")
 _SHARD_ORDER_TAG = 0x5A4D5301
 _SAMPLE_ORDER_TAG = 0x5A4D5302
 
@@ -453,12 +453,18 @@ class _SegmentReader:
 
 
 def decode_image_hwc(data: bytes, channels: int) -> np.ndarray:
-    """uint8 (H, W, C) of an encoded image (PNG, JPEG, ...), C = 1 (grey) or 3 (RGB).
+    """uint8 (H, W, C) of an encoded image (PNG, JPEG, ... or a ``.npy`` uint8 array of shape
+    (H, W, C) or (H, W)), C = 1 (grey) or 3 (RGB).
 
     Pillow, not torchvision's decoder: torchvision's is 1.2-2.5x faster per image but deprecated
     since 0.29, and importing torchvision costs 3-7 s in every process that decodes; Pillow also
     keeps JPEG pixels identical whichever process decodes them.
     """
+    if data[:6] == b"\x93NUMPY":
+        a = np.load(io.BytesIO(data), allow_pickle=False)
+        if a.dtype != np.uint8 or a.ndim not in (2, 3):
+            raise ValueError(f".npy member is {a.dtype} {a.shape}, not uint8 (H, W[, C])")
+        return a[..., None] if a.ndim == 2 else a
     from PIL import Image
 
     mode = "L" if channels == 1 else "RGB"
@@ -545,7 +551,8 @@ class ShardStream:
     """
 
     def __init__(self, shards: ShardSet, batch_size: int, *, seed: int = 0, rank: int = 0, world: int = 1,
-                 num_workers: int = 0, shuffle_buffer: int = 1000, chunk_size: int = CHUNK_SIZE):
+                 num_workers: int = 0, shuffle_buffer: int = 1000, chunk_size: int = CHUNK_SIZE,
+                 pin_memory: bool = False):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in 0..{world - 1}")
         if batch_size < 1 or chunk_size < 1 or num_workers < 0 or shuffle_buffer < 0:
@@ -556,6 +563,9 @@ class ShardStream:
         self.shards = shards
         self.batch_size = batch_size
         self.num_workers = num_workers
+        # Batches in page-locked memory, so that the trainer's .to(cuda, non_blocking=True) is a
+        # real asynchronous copy (pinned chunks would not help: a batch is joined from chunks).
+        self.pin_memory = pin_memory
         self.plan = StreamPlan(tuple(shards.segments), shards.shape, shards.num_classes, int(seed), rank, world,
                                max(1, num_workers), chunk_size, shuffle_buffer)
         self.epoch, self.chunk, self.offset = 0, 0, 0
@@ -619,6 +629,8 @@ class ShardStream:
         # Joined in NumPy (see to_nchw), always copied: the batch owns its memory, not a view of a chunk.
         x = torch.from_numpy(np.concatenate([p.numpy() for p in xs]))
         y = torch.from_numpy(np.concatenate([p.numpy() for p in ys])) if ys else None
+        if self.pin_memory:
+            x, y = x.pin_memory(), (None if y is None else y.pin_memory())
         return x, y
 
     # ------------------------------------------------------------------ state

@@ -192,10 +192,44 @@ def sample_batches(models: list[tuple], classes: list[int], n: int, steps: int |
     return first, run()
 
 
+def conditional_batches(model_entry: tuple, n: int, steps: int | None, init: str, seed: int, batch: int,
+                        device: torch.device) -> tuple[int, Iterator[torch.Tensor], dict]:
+    """This rank's share of ``n`` class-conditional samples of one checkpoint, labels spread evenly
+    over the classes, each chain at its own label, started from its class's buffer chains
+    (``init='buffer'``) or noise: ``(first global index, iterator of model-range batches, the
+    JSON fields that say so)``."""
+    from ebmscale.data import data_shape
+    from ebmscale.eval.generate import balanced_classes, buffer_class_images, conditional_generate, models_sampling
+
+    cfg, model, state = model_entry
+    labels, ordinals = balanced_classes(n, cfg.model.num_classes)
+    first, count = rank_share(n)
+    mine = labels[first:first + count]
+    starts = None
+    if init == "buffer":
+        from ebmscale.checkpoint import load_buffer_state
+
+        starts = buffer_class_images(load_buffer_state(state["path"]), mine, ordinals[first:first + count])
+    settings = sampler_settings(cfg, steps)
+
+    def run() -> Iterator[torch.Tensor]:
+        with models_sampling([model]):
+            yield from conditional_generate(model, mine, first, data_shape(cfg), settings, seed,
+                                            init_bounds=data_bounds(cfg.data.range), starts=starts, batch_size=batch,
+                                            device=device)
+
+    fields = {"labels": "balanced",
+              "protocol": f"class-conditional, labels i mod {cfg.model.num_classes}, energy E(x, y) at each chain's "
+                          f"label, starts from {'the class partitions of the buffer' if init == 'buffer' else 'noise'}",
+              "class_counts": np.bincount(labels, minlength=cfg.model.num_classes).tolist()}
+    return first, run(), fields
+
+
 def eval_fid(checkpoint: str, ref: str, *, n: int = 10000, steps: int | None = None, init: str = "noise",
              seed: int = 0, batch: int = 100, device: str = "auto", out: str | None = None,
              weights: str | None = None, inception_cache: str | None = None) -> dict:
-    """FID (and IS) of N samples of a checkpoint against reference statistics."""
+    """FID (and IS) of N samples of a checkpoint against reference statistics; class-conditional
+    models are sampled per class (see :func:`conditional_batches`)."""
     device = eval_device(device)
     reference = load_stats(ref)
     models = load_models([checkpoint], device)
@@ -203,14 +237,19 @@ def eval_fid(checkpoint: str, ref: str, *, n: int = 10000, steps: int | None = N
     if cfg.data.dataset in TOY_DATASETS:
         raise ConfigError(f"eval fid needs an image model; '{checkpoint}' models 2-D '{cfg.data.dataset}'")
     detector = cached_fid_inception(weights, inception_cache, device)
-    first, batches = sample_batches(models, [], n, steps, init, seed, batch, device)
+    extra: dict = {}
+    if cfg.model.conditional:
+        first, batches, extra = conditional_batches(models[0], n, steps, init, seed, batch, device)
+    else:
+        first, batches = sample_batches(models, [], n, steps, init, seed, batch, device)
     rng_name = cfg.data.range
     stats, is_stats = inception_statistics((to_uint8(x, rng_name) for x in batches), detector, first, device)
     fid = fid_against(stats, reference)
     steps = steps if steps is not None else cfg.sampler.steps
     result = {"fid": fid, "n": stats.n, "steps": steps, "init": init, "checkpoint": os.path.abspath(checkpoint),
               "ref": os.path.abspath(ref), "ref_n": reference.get("n"), "weights": detector.provenance,
-              "ref_weights": reference.get("weights", "unknown (not written by ebmscale)"), **_is_fields(is_stats)}
+              "ref_weights": reference.get("weights", "unknown (not written by ebmscale)"), **_is_fields(is_stats),
+              **extra}
     if "weights" in reference and reference["weights"] != detector.provenance:
         result["warning"] = "reference statistics were computed with different Inception weights"
     return finish(result, out or run_dir_of(checkpoint), "fid")

@@ -69,23 +69,80 @@ def build_experts(models: Sequence[tuple[Config, nn.Module]], classes: Sequence[
     return experts
 
 
+def _array(x) -> np.ndarray:
+    return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def buffer_images(state: dict, n: int, first: int, labels: int | None = None) -> np.ndarray:
     """Chains ``first .. first + n - 1`` of a saved replay buffer (``ebmscale.checkpoint.load_buffer_state``)
     as float32, restricted to the slots of class ``labels`` when given. Raises ConfigError when
     the buffer holds fewer chains than asked for."""
-    data = state["data"]
-    data = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
-    idx = np.arange(len(data))
     if labels is not None:
-        slot_labels = state.get("labels")
-        if slot_labels is None:
-            raise ConfigError("--init buffer with --class needs a class-partitioned buffer; this one has no labels")
-        slot_labels = slot_labels.numpy() if isinstance(slot_labels, torch.Tensor) else np.asarray(slot_labels)
-        idx = idx[slot_labels == labels]
-    if first + n > len(idx):
-        raise ConfigError(f"the replay buffer holds {len(idx)} chains{'' if labels is None else f' of class {labels}'}; "
-                          f"asked for {first + n} (lower --n or use --init noise)")
-    return decode(data[idx[first : first + n]], state["storage"], tuple(state["bounds"]))
+        return buffer_class_images(state, np.full(n, int(labels), np.int64), np.arange(first, first + n))
+    data = _array(state["data"])
+    if first + n > len(data):
+        raise ConfigError(f"the replay buffer holds {len(data)} chains; asked for {first + n} "
+                          "(lower --n or use --init noise)")
+    return decode(data[first : first + n], state["storage"], tuple(state["bounds"]))
+
+
+def buffer_class_images(state: dict, labels: np.ndarray, ordinals: np.ndarray) -> np.ndarray:
+    """Per-sample chains of a saved class-partitioned replay buffer: for sample j, the
+    ``ordinals[j]``-th chain (slot order) of class ``labels[j]``, as float32. Raises ConfigError
+    when the buffer has no class partitions or a class holds fewer chains than asked for."""
+    slot_labels = state.get("labels")
+    if slot_labels is None:
+        raise ConfigError("--init buffer for class-conditional samples needs a class-partitioned buffer; "
+                          "this one has no labels (use --init noise)")
+    slot_labels = _array(slot_labels)
+    idx = np.empty(len(labels), np.int64)
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        slots = np.flatnonzero(slot_labels == c)
+        need = int(ordinals[where].max()) + 1
+        if need > len(slots):
+            raise ConfigError(f"the replay buffer holds {len(slots)} chains of class {int(c)}; asked for {need} "
+                              "(lower --n or use --init noise)")
+        idx[where] = slots[ordinals[where]]
+    return decode(_array(state["data"])[idx], state["storage"], tuple(state["bounds"]))
+
+
+def balanced_classes(n: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of N class-conditional samples spread evenly over the classes, and each sample's
+    ordinal within its class: global sample i has class ``i mod C`` and ordinal ``i div C``. Every
+    class gets exactly floor(N/C) or ceil(N/C) samples (the first N mod C classes one more), and
+    every contiguous share of [0, N) -- a rank's, a batch's -- mixes the classes."""
+    i = np.arange(int(n), dtype=np.int64)
+    return i % num_classes, i // num_classes
+
+
+def conditional_generate(model: nn.Module, labels: np.ndarray, first: int, shape: tuple[int, ...],
+                         settings: LangevinSettings, seed: int, *, step: int = 0,
+                         init_bounds: tuple[float, float] = (-1.0, 1.0), starts: np.ndarray | None = None,
+                         batch_size: int = 256, device: torch.device | str = "cpu",
+                         autocast_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+    """Yield class-conditional samples of ``model`` (in sampling mode) in batches: sample j
+    (global index ``first + j``) is a chain at label ``labels[j]`` whose energy is evaluated once
+    per Langevin step at its own label, E(x, y_j) -- never the marginal over classes, which costs
+    one pass per class. Chains start from ``starts[j]`` (e.g. the class's buffer chains) or
+    uniform noise over ``init_bounds``; starts and Langevin noise come from per-sample streams
+    derived from (seed, global index, step), so the N samples are the same whatever the number of
+    ranks and the batch size."""
+    device = torch.device(device)
+    for lo in range(0, len(labels), batch_size):
+        hi = min(lo + batch_size, len(labels))
+        y = torch.as_tensor(labels[lo:hi], dtype=torch.long, device=device)
+        gens = [dist.torch_generator(seed, first + j, step, "eval", device) for j in range(lo, hi)]
+        if starts is not None:
+            x0 = torch.as_tensor(starts[lo:hi]).to(device, torch.float32)
+        else:
+            x0 = torch.cat([uniform_noise(1, shape, init_bounds, g, device) for g in gens])
+
+        def noise(x: torch.Tensor, gens=gens) -> torch.Tensor:
+            return torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
+                              for g in gens])
+
+        yield langevin(lambda x, y=y: model(x, y), x0, settings, None, autocast_dtype=autocast_dtype, noise_fn=noise)
 
 
 @contextlib.contextmanager

@@ -4,7 +4,9 @@ sampling weights (EMA when kept), split over ranks, scored against ``train.fid_r
 Samples come from the run's own Langevin settings (``train.fid_steps`` steps) started from
 uniform noise or from each rank's replay buffer (read, never written). Randomness comes from the
 'eval' stream of (seed, rank, step), so an evaluation never shifts the training streams and a
-resumed run stays bitwise identical. Every rank gets the same FID (the statistics are
+resumed run stays bitwise identical. A class-conditional model is sampled with labels spread
+evenly over the N samples (:func:`ebmscale.eval.generate.balanced_classes`), each chain at its own
+label, from its class's part of the buffer or from noise (see docs/evaluation.md). Every rank gets the same FID (the statistics are
 all-reduced); rank 0 also appends it, with the Inception's provenance, to ``fid.jsonl``.
 """
 from __future__ import annotations
@@ -14,11 +16,12 @@ import json
 import os
 import time
 
+import numpy as np
 
 from ebmscale import dist
 from ebmscale.data.transforms import to_uint8
 from ebmscale.eval.fid import fid_against, inception_statistics, load_stats, rank_share
-from ebmscale.eval.generate import generate
+from ebmscale.eval.generate import balanced_classes, conditional_generate, generate
 from ebmscale.sampling import sampling_mode
 
 _REF_STATS: dict = {}  # (path, mtime, size) -> statistics: read once per file version, not per evaluation
@@ -39,20 +42,29 @@ def training_fid(trainer, batch_size: int = 100) -> float:
     first, count = rank_share(t.fid_samples, trainer.rank, trainer.world)
     settings = dataclasses.replace(trainer.settings, steps=t.fid_steps or trainer.settings.steps)
     init = t.fid_init or cfg.sampler.init
+    labels, extra = None, {}
+    if cfg.model.conditional:
+        all_labels, _ = balanced_classes(t.fid_samples, cfg.model.num_classes)
+        labels = all_labels[first:first + count]
+        extra = {"labels": "balanced", "class_counts": np.bincount(all_labels, minlength=cfg.model.num_classes).tolist()}
     starts = None
     if init == "buffer":
         rng = dist.numpy_rng(t.seed, trainer.rank, trainer.step, "eval")
-        starts = trainer.buffer.peek(count, rng)
+        starts = trainer.buffer.peek(count, rng, labels)
     gen = dist.torch_generator(t.seed, trainer.rank, trainer.step, "eval", trainer.device)
-    with sampling_mode(trainer.sampling_model()) as model:
-        batches = generate(model, count, trainer.shape, settings, gen, init_bounds=trainer.init_bounds, starts=starts,
-                           batch_size=batch_size, device=trainer.device, autocast_dtype=trainer.parallel.autocast_dtype)
+    with sampling_mode(trainer.sampling_model(), checkpointing=t.sampler_checkpointing) as model:
+        kw = dict(init_bounds=trainer.init_bounds, starts=starts, batch_size=batch_size, device=trainer.device,
+                  autocast_dtype=trainer.parallel.autocast_dtype)
+        if labels is not None:
+            batches = conditional_generate(model, labels, first, trainer.shape, settings, t.seed, step=trainer.step, **kw)
+        else:
+            batches = generate(model, count, trainer.shape, settings, gen, **kw)
         stats, _ = inception_statistics((to_uint8(x, cfg.data.range) for x in batches), detector, first,
                                         trainer.device)
     fid = fid_against(stats, ref)
     if dist.is_main():
         with open(os.path.join(trainer.run_dir, "fid.jsonl"), "a") as fh:
             fh.write(json.dumps({"step": trainer.step, "fid": fid, "n": stats.n, "steps": settings.steps,
-                                 "init": init, "seconds": round(time.perf_counter() - t0, 2),
+                                 "init": init, **extra, "seconds": round(time.perf_counter() - t0, 2),
                                  "weights": detector.provenance}) + "\n")
     return fid

@@ -6,6 +6,9 @@ sample (shape ``(N,)``), lower meaning more likely. Networks that are classifier
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -98,6 +101,23 @@ def apply_spectral_norm(module: nn.Module, exclude: tuple[nn.Module, ...] = ()) 
             dim = 1 if isinstance(sub, nn.ConvTranspose2d) else 0
             parametrize.register_parametrization(sub, "weight", SpectralNorm(sub.weight, 1, dim=dim, eps=1e-12))
     return module
+
+
+@contextlib.contextmanager
+def frozen_power_iteration(module: nn.Module) -> Iterator[None]:
+    """Hold every weight parametrization of ``module`` (spectral norm, IGEBM's capped spectral
+    norm) in eval mode for the block, leaving the rest of the module in its mode: the forward
+    uses the current u, v vectors without advancing the power iteration. Gradient accumulation
+    runs its 2nd..k-th micro-batches this way, so that k micro-batches advance the estimate once,
+    like one forward over the whole batch does."""
+    lists = [m for m in module.modules() if isinstance(m, parametrize.ParametrizationList) and m.training]
+    for m in lists:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in lists:
+            m.train()
 
 
 class SpectralNorm(_SpectralNorm):

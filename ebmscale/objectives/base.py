@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from ebmscale import dist
-from ebmscale.sampling import InputGradScaler, LangevinSettings, NoiseFn, langevin, sampling_mode
+from ebmscale.models.common import frozen_power_iteration
+from ebmscale.objectives.improved_cd import differentiable_step
+from ebmscale.sampling import InputGradScaler, LangevinSettings, NoiseFn, energy_and_grad, langevin, sampling_mode
 
 
 @dataclass(frozen=True)
@@ -64,29 +66,58 @@ class Context:
     # seams that tests override (the trainer passes its own methods).
     chain_init: Callable[[int, torch.Generator], torch.Tensor] | None = None
     noise_fn: Callable[[int, torch.Generator], NoiseFn | None] | None = None
+    # The next batch's labels (read one batch ahead from the stream), for a labelled prefetch.
+    next_labels: Callable[[], torch.Tensor | None] | None = None
     # The latest class-conditional (chains, labels), for monitoring (written by negatives()).
     last_class_chains: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Index of the micro-batch within the step (optim.accumulate; set by the trainer).
+    micro: int = 0
+    # MALA's accepted / proposed chain-steps of the current step's sampler calls (sampler.kind=mala;
+    # the trainer reads and clears them).
+    sampler_counts: dict = dataclasses.field(default_factory=dict)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The loss precision's context (autocast for DDP in bf16/fp16)."""
         return self.parallel.autocast()
 
+    def forward_context(self) -> contextlib.ExitStack:
+        """Context of the wrapped loss forward: the loss precision's autocast, and from the second
+        micro-batch of a step on a frozen power iteration, so that it advances once per step, as
+        one forward over the whole batch would (entered around the forward only: the sampler's
+        ``sampling_mode`` restores the module's modes when it returns)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.parallel.autocast())
+        if self.micro:
+            stack.enter_context(frozen_power_iteration(self.model))
+        return stack
+
     def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         """The training forward of ``x`` (and e.g. labels) through the data-parallel wrapper."""
-        with self.parallel.autocast():
+        with self.forward_context():
             return self.wrapped(self.parallel.cast_input(x), *args)
 
     def langevin(self, x0: torch.Tensor, steps: int, gen: torch.Generator) -> torch.Tensor:
         """``steps`` steps of the configured sampler from ``x0`` on the frozen, unwrapped model."""
         settings = dataclasses.replace(self.settings, steps=steps)
         with sampling_mode(self.model, checkpointing=self.cfg.train.sampler_checkpointing) as m:
-            return langevin(m, x0, settings, gen, autocast_dtype=self.parallel.autocast_dtype)
+            return langevin(m, x0, settings, gen, autocast_dtype=self.parallel.autocast_dtype,
+                            stats=self.sampler_counts)
+
+    def frozen_energy_and_grad(self, x: torch.Tensor, labels: torch.Tensor | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energies and dE/dx on the frozen, unwrapped model (no parameter gradients, no
+        collectives, no power-iteration step), energies under autocast as in the sampler."""
+        with sampling_mode(self.model) as m:
+            fn = (lambda z: m(z, labels)) if labels is not None else m
+            return energy_and_grad(fn, x, autocast_dtype=self.parallel.autocast_dtype)
 
     def negatives(self, n: int, labels: torch.Tensor | None, rng: np.random.Generator,
-                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  gen: torch.Generator, last_step: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Chain starts (replay buffer or fresh) -> K Langevin steps -> write back. With ``labels``
         the chains are class-conditional: starts come from those classes' buffer partitions and
-        the energy is E(x, y). Returns (x-, labels of x-)."""
+        the energy is E(x, y). Returns (x-, labels of x-). With ``last_step`` (a list; improved
+        CD's KL term) the K-th step keeps its graph to the parameters and its result is appended
+        there."""
         if self.cfg.sampler.init == "buffer":
             x0_np, idx = self.buffer.draw(n, None if labels is None else labels.cpu().numpy(), rng)
             x0 = torch.from_numpy(x0_np).to(self.device)
@@ -96,22 +127,50 @@ class Context:
         if x0.dim() == 4:
             x0 = x0.contiguous(memory_format=self.memory_format)
         # The unwrapped module: no gradient all-reduce, no buffer broadcast, no ZeRO collective.
+        noise_fn = self.noise_fn(n, gen)
+        settings = self.settings if last_step is None else dataclasses.replace(self.settings,
+                                                                               steps=self.settings.steps - 1)
         with sampling_mode(self.model, checkpointing=self.cfg.train.sampler_checkpointing):
             m = self.sampler_energy
             fn = (lambda x: m(x, labels)) if labels is not None else m
-            x_neg = langevin(fn, x0, self.settings, gen, autocast_dtype=self.parallel.autocast_dtype,
-                             noise_fn=self.noise_fn(n, gen), grad_scaler=self.grad_scaler)
+            x_neg = langevin(fn, x0, settings, gen, autocast_dtype=self.parallel.autocast_dtype,
+                             noise_fn=noise_fn, grad_scaler=self.grad_scaler, stats=self.sampler_counts)
+        if last_step is not None:
+            last_step.append(self._kl_last_step(x_neg, labels, gen, noise_fn))
+            x_neg = last_step[-1].detach()
         if idx is not None:
             self.buffer.write_back(idx, x_neg.cpu().numpy())
         if labels is not None:
             self.last_class_chains = (x_neg, labels)
         return x_neg, labels
 
-    def prefetch(self, n: int, streams: Streams, unlabelled: bool) -> None:
-        """Send the next step's first buffer draw now (after this step's write-backs), so it
-        overlaps the loss forward/backward; only unlabelled draws (the next labels are unknown)."""
-        if unlabelled and self.cfg.sampler.init == "buffer":
-            self.buffer.prefetch(n, streams.numpy("buffer", ahead=1))
+    def _kl_last_step(self, x: torch.Tensor, labels: torch.Tensor | None, gen: torch.Generator,
+                      noise_fn: NoiseFn | None) -> torch.Tensor:
+        """The sampler's last step with its graph to the parameters (improved CD's KL term): the
+        unwrapped module in eval mode (no power-iteration step), its parameters live; the same
+        update rule, noise stream, clip and clamp as the other steps."""
+        a, sigma = self.settings.coefficients()
+        noise = noise_fn(x) if noise_fn is not None else torch.randn(x.shape, device=x.device, dtype=x.dtype,
+                                                                      generator=gen)
+        m, was_training = self.model, self.model.training
+        fn = (lambda z: m(z, labels)) if labels is not None else m
+        m.eval()
+        try:
+            with self.parallel.autocast():
+                return differentiable_step(fn, x, a, sigma, noise, self.settings.grad_clip, self.settings.clamp)
+        finally:
+            m.train(was_training)
+
+    def prefetch(self, n: int, streams: Streams, labelled: bool) -> None:
+        """Send the next micro-batch's first buffer draw now (after this one's write-backs), so it
+        overlaps the loss forward/backward. A labelled draw takes the next batch's labels, read
+        one batch ahead from the stream (only where the buffer prefetches: the Ray host)."""
+        if self.cfg.sampler.init != "buffer" or not getattr(self.buffer, "use_prefetch", False):
+            return
+        labels = None
+        if labelled:
+            labels = self.next_labels()[:n].numpy()
+        self.buffer.prefetch(n, streams.numpy("buffer", ahead=1), labels)
 
 
 class Estimator:
@@ -146,6 +205,13 @@ class Estimator:
 
     def langevin(self, x0: torch.Tensor, steps: int, gen: torch.Generator) -> torch.Tensor:
         return self.ctx.langevin(x0, steps, gen)
+
+    def normal(self, shape: tuple, gen: torch.Generator) -> torch.Tensor:
+        """Standard-normal draws of ``shape`` (first dimension: the batch) from this rank's stream."""
+        return torch.randn(shape, generator=gen, device=self.ctx.device)
+
+    def frozen_energy_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ctx.frozen_energy_and_grad(x)
 
     def loss(self, x_pos: torch.Tensor, y: torch.Tensor | None,
              streams: Streams) -> tuple[torch.Tensor, dict, torch.Tensor | None]:

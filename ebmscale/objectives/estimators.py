@@ -27,10 +27,14 @@ ssm         sliced score matching (optionally variance-reduced)
 nce         noise-contrastive estimation with a learnable log Z
 adversarial learned sampler q_phi (noisy generator or flow), minimax bound with entropy
 ksd         kernel Stein discrepancy, RBF kernel, U-statistic
+mpf         minimum probability flow with MALA connectivity (``kl_tricks``)
+kl_contraction  minimum KL contraction, Gaussian smoothing (``kl_tricks``)
+lsd         learned Stein discrepancy: critic network with its own Adam (``lsd``)
 ==========  =====================================================================
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -41,11 +45,16 @@ from ebmscale import dist
 from ebmscale.objectives.adversarial import flow_sampler_loss, noisy_sampler_loss
 from ebmscale.objectives.base import Context, Estimator, average_grads
 from ebmscale.objectives.jem import JEM
+from ebmscale.objectives.kl_tricks import kl_contraction_loss, mpf_loss
 from ebmscale.objectives.ksd import ksd_loss
+from ebmscale.objectives.lsd import critic_loss, model_loss
 from ebmscale.objectives.nce import GaussianNoise, UniformNoise, nce_loss, noise_from_state
 from ebmscale.objectives.pcd import PersistentCD, pcd_loss
 from ebmscale.objectives.score_matching import dsm_loss, exact_sm_loss, ssm_loss
 from ebmscale.sampling import sampling_mode
+
+# Up to this data dimension the critic's trace is exact (one backward per dimension) under lsd_trace=auto.
+EXACT_TRACE_MAX_DIM = 16
 
 
 def domain_wall(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -96,6 +105,83 @@ class KernelStein(Estimator):
         gen = streams.torch("objective")
         loss, stats = ksd_loss(self.energy, x_pos, self.o.ksd_bandwidth)
         return self._tie_constant(loss), stats, None
+
+
+class ProbabilityFlow(Estimator):
+    """Minimum probability flow with MALA connectivity (``kl_tricks.mpf_loss``)."""
+
+    def loss(self, x_pos, y, streams):
+        gen = streams.torch("objective")
+        loss, stats = mpf_loss(self.energy, self.frozen_energy_and_grad, x_pos, self.o.mpf_step,
+                               lambda shape: self.normal(shape, gen))
+        return loss, stats, None
+
+
+class KLContraction(Estimator):
+    """Minimum KL contraction with Gaussian smoothing (``kl_tricks.kl_contraction_loss``)."""
+
+    def loss(self, x_pos, y, streams):
+        gen = streams.torch("objective")
+        o = self.o
+        loss, stats = kl_contraction_loss(self.energy, x_pos, o.kl_contraction_sigma, o.kl_contraction_samples,
+                                          lambda shape: self.normal(shape, gen))
+        return loss, stats, None
+
+
+class LearnedStein(Estimator):
+    """Learned Stein discrepancy: ``lsd_critic_steps`` critic updates (its own Adam, gradients
+    averaged across ranks by hand) on the frozen model's score, then the model's loss
+    E[s_theta^T f] through the wrapper. The critic is the model factory's network for
+    ``model.arch`` with a d-way head (``logits``), reshaped to the data's shape."""
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        from ebmscale.models import build_model
+
+        o, c = self.o, ctx.cfg.optim
+        self.dim = math.prod(ctx.shape)
+        # A d-way head; the MLP factory only builds a multi-output head for a conditional model
+        # (only the head's size matters: the critic uses ``logits``, never the energy).
+        critic_cfg = dataclasses.replace(ctx.cfg.model, num_classes=self.dim, conditional=ctx.cfg.model.arch == "mlp")
+        # Same initial critic on every rank: its own seed, without touching the global stream.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(dist.derive_seed(ctx.cfg.train.seed, 0, 0, "critic-init"))
+            self.critic = build_model(critic_cfg, ctx.shape).to(ctx.device)
+        self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=o.lsd_critic_lr or c.lr, betas=tuple(c.betas))
+        self.exact_trace = o.lsd_trace == "exact" or (o.lsd_trace == "auto" and self.dim <= EXACT_TRACE_MAX_DIM)
+
+    def critic_fn(self, x: torch.Tensor) -> torch.Tensor:
+        """f(x), the data's shape, fp32 (the forward under the loss precision's autocast)."""
+        with self.ctx.parallel.autocast():
+            out = self.critic.logits(x)
+        return out.float().reshape(x.shape)
+
+    def loss(self, x_pos, y, streams):
+        gen = streams.torch("objective")
+        o, c = self.o, self.ctx
+        t0 = time.perf_counter()
+        normal = lambda shape: self.normal(shape, gen)  # noqa: E731
+        _, grad = self.frozen_energy_and_grad(x_pos)
+        params = list(self.critic.parameters())
+        self.critic.train()
+        for _ in range(o.lsd_critic_steps):
+            c_loss, c_stats = critic_loss(self.critic_fn, x_pos, -grad, o.lsd_l2, self.exact_trace, normal)
+            self.optimizer.zero_grad(set_to_none=True)
+            c_loss.backward()
+            average_grads(params, c.world)
+            self.optimizer.step()
+        with torch.no_grad():
+            f = self.critic_fn(x_pos)
+        t1 = time.perf_counter()
+        loss, stats = model_loss(self.energy, f, x_pos)
+        return self._tie_constant(loss), {**stats, **c_stats, "sampler_time": t1 - t0}, None
+
+    def state_dict(self) -> dict:
+        return {"critic": self.critic.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.critic.load_state_dict(state["critic"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 class NoiseContrastive(Estimator):
@@ -209,7 +295,7 @@ class Adversarial(Estimator):
 
 _CLASSES = {"pcd": PersistentCD, "jem": JEM, "cd": ContrastiveDivergence, "sm": ScoreMatching,
             "dsm": ScoreMatching, "ssm": ScoreMatching, "nce": NoiseContrastive, "adversarial": Adversarial,
-            "ksd": KernelStein}
+            "ksd": KernelStein, "mpf": ProbabilityFlow, "kl_contraction": KLContraction, "lsd": LearnedStein}
 ESTIMATOR_KINDS = tuple(_CLASSES)
 
 

@@ -80,7 +80,7 @@ class JEM(Estimator):
             x_neg_y, y_neg = c.negatives(m, y[:m], rng, gen)
             parts.append(x_neg_y)
         t1 = time.perf_counter()
-        c.prefetch(m, streams, unlabelled=o.px_weight > 0)
+        c.prefetch(m, streams, labelled=o.px_weight == 0)
         # One wrapped forward over every batch: one spectral-norm power iteration per step.
         logits = c.forward(torch.cat(parts)).split([n] + [m] * (len(parts) - 1))
         it = iter(logits[1:])

@@ -12,6 +12,7 @@ import time
 import torch
 
 from ebmscale.objectives.base import Estimator, Streams
+from ebmscale.objectives.improved_cd import kl_surrogate, nn_entropy
 
 
 def pcd_loss(e_pos: torch.Tensor, e_neg: torch.Tensor, alpha: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -28,21 +29,44 @@ def pcd_loss(e_pos: torch.Tensor, e_neg: torch.Tensor, alpha: float) -> tuple[to
 class PersistentCD(Estimator):
     """PCD (``objective.kind: pcd``): chains from the replay buffer (or fresh noise for short-run
     sampling), K Langevin steps, written back; one wrapped forward over [x+, x-]. With a
-    conditional energy the chains take the batch's labels and the energy is E(x, y)."""
+    conditional energy the chains take the batch's labels and the energy is E(x, y). With
+    ``objective.kl_weight`` > 0, improved CD's KL term (and its entropy term) is added."""
 
     keeps_chains = True
 
     def loss(self, x_pos: torch.Tensor, y: torch.Tensor | None, streams: Streams):
-        c, n = self.ctx, x_pos.shape[0]
+        c, o, n = self.ctx, self.o, x_pos.shape[0]
         conditional = c.cfg.model.conditional
         t0 = time.perf_counter()
         m = c.cfg.sampler.batch_size or n  # chains per step: sampler.batch_size, or one per example
+        # Improved CD: past chains for the entropy term, read before this step writes any back.
+        kl = [] if o.kl_weight > 0 else None
+        past = None
+        if kl is not None and o.entropy_weight > 0:
+            past = torch.from_numpy(c.buffer.peek(o.entropy_batch, streams.numpy("entropy"))).to(c.device)
         x_neg, y_neg = c.negatives(m, y[:m] if conditional else None, streams.numpy("buffer"),
-                                   streams.torch("langevin"))
+                                   streams.torch("langevin"), last_step=kl)
         t1 = time.perf_counter()
-        c.prefetch(m, streams, unlabelled=not conditional)
+        c.prefetch(m, streams, labelled=conditional)
         # One wrapped forward over [x+, x-]: one spectral-norm power iteration per step.
         x_all = torch.cat([x_pos, x_neg])
         e_all = c.forward(x_all, torch.cat([y, y_neg])) if conditional else c.forward(x_all)
-        loss, stats = pcd_loss(e_all[:n], e_all[n:], self.o.alpha)
+        loss, stats = pcd_loss(e_all[:n], e_all[n:], o.alpha)
+        if kl:
+            term, kl_stats = self._kl_terms(kl[0], y_neg, past)
+            loss, stats = loss + term, {**stats, **kl_stats}
         return loss, {**stats, "sampler_time": t1 - t0}, x_neg
+
+    def _kl_terms(self, x_tilde: torch.Tensor, labels: torch.Tensor | None,
+                  past: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """Improved CD's objective.kl_weight * (E_frozen(x~) - entropy_weight * H_nn(x~)), as the
+        surrogate whose gradient flows through the last sampler step only (see improved_cd)."""
+        o = self.o
+        e, g = self.ctx.frozen_energy_and_grad(x_tilde.detach(), labels)
+        term = kl_surrogate(x_tilde, g)
+        stats = {"kl_energy": e.mean()}
+        if past is not None:
+            ent = nn_entropy(x_tilde, past)
+            term = term - o.entropy_weight * ent
+            stats["entropy"] = ent.detach()
+        return o.kl_weight * term, stats

@@ -10,6 +10,8 @@ Two parametrisations, both common in the literature:
   exp(-E / T) with T = sigma^2 / (2a) -- e.g. T = 5e-5 for JEM -- so it is a noisy gradient
   descent that finds low-energy modes rather than a sampler of exp(-E). The training signal
   still works because the model learns to shape its energy for *that* sampler.
+* ``mala`` (Metropolis-adjusted Langevin, :mod:`ebmscale.sampling.mala`): proper Langevin's
+  proposal plus an accept/reject test, so exp(-E) is sampled without step-size bias.
 
 The sampler is pure: it never accumulates parameter gradients (only d E / d x is taken, with the
 parameters' ``requires_grad`` switched off by :func:`sampling_mode`), and it never advances the
@@ -43,7 +45,7 @@ class LangevinSettings:
     steps: int = 20
     step_size: float = 1.0
     noise_std: float = 0.01
-    kind: str = "sgld"  # "sgld" | "langevin"
+    kind: str = "sgld"  # "sgld" | "langevin" | "mala"
     grad_clip: float = 0.0  # per-step L-inf clip of dE/dx (IGEBM's 0.01); 0 = off
     clamp: tuple[float, float] | None = None  # data range, applied after every step
 
@@ -54,7 +56,7 @@ class LangevinSettings:
 
     def coefficients(self) -> tuple[float, float]:
         """(gradient weight, noise std) of one step."""
-        if self.kind == "langevin":
+        if self.kind in ("langevin", "mala"):
             return 0.5 * self.step_size ** 2, self.step_size
         return self.step_size, self.noise_std
 
@@ -203,7 +205,7 @@ class InputGradScaler:
 def langevin(energy_fn: EnergyFn, x0: torch.Tensor, settings: LangevinSettings,
              generator: torch.Generator | None = None, *, autocast_dtype: torch.dtype | None = None,
              trajectory: list | None = None, grads: list | None = None, noise_fn: NoiseFn | None = None,
-             grad_scaler: InputGradScaler | None = None) -> torch.Tensor:
+             grad_scaler: InputGradScaler | None = None, stats: dict | None = None) -> torch.Tensor:
     """Run ``settings.steps`` Langevin steps from ``x0`` and return the final chains (detached,
     same dtype as ``x0``, which should be float32). ``energy_fn`` maps a batch to per-sample
     energies; it is evaluated under autocast when ``autocast_dtype`` is given, while the chains
@@ -213,7 +215,14 @@ def langevin(energy_fn: EnergyFn, x0: torch.Tensor, settings: LangevinSettings,
     (a fresh :class:`InputGradScaler` when None) so it does not underflow. Noise comes only from
     ``generator`` unless ``noise_fn`` supplies it (tests inject the slice of a global batch's
     noise). ``trajectory`` / ``grads``, when given, collect the chains after each step and the
-    (unclipped, fp32) energy gradient of each step."""
+    (unclipped, fp32) energy gradient of each step. ``settings.kind == "mala"`` runs
+    :func:`ebmscale.sampling.mala.mala` (same arguments; ``stats`` collects its acceptance counts),
+    so every caller of the sampler gets MALA by configuration alone."""
+    if settings.kind == "mala":
+        from ebmscale.sampling.mala import mala  # imports this module: resolved at call time
+
+        return mala(energy_fn, x0, settings, generator, autocast_dtype=autocast_dtype, trajectory=trajectory,
+                    grads=grads, noise_fn=noise_fn, grad_scaler=grad_scaler, stats=stats)
     a, sigma = settings.coefficients()
     x = x0.detach().clone()
     device_type = x.device.type

@@ -41,6 +41,10 @@ BASE = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=16", "model.de
 # sign(g) and would magnify summation-order noise in near-zero gradient entries).
 EQUIV = BASE + ["sampler.init=noise", "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9"]
 
+# Gradient accumulation: 2 micro-batches of half the batch, compared (like the world-size runs)
+# with one process at the global batch.
+ACCUM = ["optim.accumulate=2"]
+
 # bf16 learning check: IGEBM-style low-temperature SGLD, which shapes a 2-D energy within a few
 # hundred steps (proper Langevin at the toy recipe's step needs thousands).
 LEARN = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=32", "model.depth=2", "data.toy_train_size=4000",
@@ -58,20 +62,41 @@ FP16 = [o for o in LEARN if not o.startswith(("train.precision=", "train.log_eve
 
 
 class GlobalNoiseTrainer(Trainer):
-    """Test mode for world-size equivalence: chain starts and Langevin noise are drawn for the
-    *global* batch from streams that ignore the rank, and each rank takes its own slice, so any
-    number of ranks sees the same negatives in total. (Production draws per-rank streams.)"""
+    """Test mode for world-size and accumulation equivalence: chain starts and Langevin noise are
+    drawn for the *global* batch of the step (ranks x micro-batches) from streams that ignore the
+    rank and the micro-batch, and each (micro-batch, rank) takes its own slice, so any number of
+    ranks and micro-batches sees the same negatives in total. (Production draws per-rank,
+    per-micro-batch streams.)"""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._normal: tuple[int, torch.Generator] | None = None
+        if self.estimator is not None:  # the estimators' own normal draws (mpf, kl_contraction, lsd)
+            self.estimator.normal = self._global_normal
+
+    def _global_normal(self, shape: tuple, gen: torch.Generator) -> torch.Tensor:
+        """Normal draws for the global batch from one stream per step (ignoring the rank). These are
+        paired with data examples, so each rank takes the rows of its own examples: the stream deals
+        the global batch out interleaved (rank r holds global rows r, r + world, ...)."""
+        if self._normal is None or self._normal[0] != self.step:
+            self._normal = (self.step, dist.torch_generator(self.cfg.train.seed, 0, self.step, "objective", self.device))
+        full = torch.randn((shape[0] * self.world, *shape[1:]), generator=self._normal[1])
+        return full[self.rank::self.world]
 
     def _slice(self, full: torch.Tensor, n: int) -> torch.Tensor:
-        return full[self.rank * n:(self.rank + 1) * n]
+        part = self.micro * self.world + self.rank
+        return full[part * n:(part + 1) * n]
+
+    def _global(self, n: int) -> int:
+        return n * self.world * self.cfg.optim.accumulate
 
     def _chain_init(self, n: int, gen: torch.Generator) -> torch.Tensor:
         g = dist.torch_generator(self.cfg.train.seed, 0, self.step, "init", self.device)
-        return self._slice(uniform_noise(n * self.world, self.shape, self.init_bounds, g, self.device), n)
+        return self._slice(uniform_noise(self._global(n), self.shape, self.init_bounds, g, self.device), n)
 
     def _noise_fn(self, n: int, gen: torch.Generator):
         g = dist.torch_generator(self.cfg.train.seed, 0, self.step, "langevin", self.device)
-        return lambda x: self._slice(torch.randn((n * self.world, *x.shape[1:]), generator=g, dtype=x.dtype), n)
+        return lambda x: self._slice(torch.randn((self._global(n), *x.shape[1:]), generator=g, dtype=x.dtype), n)
 
 
 def run_equivalence(overrides: list[str], batch: int, run_dir: str) -> dict:
@@ -127,8 +152,17 @@ def scenario_ddp(out: str) -> dict:
     res["negatives"] = tr.last_negatives.clone()
     res["buffer"] = torch.from_numpy(tr.buffer.data.copy())
     res["wrapper"] = type(tr.wrapped).__name__
-    # 2. World-size equivalence (compared with a one-process run at twice the batch).
+    # 2. World-size equivalence (compared with a one-process run at twice the batch), without and
+    # with gradient accumulation.
     res["equiv"] = run_equivalence([], PER_RANK_BATCH, os.path.join(out, "equiv"))
+    res["equiv_accum"] = run_equivalence(ACCUM, PER_RANK_BATCH // 2, os.path.join(out, "equiv_accum"))
+    # Accumulation communicates only on the last micro-batch: one step of 2 micro-batches issues
+    # the collectives of one step without accumulation.
+    acc = Trainer(load_config(None, [*BASE, f"data.batch_size={PER_RANK_BATCH // 2}", "optim.accumulate=2"]),
+                  os.path.join(out, "scratch_accum"))
+    with count_collectives() as accum_names:
+        acc.train_step()
+    res["accum_step_collectives"] = list(accum_names)
     # 3. bf16 training through train(): learns, and only rank 0 writes anything.
     cfg = load_config(None, LEARN)
     # One run directory for both ranks: each writes its own part of the sharded checkpoints.
@@ -180,12 +214,40 @@ def scenario_deepspeed(out: str) -> dict:
     return run_equivalence([], PER_RANK_BATCH, os.path.join(out, "equiv"))
 
 
+# fp32 pinned: train.precision=auto is bf16 on CPUs with bf16 units, whose rounding differs per batch size.
+SM_EQUIV = ("objective.kind=sm", "train.precision=fp32")
+# Issue 19's objectives for world-size equivalence (fp32 pinned: bf16 would round differently per batch).
+NEW_OBJECTIVES = {
+    "mpf": ("objective.kind=mpf", "objective.mpf_step=0.3", "train.precision=fp32"),
+    "kl_contraction": ("objective.kind=kl_contraction", "objective.kl_contraction_samples=4", "train.precision=fp32"),
+    "lsd": ("objective.kind=lsd", "objective.lsd_critic_steps=2", "train.precision=fp32"),
+    "pcd_kl": ("objective.kl_weight=1", "objective.entropy_weight=0", "train.precision=fp32"),
+}
+
+
+def scenario_deepspeed_accumulate(out: str) -> dict:
+    """DeepSpeed with gradient_accumulation_steps = optim.accumulate = 2 (its own launch: one
+    engine per process)."""
+    return run_equivalence(ACCUM, PER_RANK_BATCH // 2, os.path.join(out, "equiv"))
+
+
 def scenario_estimators(out: str) -> dict:
     """The estimators of ``ebmscale.objectives.estimators`` under DDP: exact score matching (a
     deterministic loss of the data that back-propagates through input gradients) for world-size
     equivalence, and NCE / adversarial runs whose extra parameters (log Z, the sampler) must stay
     identical on every rank."""
-    res: dict = {"equiv_sm": run_equivalence(["objective.kind=sm"], PER_RANK_BATCH, os.path.join(out, "sm"))}
+    res: dict = {"equiv_sm": run_equivalence(list(SM_EQUIV), PER_RANK_BATCH, os.path.join(out, "sm"))}
+    for name, overrides in NEW_OBJECTIVES.items():
+        res[f"equiv_{name}"] = run_equivalence(list(overrides), PER_RANK_BATCH, os.path.join(out, name))
+    # MALA under DDP: runs, and its acceptance rate is reduced across ranks like any metric.
+    tr = Trainer(load_config(None, [*BASE, f"data.batch_size={PER_RANK_BATCH}", "sampler.kind=mala",
+                                    "sampler.noise_std=0", "train.precision=fp32"]), os.path.join(out, "mala"))
+    local = []
+    for _ in range(2):
+        local.append(tr.train_step()["accept_rate"])
+        tr.metrics.report("accept_rate", local[-1])
+    res["mala"] = {"local": local, "reduced": tr.metrics.flush(tr.step)["accept_rate"]}
+    tr.metrics.close()
     for kind, extra in (("nce", []), ("adversarial", ["objective.sampler_width=16"])):
         tr = Trainer(load_config(None, [*BASE, f"data.batch_size={PER_RANK_BATCH}", f"objective.kind={kind}", *extra]),
                      os.path.join(out, kind))
@@ -247,8 +309,8 @@ def reference(tmp_dir: str, overrides: tuple[str, ...] = ()) -> dict:
 def main() -> None:
     torch.set_num_threads(1)
     scenario, out = sys.argv[1], sys.argv[2]
-    res = {"ddp": scenario_ddp, "deepspeed": scenario_deepspeed, "estimators": scenario_estimators,
-           "fp16": scenario_fp16}[scenario](out)
+    res = {"ddp": scenario_ddp, "deepspeed": scenario_deepspeed, "deepspeed_accumulate": scenario_deepspeed_accumulate,
+           "estimators": scenario_estimators, "fp16": scenario_fp16}[scenario](out)
     res["rank"], res["world"] = dist.rank(), dist.world_size()
     torch.save(res, os.path.join(out, f"rank{dist.rank()}.pt"))
     dist.barrier()

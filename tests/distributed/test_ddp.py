@@ -5,8 +5,9 @@ dp_scenarios.py).
 Shown here: ranks stay identical (parameters and spectral-norm state) while drawing their own
 noise and buffer samples; the sampler issues no collective at all (counted with the profiler,
 which sees DDP's C++ reducer too -- the control run through the DDP wrapper does communicate);
-2 ranks x batch B equal 1 rank x batch 2B on the same data and sampler noise; the logged metrics
-are the global ones; bf16 training learns a 2-D density; only rank 0 writes.
+2 ranks x batch B equal 1 rank x batch 2B on the same data and sampler noise, and so do 2 ranks
+x 2 accumulated micro-batches of B/2 (which all-reduce once per step) and one rank x k
+micro-batches; the logged metrics are the global ones; bf16 training learns a 2-D density; only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 import pytest
 import torch
 
-from tests.distributed.dp_scenarios import STEPS, launch, reference
+from tests.distributed.dp_scenarios import PER_RANK_BATCH, STEPS, launch, reference, run_equivalence
 
 TOL = 1e-6  # float32 summation order; measured differences are ~5e-8
 
@@ -47,21 +48,50 @@ def test_sampler_issues_no_collectives(ranks):
         assert r["wrapped_sampler_collectives"] >= 3
 
 
-def test_two_ranks_with_batch_b_match_one_rank_with_batch_2b(ranks, tmp_path_factory):
-    ref = reference(str(tmp_path_factory.mktemp("ref")))
+def assert_matches_reference(eq: dict, ref: dict) -> None:
+    """``eq`` (one rank's equivalence run) trained what the one-process reference trained, to float32
+    rounding, step by step in its logged (global) metrics."""
     moved = max(float((ref["params"][n] - ref["init"][n]).abs().max()) for n in ref["params"])
     assert moved > 1e-2, "the reference barely trained: the comparison would be vacuous"
+    assert all(torch.equal(eq["init"][n], ref["init"][n]) for n in ref["init"]), "same initialisation"
+    for name, p in ref["params"].items():
+        assert float((eq["params"][name] - p).abs().max()) < TOL, name
+    assert all(float((a - b).abs().max()) < TOL for a, b in zip(eq["sn_u"], ref["sn_u"]))
+    # What each rank logs is the global value: the one-process run's, step by step.
+    for step, (got, want) in enumerate(zip(eq["logged"], ref["logged"])):
+        for k in ("loss", "e_pos", "e_neg", "grad_norm"):
+            assert abs(got[k] - want[k]) < TOL * max(1.0, abs(want[k])), (step, k, got[k], want[k])
+    assert eq["sampler_collectives"] == 0
+
+
+def test_two_ranks_with_batch_b_match_one_rank_with_batch_2b(ranks, tmp_path_factory):
+    ref = reference(str(tmp_path_factory.mktemp("ref")))
     for r in ranks[:2]:
-        eq = r["equiv"]
-        assert all(torch.equal(eq["init"][n], ref["init"][n]) for n in ref["init"]), "same initialisation"
-        for name, p in ref["params"].items():
-            assert float((eq["params"][name] - p).abs().max()) < TOL, name
-        assert all(float((a - b).abs().max()) < TOL for a, b in zip(eq["sn_u"], ref["sn_u"]))
-        # What each rank logs is the global value: the one-process run's, step by step.
-        for step, (got, want) in enumerate(zip(eq["logged"], ref["logged"])):
-            for k in ("loss", "e_pos", "e_neg", "grad_norm"):
-                assert abs(got[k] - want[k]) < TOL * max(1.0, abs(want[k])), (step, k, got[k], want[k])
-        assert eq["sampler_collectives"] == 0
+        assert_matches_reference(r["equiv"], ref)
+
+
+def test_accumulation_on_two_ranks_matches_one_rank_with_the_global_batch(ranks, tmp_path_factory):
+    # 2 ranks x 2 micro-batches x B/2 = 1 rank x 2B, on the same data and chain noise (see
+    # GlobalNoiseTrainer), spectral-norm state included (one power iteration per step).
+    ref = reference(str(tmp_path_factory.mktemp("ref")))
+    for r in ranks[:2]:
+        assert_matches_reference(r["equiv_accum"], ref)
+
+
+def test_accumulation_all_reduces_only_on_the_last_micro_batch(ranks):
+    for r in ranks[:2]:
+        one = r["step_collectives"].count("c10d::allreduce_")
+        assert one >= 2  # the gradient bucket(s) and the divergence check
+        assert r["accum_step_collectives"].count("c10d::allreduce_") == one, r["accum_step_collectives"]
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_accumulation_in_one_process_matches_one_batch(k, tmp_path_factory):
+    # k micro-batches of 2B/k = one batch of 2B (no launcher: a single process).
+    ref = reference(str(tmp_path_factory.mktemp("ref")))
+    eq = run_equivalence([f"optim.accumulate={k}"], 2 * PER_RANK_BATCH // k,
+                         str(tmp_path_factory.mktemp(f"acc{k}")))
+    assert_matches_reference(eq, ref)
 
 
 def test_bf16_training_learns_a_2d_density_and_ranks_share_one_run_dir(ranks):
@@ -75,9 +105,9 @@ def test_bf16_training_learns_a_2d_density_and_ranks_share_one_run_dir(ranks):
     assert ranks[0]["learn"]["last_metrics"] == ranks[1]["learn"]["last_metrics"], "metrics reduced before logging"
     run0 = os.path.join(out, "learn")
     # Rank 0 writes the run directory -- one report, one set of images, one event file -- and in a
-    # checkpoint every rank writes its own part.
-    assert sorted(os.listdir(run0)) == ["checkpoints", "config.yaml", "metrics.jsonl", "report.html", "runtime.yaml",
-                                        "samples", "tb"]
+    # checkpoint every rank writes its own part. run.lock stays behind, emptied (ebmscale.runguard).
+    assert sorted(os.listdir(run0)) == ["checkpoints", "config.yaml", "metrics.jsonl", "report.html", "run.lock",
+                                        "runtime.yaml", "samples", "tb"]
     assert sorted(os.listdir(os.path.join(run0, "samples"))) == [
         "buffer-step-0000100.png", "buffer-step-0000200.png", "final.png", "step-0000100.png", "step-0000200.png"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

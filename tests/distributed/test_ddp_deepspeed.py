@@ -79,3 +79,20 @@ def test_divergence_is_caught_before_the_deepspeed_update(tmp_path):
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "diverged: training diverged at step 0: e_pos=" in r.stdout and "unchanged: True" in r.stdout, r.stdout
+
+
+@pytest.fixture(scope="module")
+def accumulating(tmp_path_factory) -> list[dict]:
+    return launch("deepspeed_accumulate", str(tmp_path_factory.mktemp("zero2_accum")), "deepspeed_zero2.yaml")
+
+
+def test_zero2_gradient_accumulation_matches_one_process_with_the_global_batch(accumulating, tmp_path_factory):
+    # 2 ranks x gradient_accumulation_steps 2 x B/2 = 1 process x 2B.
+    from tests.distributed.test_ddp import assert_matches_reference
+
+    ref = reference(str(tmp_path_factory.mktemp("ref")))
+    r0, r1 = accumulating
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    for r in accumulating:
+        assert_matches_reference(r, ref)

@@ -79,3 +79,60 @@ def test_two_process_inception_score_equals_single_process(ranks):
     single.update(torch.from_numpy(logits), 0)
     for r in ranks:
         np.testing.assert_allclose(r["is_score"], single.score(), rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- class-conditional samples
+N_COND = 21  # 2 classes: 11 + 10 samples; the ranks' shares differ in size too
+
+
+def _conditional_statistics(first: int, count: int, init: str) -> tuple:
+    """This share's class-conditional samples of the 2-class toy energy (noise or buffer starts),
+    flattened into FeatureStats (the features stand in for Inception's: the reduction is the
+    same), and the share's per-class counts."""
+    from ebmscale.buffer.replay import ReplayBuffer
+    from ebmscale.eval.generate import balanced_classes, buffer_class_images, conditional_generate
+    from tests.unit.test_conditional_sampling import SETTINGS, SHAPE, TwoClassEnergy
+
+    labels, ordinals = balanced_classes(N_COND, 2)
+    mine = labels[first:first + count]
+    starts = None
+    if init == "buffer":
+        state = ReplayBuffer(24, SHAPE, (0.0, 1.0), num_classes=2, seed=7).state_dict()
+        starts = buffer_class_images(state, mine, ordinals[first:first + count])
+    stats = FeatureStats(16)
+    for x in conditional_generate(TwoClassEnergy(), mine, first, SHAPE, SETTINGS, 4, init_bounds=(0.0, 1.0),
+                                  starts=starts, batch_size=4):
+        stats.update(x.flatten(1))
+    return stats, np.bincount(mine, minlength=2)
+
+
+def _conditional_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        res = {}
+        for init in ("noise", "buffer"):
+            stats, counts = _conditional_statistics(*rank_share(N_COND), init)
+            stats.all_reduce()
+            mu, sigma = stats.mean_cov()
+            res.update({f"{init}_mu": mu, f"{init}_sigma": sigma, f"{init}_n": stats.n, f"{init}_counts": counts})
+        np.savez(os.path.join(out, f"cond{rank}.npz"), **res)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_two_ranks_give_the_class_conditional_statistics_of_one(tmp_path):
+    mp.start_processes(_conditional_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True,
+                       start_method="spawn")
+    ranks = [dict(np.load(os.path.join(tmp_path, f"cond{r}.npz"))) for r in range(WORLD)]
+    for init in ("noise", "buffer"):
+        one, counts = _conditional_statistics(0, N_COND, init)
+        mu, sigma = one.mean_cov()
+        assert counts.tolist() == [11, 10]
+        # Exact per-class counts, split over the ranks.
+        assert (ranks[0][f"{init}_counts"] + ranks[1][f"{init}_counts"]).tolist() == [11, 10]
+        for r in ranks:
+            assert int(r[f"{init}_n"]) == N_COND
+            np.testing.assert_allclose(r[f"{init}_mu"], mu, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(r[f"{init}_sigma"], sigma, rtol=0, atol=1e-12)

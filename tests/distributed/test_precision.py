@@ -170,6 +170,10 @@ def test_deepspeed_json_templates_match_and_are_filled_from_the_config():
     assert one["zero_optimization"]["stage"] == 1
     forced = load_config(None, ["train.distributed=deepspeed", "train.zero_stage=1"])
     assert deepspeed_config(forced, 2)["zero_optimization"]["stage"] == 1
+    # optim.accumulate is DeepSpeed's gradient_accumulation_steps; the global batch counts it.
+    acc = deepspeed_config(load_config(None, ["train.distributed=deepspeed", "data.batch_size=24",
+                                              "optim.accumulate=3"]), world=4)
+    assert acc["gradient_accumulation_steps"] == 3 and acc["train_batch_size"] == 24 * 4 * 3
 
 
 @pytest.mark.parametrize("patch, needle", [

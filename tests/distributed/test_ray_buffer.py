@@ -214,6 +214,15 @@ def test_affine_mixing_and_class_labels(ray_session):
                 n += len(pos)
         # Rank 1's own shard with probability 0.8 + 0.2 * 1/2.
         assert abs(own / n - 0.9) < 4 * np.sqrt(0.9 * 0.1 / n)
+        # The read-only labelled peek (class-conditional FID from the buffer): each chain from its
+        # class's slots, in the order of the labels. Every stored chain is set to its slot's class.
+        state = a.state_dict()
+        for sh in state["shards"]:
+            sh["data"][:] = (np.arange(len(sh["data"])) % 4)[:, None]
+        a.load_state_dict(state)
+        labels = np.array([3, 0, 2, 2, 1, 3, 0, 1, 1])
+        got = b.peek(0, np.random.default_rng(2), labels)
+        assert np.array_equal(got, np.repeat(labels[:, None], 2, 1).astype(np.float32))
     finally:
         b.close()
         a.close()
@@ -345,6 +354,43 @@ def test_one_process_run_is_reproducible_and_resumes_bitwise(ray_session, tmp_pa
         for name, p in full["model"].items():
             assert torch.equal(p, other["model"][name]), name
         assert np.array_equal(full["buffer"]["shards"][0]["data"], other["buffer"]["shards"][0]["data"])
+
+
+# A class-conditional energy on the 8x8 digits: its buffer draws are labelled.
+COND = ["data.dataset=digits", "model.width=4", "model.depth=2", "model.conditional=true", "model.num_classes=10",
+        "data.batch_size=8", "sampler.steps=2", "buffer.capacity=40", "train.progress=false",
+        "train.tensorboard=false", "train.threads=1", "train.device=cpu", "train.precision=fp32",
+        "buffer.backend=ray", "train.seed=4"]
+
+
+def test_class_conditional_draws_are_prefetched_and_change_nothing(ray_session, tmp_path):
+    from ebmscale.trainer import Trainer
+
+    results = {}
+    for prefetch in ("true", "false"):
+        tr = Trainer(load_config(None, [*COND, f"buffer.prefetch={prefetch}", "optim.accumulate=2"]),
+                     str(tmp_path / prefetch))
+        submitted = []
+        submit = tr.buffer._submit
+        tr.buffer._submit = lambda plan, labels: submitted.append(labels) or submit(plan, labels)
+        try:
+            for _ in range(3):
+                tr.train_step()
+                if prefetch == "true":  # the next micro-batch's labelled draw is already on its way
+                    pending = tr.buffer._prefetched
+                    assert np.array_equal(pending[3], tr.stream.peek()[1].numpy())
+            results[prefetch] = (tr.state_dict(), len(submitted))
+        finally:
+            tr.buffer.close()
+    (on, sent_on), (off, sent_off) = results["true"], results["false"]
+    # 6 micro-batches: without prefetch 6 draws; with it, the first draw and 6 prefetches, every
+    # draw after the first served by its prefetch.
+    assert sent_off == 6 and sent_on == 7
+    for name, p in on["model"].items():
+        assert torch.equal(p, off["model"][name]), name
+    for a, b in zip(on["buffer"]["shards"], off["buffer"]["shards"]):
+        assert np.array_equal(a["data"], b["data"])
+    assert on["stream"] == off["stream"]
 
 
 def test_killing_a_shard_during_training(ray_session, tmp_path, monkeypatch):

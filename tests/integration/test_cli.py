@@ -47,8 +47,13 @@ def test_dry_run_prints_resolved_config(tmp_path, cli_env):
 @pytest.mark.parametrize("args, needle", [
     (["train", "--config", "missing.yaml"], "missing.yaml"),
     (["train", "model.nonsense=1"], "model.nonsense"),
+    (["train", "optim.accumulate=0"], "optim.accumulate"),
     (["train", "data.dataset=npz", "data.path=/no/such/data.npz"], "/no/such/data.npz"),
     (["eval", "toy-nll", "--checkpoint", "/no/such/ckpt.pt"], "/no/such/ckpt.pt"),
+    (["train", "sampler.kind=mala", "sampler.step_size=0"], "sampler.step_size"),
+    (["train", "sampler.kind=hmc"], "sampler.kind"),
+    (["train", "objective.kind=score_flow"], "objective.kind"),
+    (["train", "objective.kind=lsd", "model.arch=igebm"], "model.arch"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, cli_env, args, needle):
     r = run_cli(args, cli_env, tmp_path)

@@ -97,6 +97,28 @@ def test_eval_fid_from_buffer(run, capsys):
     assert json.loads((run_dir / "eval_fid.json").read_text()) == out
 
 
+def test_conditional_model_fid_during_training_and_from_the_cli(run, capsys):
+    """A class-conditional energy: training-time FID and `eval fid` sample each chain at its own
+    label, classes spread evenly over N (exact counts in the JSON), from noise or the class
+    partitions of the buffer."""
+    base, ref, _ = run
+    run_dir = base / "cond"
+    assert main(["train", "--run-dir", str(run_dir), *JEM, "model.width=4", "model.conditional=true",
+                 "model.num_classes=10", "train.steps=2", "train.fid_every=2", "train.fid_samples=4",
+                 f"train.fid_ref_stats={ref}", f"data.cache_dir={base / 'cache'}"]) == 0
+    (fid,) = [json.loads(line) for line in (run_dir / "fid.jsonl").read_text().splitlines()]
+    assert fid["labels"] == "balanced" and fid["class_counts"] == [1] * 4 + [0] * 6 and fid["fid"] > 0
+    for init in ("noise", "buffer"):
+        code, out, err = cli(capsys, "eval", "fid", "--checkpoint", run_dir, "--ref", ref, "--n", 12, "--steps", 2,
+                             "--init", init)
+        assert code == 0, err
+        assert out["n"] == 12 and out["labels"] == "balanced" and out["class_counts"] == [2, 2] + [1] * 8
+        assert ("buffer" in out["protocol"]) == (init == "buffer") and np.isfinite(out["fid"])
+    # More chains of a class than its buffer partition holds (40 slots: 4 per class): one line.
+    code, _, err = cli(capsys, "eval", "fid", "--checkpoint", run_dir, "--ref", ref, "--n", 60, "--init", "buffer")
+    assert code == 2 and "holds 4 chains of class 0; asked for 6" in err
+
+
 def test_sample_product_of_experts(run, capsys):
     base, ref, run_dir = run
     out_dir = base / "samples"

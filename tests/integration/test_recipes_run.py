@@ -40,7 +40,8 @@ def _data_overrides(cfg_path: str, fake: dict) -> list[str]:
 
 
 PUBLISHED = ["igebm_cifar10.yaml", "igebm_cifar10_cond.yaml", "igebm_imagenet32.yaml", "igebm_imagenet64.yaml",
-             "igebm_imagenet128.yaml", "jem_cifar10.yaml", "jem_imagenet64.yaml"]
+             "igebm_imagenet128.yaml", "jem_cifar10.yaml", "jem_imagenet32.yaml", "jem_imagenet64.yaml",
+             "jem_imagenet128.yaml"]
 
 
 @pytest.mark.parametrize("name", PUBLISHED)
@@ -65,6 +66,11 @@ FULL_SIZE = {
     "igebm_imagenet32.yaml": 89_559_681,     # ResNet32Wider (256 filters), 1000-class conditional
     "igebm_imagenet128.yaml": 21_212_289,    # ResNet128, 1000-class conditional
     "jem_cifar10.yaml": 36_471_338,          # WRN-28-10, JEM's no-norm variant
+    # The same network with a 1000-way head (+ 640 x 990 weights + 990 biases) at every resolution:
+    # global average pooling makes the count independent of the image size.
+    "jem_imagenet32.yaml": 37_105_928,
+    "jem_imagenet64.yaml": 37_105_928,
+    "jem_imagenet128.yaml": 37_105_928,
 }
 
 

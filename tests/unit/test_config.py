@@ -40,6 +40,8 @@ def test_dotted_overrides_are_typed(tmp_path):
     (["sampler.batch_size=8", "objective.kind=dsm"], "sampler.batch_size"),
     (["sampler.batch_size=128", "model.num_classes=10", "model.conditional=true"], "sampler.batch_size"),
     (["sampler.batch_size=20000"], "sampler.batch_size"),
+    (["optim.accumulate=0"], "optim.accumulate"),
+    (["optim.accumulate=2", "objective.kind=dsm"], "optim.accumulate"),
 ])
 def test_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:

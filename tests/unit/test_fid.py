@@ -110,11 +110,12 @@ def test_training_fid_config_checks_name_the_key(tmp_path):
     save_stats(str(ref), np.zeros(2), np.eye(2), 2, "w", "r")
     ok = load_config(None, ["train.fid_every=10", f"train.fid_ref_stats={ref}", "train.fid_samples=50"])
     assert ok.train.fid_every == 10
+    # Class-conditional models get training-time FID too (sampled per class: docs/evaluation.md).
+    load_config(None, ["train.fid_every=10", f"train.fid_ref_stats={ref}", "model.conditional=true",
+                       "model.num_classes=10"])
     cases = [(["train.fid_every=10"], "train.fid_ref_stats"),
              (["train.fid_every=10", "train.fid_ref_stats=/no/ref.npz"], "/no/ref.npz"),
              (["train.fid_every=10", f"train.fid_ref_stats={ref}", "train.fid_samples=20000"], "train.fid_samples"),
-             (["train.fid_every=10", f"train.fid_ref_stats={ref}", "model.conditional=true", "model.num_classes=10"],
-              "model.conditional"),
              (["train.fid_every=10", f"train.fid_ref_stats={ref}", "data.dataset=moons", "model.arch=mlp"],
               "train.fid_every"),
              (["train.fid_init=sometimes"], "train.fid_init")]

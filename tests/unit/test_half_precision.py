@@ -142,7 +142,9 @@ def test_default_cnn_on_digits_trains_in_bf16_without_divergence(tmp_path):
 
 ESTIMATOR_RECIPES = ["toy_8gaussians_cd.yaml", "toy_8gaussians_sm.yaml", "toy_8gaussians_dsm.yaml",
                      "toy_8gaussians_ssm.yaml", "toy_8gaussians_nce.yaml", "toy_8gaussians_adversarial_noisy.yaml",
-                     "toy_8gaussians_adversarial_flow.yaml", "toy_8gaussians_ksd.yaml"]
+                     "toy_8gaussians_adversarial_flow.yaml", "toy_8gaussians_ksd.yaml", "toy_8gaussians_mpf.yaml",
+                     "toy_8gaussians_kl_contraction.yaml", "toy_8gaussians_lsd.yaml", "toy_8gaussians_mala.yaml",
+                     "toy_8gaussians_improved_cd.yaml"]
 
 
 @pytest.mark.parametrize("recipe", ESTIMATOR_RECIPES)

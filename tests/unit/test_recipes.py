@@ -28,6 +28,9 @@ REFERENCE = {
 # Our ImageNet 64x64 variants keep their family's sampler/optimiser settings.
 REFERENCE["igebm_imagenet64.yaml"] = dict(REFERENCE["igebm_imagenet32.yaml"], variant="resnet64")
 REFERENCE["jem_imagenet64.yaml"] = dict(REFERENCE["jem_cifar10.yaml"], classes=1000, holdout=0)
+REFERENCE["jem_imagenet32.yaml"] = REFERENCE["jem_imagenet64.yaml"]
+# At 128x128: micro-batches of 16, 4 accumulated (JEM's 64 per optimizer step), fp16 chains.
+REFERENCE["jem_imagenet128.yaml"] = dict(REFERENCE["jem_imagenet64.yaml"], batch=16, accumulate=4, storage="fp16")
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
@@ -41,6 +44,7 @@ def test_published_recipe_matches_reference(name):
     assert b.backend == "ray"  # one global buffer across ranks, the point of this project
     assert o.name == "adam" and o.lr == pytest.approx(ref["lr"]) and o.betas == ref["betas"]
     assert d.batch_size == ref["batch"] and d.range == ref["range"] and s.clamp == ref["clamp"]
+    assert o.accumulate == ref.get("accumulate", 1)
     assert cfg.objective.alpha == ref["alpha"]
     if name.startswith("igebm"):
         assert cfg.objective.kind == "pcd" and b.storage == ref["storage"]
@@ -55,6 +59,7 @@ def test_published_recipe_matches_reference(name):
         assert m.activation == "leaky_relu" and m.leaky_slope == 0.2 and m.num_classes == ref["classes"]
         assert d.noise_std == ref["input_noise"] and d.holdout == ref["holdout"]
         assert o.warmup_steps == ref["warmup"] and o.decay_factor == 0.3
+        assert b.storage == ref.get("storage", "fp32")
 
 
 def test_jem_schedule_is_epochs_160_and_180_of_200():

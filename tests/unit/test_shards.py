@@ -387,3 +387,62 @@ def test_tar_reader_matches_tarfile_on_other_writers(tmp_path):
         with open(path, "rb") as fh:
             got = [(m["fname"], m["data"]) for m in iter_tar(fh, errors)]
         assert got == want and not errors, path
+
+
+# --------------------------------------------------------------------------- member formats
+
+@pytest.mark.parametrize("fmt, channels", [("jpg", 3), ("jpg", 1), ("npy", 3), ("png", 3)])
+def test_jpeg_and_npy_shards_read_like_png(tmp_path, fmt, channels):
+    rng = np.random.default_rng(0)
+    # Smooth images (JPEG's case): a gradient plus a little noise, one per class.
+    base = np.linspace(0, 255, 16)[None, :, None] * np.ones((12, 16, 16, channels)) * 0.8
+    x = np.clip(base + rng.normal(0, 4, base.shape) + np.arange(12)[:, None, None, None] * 3, 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", x=x[..., 0] if channels == 1 else x, y=np.arange(12) % 3)
+    out = str(tmp_path / "out")
+    s = _cli("npz", "-i", str(tmp_path / "d.npz"), "-o", out, "--shard-size", "5", "--no-progress",
+             "--no-shuffle", "--format", fmt, "--quality", "90")
+    assert s["format"] == fmt and s["samples"] == 12
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["image_format"] == fmt and manifest.get("jpeg_quality") == (90 if fmt == "jpg" else None)
+    with tarfile.open(os.path.join(out, "shard-000000.tar")) as tf:
+        assert sorted({n.rsplit(".", 1)[1] for n in tf.getnames()}) == ["cls", fmt]
+    ss = open_shard_set(out)
+    got = list(read_samples(ss.segments, ss.shape, ss.num_classes))
+    images = np.stack([img.numpy().transpose(1, 2, 0) for img, _ in got])
+    assert [int(y) for _, y in got] == (np.arange(12) % 3).tolist()
+    err = np.abs(images.astype(int) - x.astype(int))
+    if fmt == "jpg":
+        assert 0 < err.mean() < 6 and err.max() < 40  # lossy, close (it smooths the noise away)
+    else:
+        assert err.max() == 0  # lossless
+    assert_stream = ShardStream(ss, 4)
+    assert next(assert_stream)[0].shape == (4, channels, 16, 16)
+
+
+@pytest.mark.parametrize("args, needle", [(["--format", "webp"], "unknown shard format 'webp'"),
+                                          (["--format", "jpg", "--quality", "0"], "--quality"),
+                                          (["--format", "jpg", "--quality", "101"], "--quality")])
+def test_bad_shard_format_or_quality_is_one_line(tmp_path, cli_env, args, needle):
+    from tests.conftest import run_cli
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 4, 4), np.uint8))
+    r = run_cli(["data", "shards", "npz", "-i", str(tmp_path / "d.npz"), "-o", str(tmp_path / "o"), *args],
+                cli_env, tmp_path)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_auto_num_workers_follow_the_cores_per_rank(monkeypatch):
+    from ebmscale.data.images import resolve_num_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert resolve_num_workers(-1) == 3  # 4 cores per rank, one kept for the training process
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert resolve_num_workers(-1) == 8 and resolve_num_workers(-1, max_workers=16) == 16
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert resolve_num_workers(-1) == 1 and resolve_num_workers(0) == 0 and resolve_num_workers(5) == 5
+    with pytest.raises(ConfigError, match="data.num_workers"):
+        load_config(None, ["data.num_workers=-2"])

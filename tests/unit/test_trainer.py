@@ -97,3 +97,27 @@ def test_sampler_batch_size_sets_the_number_of_chains(tmp_path, extra):
     assert tr.last_negatives.shape[0] == 5
     # JEM with the p(x, y) term runs two sets of chains: unconditional and class-conditional.
     assert written == [(5, 5)] * (2 if "objective.pxy_weight=1.0" in extra else 1)
+
+
+@pytest.mark.parametrize("extra", [("train.precision=fp32",), ("train.precision=bf16",),
+                                   ("model.conditional=true", "model.num_classes=10", "train.precision=fp32")])
+def test_mala_sampler_with_buffer_reports_acceptance(tmp_path, extra):
+    """sampler.kind=mala runs wherever the sampler runs (buffer chains, class-conditional chains,
+    bf16 energies) and reports its per-step acceptance rate; the chains are written back."""
+    tr = make(tmp_path, "sampler.kind=mala", "sampler.step_size=0.01", "sampler.noise_std=0", "sampler.grad_clip=0",
+              *extra)
+    before = tr.buffer.data.copy()
+    stats = [tr.train_step() for _ in range(2)]
+    for s in stats:
+        assert math.isfinite(s["loss"]) and 0.0 < s["accept_rate"] <= 1.0, s
+    assert not (tr.buffer.data == before).all()
+    assert tr.sampler_counts["mala_proposed"] == 16 * 3
+
+
+def test_mala_invalid_step_names_the_key():
+    from ebmscale.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sampler\.step_size"):
+        load_config(None, [*TINY, "sampler.kind=mala", "sampler.step_size=0"])
+    with pytest.raises(ConfigError, match=r"sampler\.noise_std"):
+        load_config(None, [*TINY, "sampler.kind=mala", "sampler.noise_std=0.1"])
