@@ -30,8 +30,11 @@ CLASS_ROWS = 10  # class-conditional grid: at most this many classes, one row ea
 
 
 def persistent_chains(cfg: Any) -> bool:
-    """Whether the run keeps chains in a replay buffer (pcd/jem with buffer starts)."""
-    return cfg.sampler.init == "buffer" and cfg.objective.kind in ("pcd", "jem")
+    """Whether the run keeps chains in a replay buffer: buffer starts and an objective that keeps
+    chains (the objective class says so, as for the trainer's buffer and the SLURM script)."""
+    from ebmscale.objectives import estimator_class
+
+    return cfg.sampler.init == "buffer" and estimator_class(cfg.objective.kind).keeps_chains
 
 
 def report_buffer_health(trainer: Any) -> None:
