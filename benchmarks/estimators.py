@@ -10,7 +10,7 @@ points.
         [--minutes 1] [--out DIR] [--no-readme] [overrides ...]
 
 Prints the Markdown table and, as its last line, one JSON object list; unless ``--no-readme``, it
-also writes the table into README.md between the ``<!-- estimators:begin -->`` and
+also writes the table into docs/benchmarks.md between the ``<!-- estimators:begin -->`` and
 ``<!-- estimators:end -->`` markers (only when every estimator and density was run, so a partial
 run never replaces the full table).
 """
@@ -75,12 +75,12 @@ def markdown(rows: list[dict]) -> str:
 
 
 def write_readme(rows: list[dict], minutes: float, command: str, total_s: float, jobs: int) -> None:
-    """Replace the block between the markers in README.md with the table and how it was made."""
-    path = os.path.join(ROOT, "README.md")
+    """Replace the block between the markers in docs/benchmarks.md with the table and how it was made."""
+    path = os.path.join(ROOT, "docs", "benchmarks.md")
     with open(path) as fh:
         text = fh.read()
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block to write the table into")
+        raise SystemExit(f"docs/benchmarks.md has no {BEGIN} ... {END} block to write the table into")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     block = (f"{BEGIN}\n{markdown(rows)}\n\nWritten by `{command}` ({minutes:g} min of training per run, "
@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS))
     ap.add_argument("--minutes", type=float, default=1.0, help="training wall-clock budget per run")
     ap.add_argument("--out", default="", help="where runs go (default: a temporary directory)")
-    ap.add_argument("--no-readme", action="store_true", help="only print; leave README.md alone")
+    ap.add_argument("--no-readme", action="store_true", help="only print; leave docs/benchmarks.md alone")
     ap.add_argument("--reuse", action="store_true", help="keep the figures of runs already finished under --out "
                                                           "(resume an interrupted benchmark)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (one thread each); 1 = one after "
