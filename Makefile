@@ -1,13 +1,14 @@
 # Two commands do all the set-up on a fresh clone:
 #   make demo   -> creates .venv if missing, installs the lock, trains the default MNIST EBM
 #   make test   -> creates .venv if missing, installs the lock, runs the test suite
+# make docs regenerates docs/config.md from the config dataclasses (a test fails when it is stale).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ebmscale-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean-venv bench
+.PHONY: demo test docs venv clean-venv bench
 
 venv: $(STAMP)
 
@@ -25,6 +26,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+docs: $(STAMP)
+	$(VENV)/bin/ebmscale config-docs --out docs/config.md
 
 clean-venv:
 	rm -rf $(VENV)

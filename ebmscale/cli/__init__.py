@@ -1,4 +1,4 @@
-"""Command line: ``ebmscale train | sample | eval | info | data | export | report``.
+"""Command line: ``ebmscale train | sample | eval | info | data | export | report | config-docs``.
 
 Thin entry points: each subcommand parses its arguments, resolves a config and hands it to the
 library. argparse lives here only (``cli/eval.py``: eval and sample; ``cli/data.py``: data);
@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print the model's parameter count and the resolved settings")
     _add_config_args(p)
 
+    p = sub.add_parser("config-docs", help="print the configuration reference (docs/config.md) generated from "
+                                           "the config dataclasses")
+    p.add_argument("--out", help="write it to this file instead (make docs: --out docs/config.md)")
+
     pe = sub.add_parser("eval", help="evaluation suites")
     esub = pe.add_subparsers(dest="eval_command", required=True)
     add_eval_parsers(esub)
@@ -145,6 +149,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_docs(args: argparse.Namespace) -> int:
+    from ebmscale.config_docs import render_config_docs
+
+    text = render_config_docs()
+    if args.out:
+        import os
+
+        from ebmscale.utils import atomic_write_bytes
+
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"--out: folder '{folder}' does not exist")
+        atomic_write_bytes(args.out, text.encode("utf-8"))
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     fn = eval_function(args.eval_command)
     if args.eval_command == "toy-nll":
@@ -192,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     handlers = {"train": cmd_train, "info": cmd_info, "eval": cmd_eval, "data": cmd_data, "sample": cmd_sample,
-                "export": cmd_export, "report": cmd_report}
+                "export": cmd_export, "report": cmd_report, "config-docs": cmd_config_docs}
     try:
         return handlers[args.command](args)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
