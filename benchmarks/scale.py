@@ -26,7 +26,7 @@ measurement. Independent of the number of GPUs (the work per image is fixed).
 
 Prints a Markdown table and, as its last line, one JSON object with all figures. Measured step
 times and activation memory per chain are in benchmarks/sampler_memory.py and
-benchmarks/train_speed.py (CPU figures in the README); this script computes, it does not time.
+benchmarks/train_speed.py (CPU figures in docs/benchmarks.md and docs/distributed.md); this script computes, it does not time.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ the device and the data-parallel backend):
   :func:`reuse_freed_cpu_memory` raises glibc's mmap and trim thresholds so freed blocks are reused
   instead (1.3x on that sampler). Process-wide; the process keeps its peak heap. Where activations
   are small enough for glibc's own adaptive threshold (the default MNIST CNN) it buys nothing, and
-  there it measured ~9% slower on a shared machine: see the README's Speed section.
+  there it measured ~9% slower on a shared machine: see docs/benchmarks.md (End to end).
 """
 from __future__ import annotations
 
