@@ -80,3 +80,9 @@ def test_cli_writes_the_page(tmp_path, capsys):
     assert capsys.readouterr().out == render_config_docs()
     assert main(["config-docs", "--out", str(tmp_path / "missing" / "config.md")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_make_docs_regenerates_the_page():
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    rule = makefile.split("\ndocs:", 1)[1].split("\n\n", 1)[0]
+    assert "config-docs --out docs/config.md" in rule

@@ -66,3 +66,13 @@ def test_relative_links_and_anchors_resolve(page: Path):
 def test_anchor_rules():
     page = ROOT / "docs" / "config.md"
     assert {"configuration-reference", "data", "train"} <= anchors(page)
+
+
+def test_readme_stays_a_short_entry_point():
+    """The README is the way in (set-up, one example per way to run, links); topics live in docs/."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250, "README.md is over 250 lines: move the detail into a docs/ page"
+    assert "make demo" in text and "make test" in text
+    linked = {Path(t).name for t in _links(ROOT / "README.md") if t.startswith("docs/")}
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert pages <= linked, f"docs pages the README does not link: {sorted(pages - linked)}"
