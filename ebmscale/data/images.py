@@ -104,11 +104,9 @@ def build_image_stream(cfg: Config, rank: int, world: int):
 
 def cpus_per_rank() -> int:
     """CPU cores this process may use, shared among the ranks of its node (LOCAL_WORLD_SIZE)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    from ebmscale.data.writer import default_processes
+
+    return max(1, default_processes() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def resolve_num_workers(requested: int, max_workers: int = 8) -> int:
