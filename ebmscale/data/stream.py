@@ -15,8 +15,8 @@ What one epoch is (every process computes the same plan from the manifest alone)
 4. Split by worker: the rank's range is cut the same way into ``S = max(1, num_workers)``
    near-equal contiguous splits, one per DataLoader worker.
 5. Sample shuffle: each split streams its segments (webdataset's ``gopen`` and key grouping over
-   a fast tar reader, :func:`iter_tar`) through webdataset's shuffle buffer of ``shuffle_buffer``
-   raw (undecoded) samples, seeded with ``(seed, rank, epoch, split)``.
+   a fast tar reader, :func:`ebmscale.data.tar.iter_tar`) through webdataset's shuffle buffer of
+   ``shuffle_buffer`` raw (undecoded) samples, seeded with ``(seed, rank, epoch, split)``.
 6. Each split emits exactly ``K`` chunks per epoch (``K`` = chunks of the largest split, so
    all splits emit the same number); a chunk is the next ``chunk_size`` raw samples, decoded to
    uint8 in the worker, minus the bad ones. The rank's stream is the chunks in round-robin order

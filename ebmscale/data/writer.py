@@ -132,7 +132,8 @@ def write_shards(src: Source, out_dir: str, *, resolution: int = 0, shard_size: 
                  seed: int = 0, shuffle: bool = True, progress: bool = False, overwrite: bool = False,
                  image_format: str = "png", quality: int = 95) -> dict:
     """Write ``src`` as webdataset shards plus ``manifest.json`` into ``out_dir``; return the manifest.
-    Images are stored as ``image_format`` (:func:`encode_images`; JPEG at ``quality``).
+    Images are stored as ``image_format`` (:func:`ebmscale.data.codec.encode_images`; JPEG at
+    ``quality``).
 
     The work happens in a sibling temporary folder renamed to ``out_dir`` at the end, so readers
     never see a partial output. ``processes`` > 1 writes shards in parallel worker processes.
