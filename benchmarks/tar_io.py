@@ -194,8 +194,8 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     print_report(rows, [("op", lambda r: r["op"]), ("members", lambda r: r["format"]),
-                        ("impl", lambda r: r["impl"]),
-                        ("samples/s", lambda r: f"{r['samples_per_s']:,.0f}"), ("MB/s", lambda r: f"{r['mb_per_s']:.0f}"),
+                        ("impl", lambda r: r["impl"]), ("samples/s", lambda r: f"{r['samples_per_s']:,.0f}"),
+                        ("MB/s", lambda r: f"{r['mb_per_s']:.0f}"),
                         ("us/member", lambda r: f"{r['us_per_member']:.1f}"),
                         ("speed vs hand", lambda r: f"{r['vs_hand']:.2f}x")],
                  meta={"benchmark": "tar_io", "cpu": cpu, "cores": os.cpu_count(),
