@@ -63,7 +63,8 @@ def rank_images(spec: str, kind: str = "auto", split: str = "test", n: int = 0, 
     ``(total, first global index, iterator of (uint8 NCHW, int64 labels or -1))``."""
     kind = _source_kind(spec, kind)
     if kind == "shards":
-        from ebmscale.data.stream import _take, open_shard_set, read_samples
+        from ebmscale.data.manifest import open_shard_set, take_range
+        from ebmscale.data.stream import read_samples
 
         ss = open_shard_set(spec)
         segments = ss.segments + ss.heldout
@@ -73,7 +74,7 @@ def rank_images(spec: str, kind: str = "auto", split: str = "test", n: int = 0, 
 
         def shard_batches() -> Iterator[tuple[torch.Tensor, np.ndarray]]:
             xs, ys = [], []
-            for x, y in read_samples(_take(segments, first, first + count), ss.shape, ss.num_classes):
+            for x, y in read_samples(take_range(segments, first, first + count), ss.shape, ss.num_classes):
                 xs.append(x)
                 ys.append(y)
                 if len(xs) == batch:
@@ -88,7 +89,7 @@ def rank_images(spec: str, kind: str = "auto", split: str = "test", n: int = 0, 
 
         x, y = load_fashion_mnist(split, fashion_root or FASHION_MNIST_DIR)
     else:
-        from ebmscale.data.shards import load_source
+        from ebmscale.data.sources import load_source
 
         src = load_source(kind, spec if kind not in BUILTIN_IMAGE_SETS else "", split)
         if src.images is None:
