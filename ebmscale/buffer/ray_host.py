@@ -138,8 +138,8 @@ def start_embedded(namespace: str, dashboard: bool = False, temp_dir: str = "") 
 
 def connect_cluster(address: str, namespace: str, timeout_s: float = 10.0, token_path: str = "") -> _Session:
     """Join a running cluster with its token (``token_path``: an embedded instance's token file;
-    else see :func:`ebmscale.buffer.cluster.use_cluster_token`); an address that does not answer fails here, naming it (Ray
-    itself would retry for minutes)."""
+    else :func:`~ebmscale.buffer.cluster.use_cluster_token`); an address that does not answer fails
+    here, naming it (Ray itself would retry for minutes)."""
     target = cluster_address(address)
     host, _, port = target.rpartition(":")
     try:
