@@ -1,9 +1,9 @@
 """Typed configuration: a dataclass tree, YAML recipes, dotted command-line overrides.
 
 Every field has a default and a one-line help text (``metadata["help"]``). Values are checked
-for type, choice and range when loaded, and cross-field rules are checked by
-:func:`ebmscale.config_rules.validate`, so a bad config fails before any work starts with one line
-naming the key.
+for type, choice and range when loaded, and cross-field rules are checked by :func:`validate`
+(the rules: :mod:`ebmscale.config_rules`), so a bad config fails before any work starts with one
+line naming the key.
 """
 from __future__ import annotations
 
@@ -376,14 +376,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(cfg, key, value)
-    _validate(cfg)
+    validate(cfg)
     return cfg
 
 
-def _validate(cfg: Config) -> None:
-    from ebmscale.config_rules import validate  # the cross-field rules; they import this module
+def validate(cfg: Config) -> None:
+    """Cross-field checks (the rules: :mod:`ebmscale.config_rules`); each failure names the key to change."""
+    from ebmscale.config_rules import check  # imported here: the rules import this module
 
-    validate(cfg)
+    check(cfg)
 
 
 def class_conditional_chains(cfg: Config) -> bool:
@@ -413,7 +414,7 @@ def from_dict(data: dict) -> Config:
     """Rebuild and validate a Config from :func:`to_dict` output (e.g. a checkpoint's copy)."""
     cfg = Config()
     _apply(cfg, data)
-    _validate(cfg)
+    validate(cfg)
     return cfg
 
 

@@ -1,6 +1,6 @@
-"""The configuration's cross-field rules: :func:`validate`, run by ``ebmscale.config.load_config`` and
-``from_dict`` after every value passed its own type, choice and range check. Each failure is one
-:class:`~ebmscale.config.ConfigError` line naming the key to change.
+"""The configuration's cross-field rules: :func:`check`, run by ``ebmscale.config.validate`` (from
+``load_config`` and ``from_dict``) after every value passed its own type, choice and range check.
+Each failure is one :class:`~ebmscale.config.ConfigError` line naming the key to change.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ebmscale.config import (LSD_CRITIC_ARCHS, TOY_DATASETS, Config, ConfigError
                              class_conditional_chains)
 
 
-def validate(cfg: Config) -> None:
+def check(cfg: Config) -> None:
     """Cross-field checks; each failure names the key to change."""
     d, m, s = cfg.data, cfg.model, cfg.sampler
     toy = d.dataset in TOY_DATASETS
