@@ -26,11 +26,11 @@ from ebmscale.data import build_train_stream, data_shape
 from ebmscale.data.lookahead import Lookahead
 from ebmscale.data.transforms import data_bounds, to_model_input
 from ebmscale.guards import DivergenceError, check_divergence, check_half_precision
-from ebmscale.loop import TrainResult, run, write_config, write_runtime  # noqa: F401 (write_runtime: re-exported)
+from ebmscale.loop import TrainResult, run, write_config
 from ebmscale.metrics import MetricLogger
 from ebmscale.models import build_model
 from ebmscale.objectives import Context, Streams, estimator_class
-from ebmscale.optim import apply_lr, build_optimizer, build_scheduler, lr_factor, update_ema  # noqa: F401 (lr_factor)
+from ebmscale.optim import apply_lr, build_optimizer, build_scheduler, update_ema
 from ebmscale.parallel import Parallel, start_trackers
 from ebmscale.performance import compiled_energy, resolve_runtime, reuse_freed_cpu_memory
 from ebmscale.sampling import InputGradScaler, LangevinSettings, NoiseFn, acceptance_rate, uniform_noise
