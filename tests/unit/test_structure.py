@@ -1,6 +1,6 @@
 """The package's shape, checked so that it cannot drift back (docs/code.md, issue 18's acceptance):
 
-* imports point downward only: base -> components -> wiring -> loop -> entry points (a module may
+* imports point downward only: base -> components -> wiring -> trainer -> entry points (a module may
   import its own layer or a lower one, never a higher one; imports inside functions count too);
 * ray only in buffer/ray_host.py, accelerate/deepspeed only in parallel.py, argparse only in cli/;
 * no module over 450 lines, trainer.py not over 300.
@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     "trainer": 3,
     "cli": 4,
 }
-LAYER_NAMES = ["base", "components", "wiring", "loop", "entry points"]
+LAYER_NAMES = ["base", "components", "wiring", "trainer", "entry points"]
 
 # Third-party packages that one place only may import (package -> the files allowed, or a folder).
 ONLY_IN = {"ray": ("buffer/ray_host.py",), "accelerate": ("parallel.py",), "deepspeed": ("parallel.py",),
