@@ -18,9 +18,14 @@ holds a :class:`RayBuffer` client with the interface of :class:`ebmscale.buffer.
   transfer; the client decodes draws, the shards' fresh-noise starts stay float32); write-backs are
   sent without waiting; at most ``max_inflight`` requests stay in flight per rank.
 * faults: shard actors restart automatically (Ray retries the calls in flight); a restarted shard
-  reloads the state of the last checkpoint saved or loaded in this run (kept in Ray's object store
-  through the registry), or else refills itself with noise, and the registry counts the restart
-  (metric ``buffer_restarts``).
+  reloads the state of the last checkpoint saved or loaded in this run (its shard files, or a state
+  in Ray's object store, through the registry), or else refills itself with noise, and the registry
+  counts the restart (metric ``buffer_restarts``).
+* node loss: shards are pinned to their nodes (hard affinity), so a shard whose node died cannot
+  restart there. The first rank whose call to it fails asks the registry (pinned to rank 0's node)
+  to re-create it under the same name on a live node, from the same restore point; every rank
+  then picks up the new actor by name and re-sends the calls lost with the node (a write-back
+  lands in the re-created shard: same slots, same capacity).
 * with several ranks, the order in which ranks' writes land is not deterministic: a bitwise-exact
   multi-rank resume needs ``buffer.backend=local``.
 """
@@ -34,6 +39,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 import uuid
 from typing import Any, Callable
 
@@ -70,19 +76,15 @@ def current_cluster_file() -> str:
 class BufferShard:
     """One shard: a :class:`ReplayBuffer` in a Ray actor (NumPy only, no torch)."""
 
-    def __init__(self, shard_id: int, kwargs: dict, registry: str):
+    def __init__(self, shard_id: int, kwargs: dict, registry: str, rehomed: tuple[dict | None, int] | None = None):
         self.shard_id, self.incarnation = shard_id, 0
         ctx = ray.get_runtime_context()
-        if ctx.was_current_actor_reconstructed:
-            # A restart after a crash: restore the last checkpoint if the registry holds one (its
-            # shard files on disk, or a state in the object store).
-            source, self.incarnation = ray.get(ray.get_actor(registry).restarted.remote(shard_id))
-            if source is None:  # no checkpoint yet: fresh noise, from a stream new to this incarnation
-                kwargs = dict(kwargs, seed=hash_seed(kwargs["seed"], self.incarnation) & 0xFFFFFFFF)
-            self.buf = ReplayBuffer(**kwargs)
-            if source is not None:
-                self.buf.load_state_dict(shardfile.load_state(*source["files"]) if "files" in source
-                                         else ray.get(source["ref"][0]))
+        if ctx.was_current_actor_reconstructed or rehomed is not None:
+            # A restart after a crash (or a re-creation on another node after its node died, with
+            # the registry's answer passed in): restore the last checkpoint if the registry holds
+            # one (its shard files on disk, or a state in the object store).
+            source, self.incarnation = rehomed or ray.get(ray.get_actor(registry).restarted.remote(shard_id))
+            self.buf = _restored(kwargs, source, self.incarnation)
         else:
             self.buf = ReplayBuffer(**kwargs)
 
@@ -135,6 +137,28 @@ class BufferShard:
                 "node": ray.get_runtime_context().get_node_id(), "torch_loaded": "torch" in sys.modules}
 
 
+def _restored(kwargs: dict, source: dict | None, incarnation: int) -> ReplayBuffer:
+    """A shard's buffer after a restart: the restore point ``source`` (shard files, or a state in
+    the object store), or fresh noise from a stream new to this incarnation when there is none or
+    it was lost (an object-store copy that lived only on a node that died)."""
+    if source is not None:
+        try:
+            state = shardfile.load_state(*source["files"]) if "files" in source else ray.get(source["ref"][0], timeout=60)
+        except (ray.exceptions.RayError, shardfile.ShardFileError) as exc:
+            print(f"ebmscale: replay shard restore point lost ({type(exc).__name__}); refilling with noise",
+                  file=sys.stderr)
+        else:
+            buf = ReplayBuffer(**kwargs)
+            buf.load_state_dict(state)
+            return buf
+    return ReplayBuffer(**dict(kwargs, seed=hash_seed(kwargs["seed"], incarnation) & 0xFFFFFFFF))
+
+
+# What a call to a shard raises when the shard is gone for good (its node died, so hard affinity
+# cannot restart it there) rather than restarting: ActorUnavailableError is transient and retried.
+_SHARD_LOST = (ray.exceptions.ActorUnschedulableError, ray.exceptions.ActorDiedError)
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class BufferRegistry:
     """Counts shard restarts and knows where each shard's last checkpointed state is: its files
@@ -144,6 +168,42 @@ class BufferRegistry:
     def __init__(self):
         self.sources: list = []
         self.restarts = 0
+        self.shards: list[dict] = []  # per shard: name, namespace, creation kwargs, node, generation
+        self._rehomed: list = []  # handles of re-created shards (this actor owns them)
+
+    def configure(self, shards: list[dict]) -> None:
+        """What re-creating a shard needs: its name, namespace, kwargs and node (see :meth:`rehome`)."""
+        self.shards = [dict(s, generation=0) for s in shards]
+
+    def rehome(self, shard_id: int, generation: int) -> int:
+        """Re-create shard ``shard_id`` (the caller saw ``generation`` of it fail for good) under
+        its name on the live node holding the fewest shards, restoring what a restart would; a no-op
+        when another rank already did (its generation moved on). Returns the current generation."""
+        s = self.shards[shard_id]
+        if s["generation"] != generation:
+            return s["generation"]
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        load = {node: sum(1 for t in self.shards if t["node"] == node) for node in alive}
+        node = min(sorted(alive), key=lambda nd: load[nd])
+        try:  # the old actor's name is freed once Ray has marked it dead; make sure it is
+            ray.kill(ray.get_actor(s["name"], namespace=s["namespace"]), no_restart=True)
+        except ValueError:
+            pass
+        self.restarts += 1
+        source = self.sources[shard_id] if shard_id < len(self.sources) else None
+        for attempt in range(50):
+            try:
+                actor = BufferShard.options(name=s["name"], namespace=s["namespace"],
+                                            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+                                            ).remote(shard_id, s["kwargs"], s["registry"], (source, self.restarts))
+                break
+            except ValueError:  # the name is still taken: the old actor is being torn down
+                if attempt == 49:
+                    raise
+                time.sleep(0.1)
+        self._rehomed.append(actor)
+        s.update(node=node, generation=generation + 1)
+        return s["generation"]
 
     def set_sources(self, sources: list) -> None:
         self.sources = list(sources)  # refs nested in a list arrive unresolved: no copy of the data here
@@ -333,8 +393,9 @@ class RayBuffer:
             self._session = (connect_cluster(info["address"], b.ray_namespace, token_path=info["token_path"])
                              if not b.ray_address
                              else connect_cluster(b.ray_address, b.ray_namespace))
-        self.names = info["shards"]
+        self.names, self.namespace = info["shards"], b.ray_namespace
         self.shards = [ray.get_actor(n, namespace=b.ray_namespace) for n in self.names]
+        self._generation = [0] * len(self.shards)  # of each shard's actor this rank holds (see _rehome)
         self.registry = ray.get_actor(info["registry"], namespace=b.ray_namespace)
         self._set_capacities(self.capacities)
         self._inflight: list = []
@@ -356,20 +417,27 @@ class RayBuffer:
     def _create(self, b: Any, n_shards: int, shard_seed: Callable[[int], int]) -> dict:
         run = uuid.uuid4().hex[:10]
         registry = f"ebmscale-{run}-registry"
-        # Rank 0 keeps these handles: a (non-detached) actor whose handles are all dropped is stopped.
-        self._owned = [BufferRegistry.options(name=registry, namespace=b.ray_namespace).remote()]
         names = [f"ebmscale-{run}-shard-{k}" for k in range(n_shards)]
         nodes = _spread_nodes()
-        actors = []
+        # Rank 0 keeps these handles: a (non-detached) actor whose handles are all dropped is stopped.
+        # The registry lives on rank 0's node (it re-creates the shards of a node that dies).
+        self._owned = [BufferRegistry.options(name=registry, namespace=b.ray_namespace, scheduling_strategy=
+                                              NodeAffinitySchedulingStrategy(nodes[0], soft=False)).remote()]
+        actors, specs = [], []
         for k, name in enumerate(names):
             kwargs = dict(capacity=self.capacities[k], shape=self.shape, bounds=self.bounds, reinit_prob=b.reinit_prob,
                           storage=b.storage, num_classes=self.num_classes, seed=int(shard_seed(k)))
             # Shard k on node k mod N (rank 0's node first): the shards and their memory are spread
-            # over the cluster. Hard affinity: in Ray 2.60 a soft one (like SPREAD) put shards on
-            # any node; the price is that a shard whose node died cannot restart elsewhere.
-            where = NodeAffinitySchedulingStrategy(nodes[k % len(nodes)], soft=False)
+            # over the cluster. Hard affinity: in Ray 2.60 a soft one put shards on any node (measured:
+            # 2 of 6 off target on a two-node cluster); a shard whose node dies is re-created on a
+            # live node by the registry instead (see RayBuffer._rehome).
+            node = nodes[k % len(nodes)]
+            where = NodeAffinitySchedulingStrategy(node, soft=False)
             actors.append(BufferShard.options(name=name, namespace=b.ray_namespace, scheduling_strategy=where)
                           .remote(k, kwargs, registry))
+            specs.append({"name": name, "namespace": b.ray_namespace, "kwargs": kwargs, "registry": registry,
+                          "node": node})
+        ray.get(self._owned[0].configure.remote(specs))
         self._owned += actors
         ray.get([a.info.remote() for a in actors])  # created and filled before any rank draws
         # Embedded: the other ranks (same node) read the token from the session directory.
@@ -409,7 +477,9 @@ class RayBuffer:
             parts = pre[2]
         else:
             parts = self._submit(plan, labels)
-        results = ray.get([ref for _, _, ref in parts])
+        seeds = plan[1]
+        results = self._get([(k, ref, lambda k=k, pos=pos: self.shards[k].sample.remote(
+            len(pos), None if labels is None else labels[pos], int(seeds[k]))) for k, pos, ref in parts])
         x = np.empty((len(plan[0]), *self.shape), dtype=np.float32)
         handle = []
         for (k, pos, _), (q, idx, reinit, noise) in zip(parts, results):
@@ -436,14 +506,13 @@ class RayBuffer:
         seeds = rng.integers(0, 2 ** 63 - 1, size=len(self.shards))
         if labels is None:
             counts = np.bincount(shard, minlength=len(self.shards))
-            parts = [self.shards[k].peek.remote(int(c), int(seeds[k])) for k, c in enumerate(counts) if c]
-            return np.concatenate(ray.get(parts))
+            return np.concatenate(self._call_each("peek", [(k, (int(c), int(seeds[k]))) for k, c in enumerate(counts) if c]))
         labels = np.asarray(labels, dtype=np.int64)
         x = np.empty((m, *self.shape), dtype=np.float32)
-        where = [np.flatnonzero(shard == k) for k in range(len(self.shards))]
-        parts = [(pos, self.shards[k].peek.remote(len(pos), int(seeds[k]), labels[pos]))
-                 for k, pos in enumerate(where) if len(pos)]
-        for (pos, _), chains in zip(parts, ray.get([ref for _, ref in parts])):
+        where = [(k, np.flatnonzero(shard == k)) for k in range(len(self.shards))]
+        where = [(k, pos) for k, pos in where if len(pos)]
+        for (_, pos), chains in zip(where, self._call_each("peek", [(k, (len(pos), int(seeds[k]), labels[pos]))
+                                                                     for k, pos in where])):
             x[pos] = chains
         return x
 
@@ -452,17 +521,51 @@ class RayBuffer:
         ``max_inflight`` write requests of this rank are unfinished."""
         x = np.asarray(x)
         for k, pos, idx, reinit in handle:
-            self._inflight.append(self.shards[k].write.remote(idx, encode(x[pos], self.storage, self.bounds), reinit,
-                                                              self.chain_steps))
+            args = (idx, encode(x[pos], self.storage, self.bounds), reinit, self.chain_steps)
+            self._inflight.append((k, self.shards[k].write.remote(*args),
+                                   lambda k=k, args=args: self.shards[k].write.remote(*args)))
         if len(self._inflight) > self.max_inflight:
-            done, self._inflight = ray.wait(self._inflight, num_returns=len(self._inflight) - self.max_inflight)
-            ray.get(done)  # surfaces a shard that could not be restarted
+            done = set(ray.wait([ref for _, ref, _ in self._inflight],
+                                num_returns=len(self._inflight) - self.max_inflight)[0])
+            finished = [job for job in self._inflight if job[1] in done]
+            self._inflight = [job for job in self._inflight if job[1] not in done]
+            self._get(finished)  # surfaces a shard that could not be restarted
 
     def flush(self) -> None:
         """Wait until this rank's write-backs have landed."""
         if self._inflight:
-            ray.get(self._inflight)
-            self._inflight = []
+            finished, self._inflight = self._inflight, []
+            self._get(finished)
+
+    # ------------------------------------------------------------------ node loss
+    def _rehome(self, k: int) -> None:
+        """Shard ``k``'s actor is gone for good (its node died): have the registry re-create it on
+        a live node (once, whichever rank asks first), then take the new actor by name."""
+        self._generation[k] = ray.get(self.registry.rehome.remote(k, self._generation[k]))
+        self.shards[k] = ray.get_actor(self.names[k], namespace=self.namespace)
+        self._prefetched = None  # sent to the old actor
+
+    def _get(self, jobs: list[tuple[int, Any, Callable[[], Any]]]) -> list:
+        """``ray.get`` of the shard calls ``[(shard, ref, resend)]``; a call whose shard was lost
+        with its node is sent again (``resend()``) once the shard is re-created."""
+        out = []
+        for k, ref, resend in jobs:
+            for attempt in range(3):
+                try:
+                    out.append(ray.get(ref))
+                    break
+                except _SHARD_LOST:
+                    if attempt == 2:
+                        raise
+                    self._rehome(k)
+                    ref = resend()
+        return out
+
+    def _call_each(self, method: str, calls: list[tuple[int, tuple]]) -> list:
+        """``shards[k].method(*args)`` for each ``(k, args)`` at once, surviving node loss (see _get)."""
+        def send(k: int, args: tuple) -> Any:
+            return getattr(self.shards[k], method).remote(*args)
+        return self._get([(k, send(k, args), lambda k=k, args=args: send(k, args)) for k, args in calls])
 
     def counters(self) -> dict[str, float]:
         """Shard restarts since the last call (rank 0 counts, others report 0: the metric is a sum).
@@ -481,11 +584,11 @@ class RayBuffer:
         (diversity from pairs within each shard); None on other ranks (rank 0 reports it)."""
         if self.rank != 0:
             return None
-        return health.merge(ray.get([s.health.remote(subsample) for s in self.shards]))
+        return health.merge(self._call_each("health", [(k, (subsample,)) for k in range(len(self.shards))]))
 
     def shard_info(self) -> list[dict]:
         """Per shard: pid, incarnation (restarts), capacity, node, and whether torch got imported."""
-        return ray.get([s.info.remote() for s in self.shards])
+        return self._call_each("info", [(k, ()) for k in range(len(self.shards))])
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -495,10 +598,12 @@ class RayBuffer:
         if self.rank != 0:
             return {"backend": "ray", "num_shards": len(self.shards), "shards": None}
         self.flush()
-        self._take_snapshot([s.state_dict.remote() for s in self.shards])
+        states_raw = self._call_each("state_dict", [(k, ()) for k in range(len(self.shards))])
+        # The restore point is put by rank 0 (stored on its node, owned by it), not left where each
+        # shard made it: it must outlive the node of a shard that dies.
+        self._take_snapshot([ray.put(st) for st in states_raw])
         # ray.get maps the arrays read-only from the object store: hand out writable copies.
-        states = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()}
-                  for st in ray.get(self._snapshot_refs)]
+        states = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()} for st in states_raw]
         return {"backend": "ray", "num_shards": len(self.shards), "shards": states}
 
     def load_state_dict(self, state: dict) -> None:
@@ -518,7 +623,7 @@ class RayBuffer:
             shards = resplit_states(list(shards), self.capacities, self.num_classes)
         self.flush()
         self._prefetched = None
-        ray.get([a.load_state_dict.remote(s) for a, s in zip(self.shards, shards)])
+        self._call_each("load_state_dict", [(k, (s,)) for k, s in enumerate(shards)])
         self._take_snapshot([ray.put(s) for s in shards])
 
     def _take_snapshot(self, refs: list) -> None:
@@ -533,7 +638,7 @@ class RayBuffer:
         write-backs have landed (:meth:`flush` on every rank, then a barrier)."""
         self.flush()
         entries: dict[str, dict] = {}
-        for e in ray.get([s.save.remote(step_path) for s in self.shards]):
+        for e in self._call_each("save", [(k, (step_path,)) for k in range(len(self.shards))]):
             entries.update(e)
         self._snapshot_refs = []
         ray.get(self.registry.set_sources.remote(
@@ -547,8 +652,8 @@ class RayBuffer:
         jobs = []
         for k in ids:
             mine = {n: files[n] for n in shardfile.names(k).values() if n in files}
-            jobs.append(self.shards[k % len(self.shards)].verify.remote(step_path, mine))
-        return next((e for e in ray.get(jobs) if e), None)
+            jobs.append((k % len(self.shards), (step_path, mine)))
+        return next((e for e in self._call_each("verify", jobs) if e), None)
 
     def load_saved(self, step_path: str, files: dict[str, dict]) -> None:
         """Restore a checkpoint's shard files (collective-safe: every rank takes the new layout;
@@ -562,7 +667,7 @@ class RayBuffer:
         if self.rank == 0:
             self.flush()
             sources = [(step_path, parts, k % len(saved)) for k, parts in enumerate(plans)]
-            errors = [e for e in ray.get([a.load.remote(*src) for a, src in zip(self.shards, sources)]) if e]
+            errors = [e for e in self._call_each("load", list(enumerate(sources))) if e]
             if errors:
                 raise shardfile.ShardFileError(errors[0])
             self._snapshot_refs = []
