@@ -463,7 +463,7 @@ class RayBuffer:
         for k in np.unique(shard):
             pos = np.flatnonzero(shard == k)
             sub = None if labels is None else labels[pos]
-            parts.append((int(k), pos, self.shards[k].sample.remote(len(pos), sub, int(seeds[k]))))
+            parts.append((int(k), pos, self._send(int(k), "sample", (len(pos), sub, int(seeds[k])))))
         return parts
 
     def draw(self, n: int, labels: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, list]:
@@ -477,9 +477,7 @@ class RayBuffer:
             parts = pre[2]
         else:
             parts = self._submit(plan, labels)
-        seeds = plan[1]
-        results = self._get([(k, ref, lambda k=k, pos=pos: self.shards[k].sample.remote(
-            len(pos), None if labels is None else labels[pos], int(seeds[k]))) for k, pos, ref in parts])
+        results = self._get([job for _, _, job in parts])
         x = np.empty((len(plan[0]), *self.shape), dtype=np.float32)
         handle = []
         for (k, pos, _), (q, idx, reinit, noise) in zip(parts, results):
@@ -521,14 +519,13 @@ class RayBuffer:
         ``max_inflight`` write requests of this rank are unfinished."""
         x = np.asarray(x)
         for k, pos, idx, reinit in handle:
-            args = (idx, encode(x[pos], self.storage, self.bounds), reinit, self.chain_steps)
-            self._inflight.append((k, self.shards[k].write.remote(*args),
-                                   lambda k=k, args=args: self.shards[k].write.remote(*args)))
+            self._inflight.append(self._send(k, "write", (idx, encode(x[pos], self.storage, self.bounds), reinit,
+                                                          self.chain_steps)))
         if len(self._inflight) > self.max_inflight:
-            done = set(ray.wait([ref for _, ref, _ in self._inflight],
+            done = set(ray.wait([job[2] for job in self._inflight],
                                 num_returns=len(self._inflight) - self.max_inflight)[0])
-            finished = [job for job in self._inflight if job[1] in done]
-            self._inflight = [job for job in self._inflight if job[1] not in done]
+            finished = [job for job in self._inflight if job[2] in done]
+            self._inflight = [job for job in self._inflight if job[2] not in done]
             self._get(finished)  # surfaces a shard that could not be restarted
 
     def flush(self) -> None:
@@ -538,34 +535,40 @@ class RayBuffer:
             self._get(finished)
 
     # ------------------------------------------------------------------ node loss
-    def _rehome(self, k: int) -> None:
-        """Shard ``k``'s actor is gone for good (its node died): have the registry re-create it on
-        a live node (once, whichever rank asks first), then take the new actor by name."""
-        self._generation[k] = ray.get(self.registry.rehome.remote(k, self._generation[k]))
-        self.shards[k] = ray.get_actor(self.names[k], namespace=self.namespace)
-        self._prefetched = None  # sent to the old actor
+    def _send(self, k: int, method: str, args: tuple) -> tuple:
+        """Call ``shards[k].method(*args)``; the job ``(shard, generation, ref, method, args)``
+        remembers which actor of the shard it went to, so that it can be sent again (see _get)."""
+        return k, self._generation[k], getattr(self.shards[k], method).remote(*args), method, args
 
-    def _get(self, jobs: list[tuple[int, Any, Callable[[], Any]]]) -> list:
-        """``ray.get`` of the shard calls ``[(shard, ref, resend)]``; a call whose shard was lost
-        with its node is sent again (``resend()``) once the shard is re-created."""
+    def _rehome(self, k: int, generation: int) -> None:
+        """Shard ``k``'s actor of ``generation`` is gone for good (its node died): have the
+        registry re-create it on a live node (once, whichever rank asks first), then take the new
+        actor by name. Nothing to do when this rank already holds a newer actor."""
+        if generation == self._generation[k]:
+            self._generation[k] = ray.get(self.registry.rehome.remote(k, generation))
+            self.shards[k] = ray.get_actor(self.names[k], namespace=self.namespace)
+            self._prefetched = None  # sent to the old actor
+
+    def _get(self, jobs: list[tuple]) -> list:
+        """``ray.get`` of shard calls made by :meth:`_send`; a call whose shard was lost with its
+        node is sent again to the shard's re-created actor."""
         out = []
-        for k, ref, resend in jobs:
+        for job in jobs:
             for attempt in range(3):
+                k, generation, ref, method, args = job
                 try:
                     out.append(ray.get(ref))
                     break
                 except _SHARD_LOST:
                     if attempt == 2:
                         raise
-                    self._rehome(k)
-                    ref = resend()
+                    self._rehome(k, generation)
+                    job = self._send(k, method, args)
         return out
 
     def _call_each(self, method: str, calls: list[tuple[int, tuple]]) -> list:
         """``shards[k].method(*args)`` for each ``(k, args)`` at once, surviving node loss (see _get)."""
-        def send(k: int, args: tuple) -> Any:
-            return getattr(self.shards[k], method).remote(*args)
-        return self._get([(k, send(k, args), lambda k=k, args=args: send(k, args)) for k, args in calls])
+        return self._get([self._send(k, method, args) for k, args in calls])
 
     def counters(self) -> dict[str, float]:
         """Shard restarts since the last call (rank 0 counts, others report 0: the metric is a sum).

@@ -92,3 +92,36 @@ def test_a_dead_nodes_shard_comes_back_on_a_live_node_from_the_restore_point(two
     finally:
         b.close()
         a.close()
+
+
+TOY = ["data.dataset=8gaussians", "model.arch=mlp", "model.width=8", "model.depth=2", "data.toy_train_size=500",
+       "data.batch_size=16", "sampler.steps=2", "sampler.step_size=0.1", "sampler.noise_std=0.05",
+       "buffer.capacity=64", "train.progress=false", "train.tensorboard=false", "train.threads=1",
+       "train.device=cpu", "train.sample_every=0", "buffer.backend=ray", "train.precision=fp32"]
+
+
+def test_training_goes_on_when_a_ray_node_dies(two_node_cluster, tmp_path, monkeypatch):
+    import json
+
+    import ebmscale.trainer as trainer_module
+
+    cluster, worker = two_node_cluster
+    seen: dict = {}
+
+    class NodeKiller(trainer_module.Trainer):
+        def train_step(self):
+            if self.step == 5:  # after the step-4 checkpoint (the restore point) was written
+                seen["before"] = [i["node"] for i in self.buffer.shard_info()]
+                cluster.remove_node(worker)
+            return super().train_step()
+
+    monkeypatch.setattr(trainer_module, "Trainer", NodeKiller)
+    cfg = load_config(None, [*TOY, f"buffer.ray_address={cluster.address}", "buffer.shards=2", "train.steps=12",
+                             "train.log_every=4", "train.checkpoint_every=4"])
+    result = trainer_module.train(cfg, run_dir=str(tmp_path / "run"))
+    assert result.steps == 12
+    assert seen["before"][1] == worker.node_id != seen["before"][0]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8, 12]
+    assert sum(r["buffer_restarts"] for r in records) == 1
+    assert all(np.isfinite(r["loss"]) for r in records)
