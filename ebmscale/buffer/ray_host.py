@@ -397,6 +397,9 @@ class RayBuffer:
         self.shards = [ray.get_actor(n, namespace=b.ray_namespace) for n in self.names]
         self._generation = [0] * len(self.shards)  # of each shard's actor this rank holds (see _rehome)
         self.registry = ray.get_actor(info["registry"], namespace=b.ray_namespace)
+        # Which node each shard runs on, and this rank's: mixing=affine draws from this node's shards.
+        self.node = ray.get_runtime_context().get_node_id()
+        self._shard_nodes = [i["node"] for i in ray.get([s.info.remote() for s in self.shards])]
         self._set_capacities(self.capacities)
         self._inflight: list = []
         self._prefetched: tuple | None = None
@@ -405,13 +408,19 @@ class RayBuffer:
         self._snapshot_refs: list = []
 
     def _set_capacities(self, capacities: list[int]) -> None:
-        """P(shard) for a start: proportional to size (uniform over slots); 'own' = this rank's shards."""
+        """P(shard) for a start: proportional to size (uniform over slots); 'own' = the shards on this
+        rank's node when the shards span several nodes (draws stay node-local), else this rank's
+        shards (k mod world = rank)."""
         self.capacities = list(capacities)
         n_shards, world, rank = len(capacities), self.world, self.rank
         caps = np.asarray(capacities, dtype=np.float64)
         self._p_all = caps / caps.sum()
-        own = np.array([k % world == rank for k in range(n_shards)]) if n_shards >= world else \
-            (np.arange(n_shards) == rank % n_shards)
+        local = np.array([node == self.node for node in self._shard_nodes])
+        if 0 < local.sum() < n_shards:
+            own = local
+        else:
+            own = np.array([k % world == rank for k in range(n_shards)]) if n_shards >= world else \
+                (np.arange(n_shards) == rank % n_shards)
         self._p_own = np.where(own, caps, 0.0) / caps[own].sum()
 
     def _create(self, b: Any, n_shards: int, shard_seed: Callable[[int], int]) -> dict:
@@ -548,6 +557,8 @@ class RayBuffer:
             self._generation[k] = ray.get(self.registry.rehome.remote(k, generation))
             self.shards[k] = ray.get_actor(self.names[k], namespace=self.namespace)
             self._prefetched = None  # sent to the old actor
+            self._shard_nodes[k] = ray.get(self.shards[k].info.remote())["node"]
+            self._set_capacities(self.capacities)  # this node's shards may have changed
 
     def _get(self, jobs: list[tuple]) -> list:
         """``ray.get`` of shard calls made by :meth:`_send`; a call whose shard was lost with its
