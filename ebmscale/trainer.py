@@ -549,7 +549,7 @@ def _train(cfg: Config, run_dir: str | None, resume: str | None, max_steps: int 
     ckpt = None
     t_start = time.perf_counter()
     budget_s = t.max_minutes * 60.0
-    skipped_seen = int(getattr(trainer.stream, "skipped", 0))
+    skipped_seen = trainer.stream.skipped
     try:
         while trainer.step < end:
             if budget_s and trainer.step > 0 and _out_of_time(t_start, budget_s):
@@ -565,7 +565,7 @@ def _train(cfg: Config, run_dir: str | None, resume: str | None, max_steps: int 
             except DivergenceError as exc:
                 # Decided across ranks, so every rank rolls back (or gives up) together.
                 trainer.rollback(exc)
-                skipped_seen = int(getattr(trainer.stream, "skipped", 0))
+                skipped_seen = trainer.stream.skipped
                 if bar is not None:
                     bar.n = trainer.step
                     bar.refresh()
@@ -575,7 +575,7 @@ def _train(cfg: Config, run_dir: str | None, resume: str | None, max_steps: int 
                 # Weight 0 keeps the name (every rank reports the same set) without a value.
                 trainer.metrics.report(k, 0.0 if v is None else v, weight=0.0 if v is None else 1.0)
             # Corrupt/undecodable samples the stream skipped this step, summed over ranks.
-            skipped = int(getattr(trainer.stream, "skipped", 0))
+            skipped = trainer.stream.skipped
             trainer.metrics.report("data_skipped", skipped - skipped_seen, kind="sum")
             for k, v in trainer.buffer.counters().items():  # e.g. buffer_restarts, summed over ranks
                 trainer.metrics.report(k, v, kind="sum")
