@@ -58,7 +58,7 @@ def make_images(n: int, size: int, seed: int = 0) -> np.ndarray:
 def write_folder(images: np.ndarray, root: str, classes: int = 10) -> None:
     """The images as an ImageFolder tree of PNG files, encoded exactly as in the shards (so both
     loaders decode the very same bytes)."""
-    from ebmscale.data.shards import encode_png_batch
+    from ebmscale.data.codec import encode_png_batch
 
     for c in range(classes):
         os.makedirs(os.path.join(root, f"class{c:02d}"), exist_ok=True)
@@ -69,7 +69,8 @@ def write_folder(images: np.ndarray, root: str, classes: int = 10) -> None:
 
 def time_shards(shard_dir: str, workers: int, batch: int, n: int, buffer: int) -> float:
     """Images/s of the shard stream, after its first batch."""
-    from ebmscale.data.stream import ShardStream, open_shard_set
+    from ebmscale.data.manifest import open_shard_set
+    from ebmscale.data.stream import ShardStream
 
     stream = ShardStream(open_shard_set(shard_dir), batch, num_workers=workers, shuffle_buffer=buffer)
     next(stream)
@@ -87,7 +88,8 @@ def consumption(config: str, batch: int, steps: int, work: str) -> dict:
     recipe's shape: the mean over ``steps`` steps after one warm-up step."""
     from ebmscale.config import load_config
     from ebmscale.data.images import resolve_num_workers
-    from ebmscale.data.shards import Source, write_shards
+    from ebmscale.data.sources import Source
+    from ebmscale.data.writer import write_shards
     from ebmscale.trainer import Trainer
 
     base = load_config(config)
@@ -155,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from ebmscale.data.shards import Source, write_shards
+    from ebmscale.data.sources import Source
+    from ebmscale.data.writer import write_shards
 
     torch.set_num_threads(1)
     work = args.keep or tempfile.mkdtemp(prefix="ebmscale-bench-")

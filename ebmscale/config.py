@@ -107,7 +107,8 @@ class BufferConfig:
                              "buffer per rank (bitwise-exact multi-rank resume)", choices=("local", "ray"))
     shards: int = _f(0, "ray: number of shard actors; 0 = one per rank", min=0)
     mixing: str = _f("random", "ray: where a rank's chain starts come from: 'random' = any shard (uniform over all "
-                               "slots); 'affine' = its own shard(s), plus a mix_fraction from any shard",
+                               "slots); 'affine' = the shards on its node (its own shard(s) on one node), plus a "
+                               "mix_fraction from any shard",
                      choices=("random", "affine"))
     mix_fraction: float = _f(0.25, "ray, mixing=affine: fraction of chain starts drawn from any shard", min=0.0,
                              max=1.0)

@@ -106,7 +106,7 @@ def run(trainer: Any, resume: str | None = None, max_steps: int | None = None) -
     ckpt = None
     t_start = time.perf_counter()
     budget_s = t.max_minutes * 60.0
-    skipped_seen = int(getattr(trainer.stream, "skipped", 0))
+    skipped_seen = trainer.stream.skipped
     try:
         while trainer.step < end:
             if budget_s and trainer.step > 0 and _out_of_time(t_start, budget_s):
@@ -122,7 +122,7 @@ def run(trainer: Any, resume: str | None = None, max_steps: int | None = None) -
             except DivergenceError as exc:
                 # Decided across ranks, so every rank rolls back (or gives up) together.
                 trainer.rollback(exc)
-                skipped_seen = int(getattr(trainer.stream, "skipped", 0))
+                skipped_seen = trainer.stream.skipped
                 if bar is not None:
                     bar.n = trainer.step
                     bar.refresh()
@@ -132,7 +132,7 @@ def run(trainer: Any, resume: str | None = None, max_steps: int | None = None) -
                 # Weight 0 keeps the name (every rank reports the same set) without a value.
                 trainer.metrics.report(k, 0.0 if v is None else v, weight=0.0 if v is None else 1.0)
             # Corrupt/undecodable samples the stream skipped this step, summed over ranks.
-            skipped = int(getattr(trainer.stream, "skipped", 0))
+            skipped = trainer.stream.skipped
             trainer.metrics.report("data_skipped", skipped - skipped_seen, kind="sum")
             for k, v in trainer.buffer.counters().items():  # e.g. buffer_restarts, summed over ranks
                 trainer.metrics.report(k, v, kind="sum")

@@ -34,16 +34,23 @@ def check_layout(b, world: int, num_classes: int) -> list[int]:
 
 
 class ShardLayout:
-    """Shard sizes and the draw distributions of rank ``rank`` of ``world``: shard k belongs to
-    rank k mod world (with fewer shards than ranks, rank r uses shard r mod shards)."""
+    """Shard sizes and the draw distributions of rank ``rank`` of ``world``. A rank's own shards:
+    those on its node (``shard_nodes[k] == node``) when the shards span several nodes, so that
+    draws stay node-local; else shard k belongs to rank k mod world (with fewer shards than ranks,
+    rank r uses shard r mod shards)."""
 
-    def __init__(self, capacities: list[int], rank: int, world: int):
+    def __init__(self, capacities: list[int], rank: int, world: int, shard_nodes: list[str] | None = None,
+                 node: str | None = None):
         self.capacities = list(capacities)
         n_shards = len(capacities)
         caps = np.asarray(capacities, dtype=np.float64)
         self.p_all = caps / caps.sum()
-        own = np.array([k % world == rank for k in range(n_shards)]) if n_shards >= world else \
-            (np.arange(n_shards) == rank % n_shards)
+        local = np.array([nd == node for nd in (shard_nodes or [None] * n_shards)])
+        if node is not None and 0 < local.sum() < n_shards:
+            own = local
+        else:
+            own = np.array([k % world == rank for k in range(n_shards)]) if n_shards >= world else \
+                (np.arange(n_shards) == rank % n_shards)
         self.p_own = np.where(own, caps, 0.0) / caps[own].sum()
 
     def __len__(self) -> int:

@@ -18,9 +18,14 @@ holds a :class:`RayBuffer` client with the interface of :class:`ebmscale.buffer.
   transfer; the client decodes draws, the shards' fresh-noise starts stay float32); write-backs are
   sent without waiting; at most ``max_inflight`` requests stay in flight per rank.
 * faults: shard actors restart automatically (Ray retries the calls in flight); a restarted shard
-  reloads the state of the last checkpoint saved or loaded in this run (kept in Ray's object store
-  through the registry), or else refills itself with noise, and the registry counts the restart
-  (metric ``buffer_restarts``).
+  reloads the state of the last checkpoint saved or loaded in this run (its shard files, or a state
+  in Ray's object store, through the registry), or else refills itself with noise, and the registry
+  counts the restart (metric ``buffer_restarts``).
+* node loss: shards are pinned to their nodes (hard affinity), so a shard whose node died cannot
+  restart there. The first rank whose call to it fails asks the registry (pinned to rank 0's node)
+  to re-create it under the same name on a live node, from the same restore point; every rank
+  then picks up the new actor by name and re-sends the calls lost with the node (a write-back
+  lands in the re-created shard: same slots, same capacity).
 * with several ranks, the order in which ranks' writes land is not deterministic: a bitwise-exact
   multi-rank resume needs ``buffer.backend=local``.
 """
@@ -34,6 +39,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 import uuid
 from typing import Any, Callable
 
@@ -64,19 +70,15 @@ class BufferShard(Shard):
     """One shard (:class:`ebmscale.buffer.shard.Shard`: a :class:`ReplayBuffer` and its methods) in
     a Ray actor (NumPy only, no torch), with its restart logic."""
 
-    def __init__(self, shard_id: int, kwargs: dict, registry: str):
+    def __init__(self, shard_id: int, kwargs: dict, registry: str, rehomed: tuple[dict | None, int] | None = None):
         self.shard_id, self.incarnation = shard_id, 0
         ctx = ray.get_runtime_context()
-        if ctx.was_current_actor_reconstructed:
-            # A restart after a crash: restore the last checkpoint if the registry holds one (its
-            # shard files on disk, or a state in the object store).
-            source, self.incarnation = ray.get(ray.get_actor(registry).restarted.remote(shard_id))
-            if source is None:  # no checkpoint yet: fresh noise, from a stream new to this incarnation
-                kwargs = dict(kwargs, seed=hash_seed(kwargs["seed"], self.incarnation) & 0xFFFFFFFF)
-            self.buf = ReplayBuffer(**kwargs)
-            if source is not None:
-                self.buf.load_state_dict(shardfile.load_state(*source["files"]) if "files" in source
-                                         else ray.get(source["ref"][0]))
+        if ctx.was_current_actor_reconstructed or rehomed is not None:
+            # A restart after a crash (or a re-creation on another node after its node died, with
+            # the registry's answer passed in): restore the last checkpoint if the registry holds
+            # one (its shard files on disk, or a state in the object store).
+            source, self.incarnation = rehomed or ray.get(ray.get_actor(registry).restarted.remote(shard_id))
+            self.buf = _restored(kwargs, source, self.incarnation)
         else:
             self.buf = ReplayBuffer(**kwargs)
 
@@ -85,8 +87,64 @@ class BufferShard(Shard):
                 "node": ray.get_runtime_context().get_node_id(), "torch_loaded": "torch" in sys.modules}
 
 
-# The registry's logic is plain Python; Ray only hosts it.
-BufferRegistry = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Registry)
+def _restored(kwargs: dict, source: dict | None, incarnation: int) -> ReplayBuffer:
+    """A shard's buffer after a restart: the restore point ``source`` (shard files, or a state in
+    the object store), or fresh noise from a stream new to this incarnation when there is none or
+    it was lost (an object-store copy that lived only on a node that died)."""
+    if source is not None:
+        try:
+            state = shardfile.load_state(*source["files"]) if "files" in source else ray.get(source["ref"][0], timeout=60)
+        except (ray.exceptions.RayError, shardfile.ShardFileError) as exc:
+            print(f"ebmscale: replay shard restore point lost ({type(exc).__name__}); refilling with noise",
+                  file=sys.stderr)
+        else:
+            buf = ReplayBuffer(**kwargs)
+            buf.load_state_dict(state)
+            return buf
+    return ReplayBuffer(**dict(kwargs, seed=hash_seed(kwargs["seed"], incarnation) & 0xFFFFFFFF))
+
+
+# What a call to a shard raises when the shard is gone for good (its node died, so hard affinity
+# cannot restart it there) rather than restarting: ActorUnavailableError is transient and retried.
+_SHARD_LOST = (ray.exceptions.ActorUnschedulableError, ray.exceptions.ActorDiedError)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class BufferRegistry(Registry):
+    """The :class:`ebmscale.buffer.shard.Registry` in a Ray actor (pinned to rank 0's node), which
+    also re-creates the shards of a node that died."""
+
+    def __init__(self):
+        super().__init__()
+        self._rehomed: list = []  # handles of re-created shards (this actor owns them)
+
+    def rehome(self, shard_id: int, generation: int) -> int:
+        """Re-create shard ``shard_id`` (the caller saw ``generation`` of it fail for good) under
+        its name on the live node holding the fewest shards, restoring what a restart would; a no-op
+        when another rank already did (its generation moved on). Returns the current generation."""
+        s = self.shards[shard_id]
+        if s["generation"] != generation:
+            return s["generation"]
+        node = self.least_loaded({n["NodeID"] for n in ray.nodes() if n.get("Alive")})
+        try:  # the old actor's name is freed once Ray has marked it dead; make sure it is
+            ray.kill(ray.get_actor(s["name"], namespace=s["namespace"]), no_restart=True)
+        except ValueError:
+            pass
+        self.restarts += 1
+        source = self.source(shard_id)
+        for attempt in range(50):
+            try:
+                actor = BufferShard.options(name=s["name"], namespace=s["namespace"],
+                                            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+                                            ).remote(shard_id, s["kwargs"], s["registry"], (source, self.restarts))
+                break
+            except ValueError:  # the name is still taken: the old actor is being torn down
+                if attempt == 49:
+                    raise
+                time.sleep(0.1)
+        self._rehomed.append(actor)
+        s.update(node=node, generation=generation + 1)
+        return s["generation"]
 
 
 class _Session:
@@ -208,33 +266,49 @@ class RayBuffer:
             self._session = (connect_cluster(info["address"], b.ray_namespace, token_path=info["token_path"])
                              if not b.ray_address
                              else connect_cluster(b.ray_address, b.ray_namespace))
-        self.names = info["shards"]
+        self.names, self.namespace = info["shards"], b.ray_namespace
         self.shards = [ray.get_actor(n, namespace=b.ray_namespace) for n in self.names]
+        self._generation = [0] * len(self.shards)  # of each shard's actor this rank holds (see _rehome)
         self.registry = ray.get_actor(info["registry"], namespace=b.ray_namespace)
-        self.layout = ShardLayout(self.capacities, rank, world)  # the draw arithmetic (ebmscale.buffer.placement)
+        # Which node each shard runs on, and this rank's: mixing=affine draws from this node's shards.
+        self.node = ray.get_runtime_context().get_node_id()
+        self._shard_nodes = [i["node"] for i in ray.get([s.info.remote() for s in self.shards])]
+        self._set_capacities(self.capacities)
         self._inflight: list = []
         self._prefetched: tuple | None = None
         self._restart_poll = None
         self._restarts_seen = 0
         self._snapshot_refs: list = []
 
+    def _set_capacities(self, capacities: list[int]) -> None:
+        """The draw arithmetic over ``capacities`` and the shards' nodes (ebmscale.buffer.placement)."""
+        self.capacities = list(capacities)
+        self.layout = ShardLayout(self.capacities, self.rank, self.world, self._shard_nodes, self.node)
+
     def _create(self, b: Any, n_shards: int, shard_seed: Callable[[int], int]) -> dict:
         run = uuid.uuid4().hex[:10]
         registry = f"ebmscale-{run}-registry"
-        # Rank 0 keeps these handles: a (non-detached) actor whose handles are all dropped is stopped.
-        self._owned = [BufferRegistry.options(name=registry, namespace=b.ray_namespace).remote()]
         names = [f"ebmscale-{run}-shard-{k}" for k in range(n_shards)]
         nodes = _spread_nodes()
-        actors = []
+        # Rank 0 keeps these handles: a (non-detached) actor whose handles are all dropped is stopped.
+        # The registry lives on rank 0's node (it re-creates the shards of a node that dies).
+        self._owned = [BufferRegistry.options(name=registry, namespace=b.ray_namespace, scheduling_strategy=
+                                              NodeAffinitySchedulingStrategy(nodes[0], soft=False)).remote()]
+        actors, specs = [], []
         for k, name in enumerate(names):
             kwargs = dict(capacity=self.capacities[k], shape=self.shape, bounds=self.bounds, reinit_prob=b.reinit_prob,
                           storage=b.storage, num_classes=self.num_classes, seed=int(shard_seed(k)))
             # Shard k on node k mod N (rank 0's node first): the shards and their memory are spread
-            # over the cluster. Hard affinity: in Ray 2.60 a soft one (like SPREAD) put shards on
-            # any node; the price is that a shard whose node died cannot restart elsewhere.
-            where = NodeAffinitySchedulingStrategy(nodes[k % len(nodes)], soft=False)
+            # over the cluster. Hard affinity: in Ray 2.60 a soft one put shards on any node (measured:
+            # 2 of 6 off target on a two-node cluster); a shard whose node dies is re-created on a
+            # live node by the registry instead (see RayBuffer._rehome).
+            node = nodes[k % len(nodes)]
+            where = NodeAffinitySchedulingStrategy(node, soft=False)
             actors.append(BufferShard.options(name=name, namespace=b.ray_namespace, scheduling_strategy=where)
                           .remote(k, kwargs, registry))
+            specs.append({"name": name, "namespace": b.ray_namespace, "kwargs": kwargs, "registry": registry,
+                          "node": node})
+        ray.get(self._owned[0].configure.remote(specs))
         self._owned += actors
         ray.get([a.info.remote() for a in actors])  # created and filled before any rank draws
         # Embedded: the other ranks (same node) read the token from the session directory.
@@ -244,7 +318,7 @@ class RayBuffer:
     # ------------------------------------------------------------------ draw / write back
     def _submit(self, plan: tuple[np.ndarray, np.ndarray], labels: np.ndarray | None) -> list:
         shard, seeds = plan
-        return [(k, pos, self.shards[k].sample.remote(len(pos), None if labels is None else labels[pos], int(seeds[k])))
+        return [(k, pos, self._send(k, "sample", (len(pos), None if labels is None else labels[pos], int(seeds[k]))))
                 for k, pos in by_shard(shard)]
 
     def draw(self, n: int, labels: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, list]:
@@ -258,7 +332,7 @@ class RayBuffer:
             parts = pre[2]
         else:
             parts = self._submit(plan, labels)
-        results = ray.get([ref for _, _, ref in parts])
+        results = self._get([job for _, _, job in parts])
         x = gather(len(plan[0]), self.shape, [pos for _, pos, _ in parts],
                    [starts_from_encoded(q, reinit, noise, self.storage, self.bounds) for q, _, reinit, noise in results])
         return x, [(k, pos, idx, reinit) for (k, pos, _), (_, idx, reinit, _) in zip(parts, results)]
@@ -281,28 +355,69 @@ class RayBuffer:
         shard, seeds = self.layout.plan(m, rng)
         if labels is None:
             counts = np.bincount(shard, minlength=len(self.shards))
-            parts = [self.shards[k].peek.remote(int(c), int(seeds[k])) for k, c in enumerate(counts) if c]
-            return np.concatenate(ray.get(parts))
+            return np.concatenate(self._call_each("peek", [(k, (int(c), int(seeds[k]))) for k, c in enumerate(counts) if c]))
         labels = np.asarray(labels, dtype=np.int64)
-        parts = [(pos, self.shards[k].peek.remote(len(pos), int(seeds[k]), labels[pos])) for k, pos in by_shard(shard)]
-        return gather(m, self.shape, [pos for pos, _ in parts], ray.get([ref for _, ref in parts]))
+        where = list(by_shard(shard))
+        return gather(m, self.shape, [pos for _, pos in where],
+                      self._call_each("peek", [(k, (len(pos), int(seeds[k]), labels[pos])) for k, pos in where]))
 
     def write_back(self, handle: list, x: np.ndarray) -> None:
         """Queue the evolved chains for their slots and return; waits only while more than
         ``max_inflight`` write requests of this rank are unfinished."""
         x = np.asarray(x)
         for k, pos, idx, reinit in handle:
-            self._inflight.append(self.shards[k].write.remote(idx, encode(x[pos], self.storage, self.bounds), reinit,
-                                                              self.chain_steps))
+            self._inflight.append(self._send(k, "write", (idx, encode(x[pos], self.storage, self.bounds), reinit,
+                                                          self.chain_steps)))
         if len(self._inflight) > self.max_inflight:
-            done, self._inflight = ray.wait(self._inflight, num_returns=len(self._inflight) - self.max_inflight)
-            ray.get(done)  # surfaces a shard that could not be restarted
+            done = set(ray.wait([job[2] for job in self._inflight],
+                                num_returns=len(self._inflight) - self.max_inflight)[0])
+            finished = [job for job in self._inflight if job[2] in done]
+            self._inflight = [job for job in self._inflight if job[2] not in done]
+            self._get(finished)  # surfaces a shard that could not be restarted
 
     def flush(self) -> None:
         """Wait until this rank's write-backs have landed."""
         if self._inflight:
-            ray.get(self._inflight)
-            self._inflight = []
+            finished, self._inflight = self._inflight, []
+            self._get(finished)
+
+    # ------------------------------------------------------------------ node loss
+    def _send(self, k: int, method: str, args: tuple) -> tuple:
+        """Call ``shards[k].method(*args)``; the job ``(shard, generation, ref, method, args)``
+        remembers which actor of the shard it went to, so that it can be sent again (see _get)."""
+        return k, self._generation[k], getattr(self.shards[k], method).remote(*args), method, args
+
+    def _rehome(self, k: int, generation: int) -> None:
+        """Shard ``k``'s actor of ``generation`` is gone for good (its node died): have the
+        registry re-create it on a live node (once, whichever rank asks first), then take the new
+        actor by name. Nothing to do when this rank already holds a newer actor."""
+        if generation == self._generation[k]:
+            self._generation[k] = ray.get(self.registry.rehome.remote(k, generation))
+            self.shards[k] = ray.get_actor(self.names[k], namespace=self.namespace)
+            self._prefetched = None  # sent to the old actor
+            self._shard_nodes[k] = ray.get(self.shards[k].info.remote())["node"]
+            self._set_capacities(self.capacities)  # this node's shards may have changed
+
+    def _get(self, jobs: list[tuple]) -> list:
+        """``ray.get`` of shard calls made by :meth:`_send`; a call whose shard was lost with its
+        node is sent again to the shard's re-created actor."""
+        out = []
+        for job in jobs:
+            for attempt in range(3):
+                k, generation, ref, method, args = job
+                try:
+                    out.append(ray.get(ref))
+                    break
+                except _SHARD_LOST:
+                    if attempt == 2:
+                        raise
+                    self._rehome(k, generation)
+                    job = self._send(k, method, args)
+        return out
+
+    def _call_each(self, method: str, calls: list[tuple[int, tuple]]) -> list:
+        """``shards[k].method(*args)`` for each ``(k, args)`` at once, surviving node loss (see _get)."""
+        return self._get([self._send(k, method, args) for k, args in calls])
 
     def counters(self) -> dict[str, float]:
         """Shard restarts since the last call (rank 0 counts, others report 0: the metric is a sum).
@@ -321,11 +436,11 @@ class RayBuffer:
         (diversity from pairs within each shard); None on other ranks (rank 0 reports it)."""
         if self.rank != 0:
             return None
-        return health.merge(ray.get([s.health.remote(subsample) for s in self.shards]))
+        return health.merge(self._call_each("health", [(k, (subsample,)) for k in range(len(self.shards))]))
 
     def shard_info(self) -> list[dict]:
         """Per shard: pid, incarnation (restarts), capacity, node, and whether torch got imported."""
-        return ray.get([s.info.remote() for s in self.shards])
+        return self._call_each("info", [(k, ()) for k in range(len(self.shards))])
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -335,10 +450,12 @@ class RayBuffer:
         if self.rank != 0:
             return {"backend": "ray", "num_shards": len(self.shards), "shards": None}
         self.flush()
-        self._take_snapshot([s.state_dict.remote() for s in self.shards])
+        states_raw = self._call_each("state_dict", [(k, ()) for k in range(len(self.shards))])
+        # The restore point is put by rank 0 (stored on its node, owned by it), not left where each
+        # shard made it: it must outlive the node of a shard that dies.
+        self._take_snapshot([ray.put(st) for st in states_raw])
         # ray.get maps the arrays read-only from the object store: hand out writable copies.
-        states = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()}
-                  for st in ray.get(self._snapshot_refs)]
+        states = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()} for st in states_raw]
         return {"backend": "ray", "num_shards": len(self.shards), "shards": states}
 
     def load_state_dict(self, state: dict) -> None:
@@ -353,7 +470,7 @@ class RayBuffer:
         shards = shard_states(as_numpy(state), self.capacities, self.num_classes)
         self.flush()
         self._prefetched = None
-        ray.get([a.load_state_dict.remote(s) for a, s in zip(self.shards, shards)])
+        self._call_each("load_state_dict", [(k, (s,)) for k, s in enumerate(shards)])
         self._take_snapshot([ray.put(s) for s in shards])
 
     def _take_snapshot(self, refs: list) -> None:
@@ -368,7 +485,7 @@ class RayBuffer:
         write-backs have landed (:meth:`flush` on every rank, then a barrier)."""
         self.flush()
         entries: dict[str, dict] = {}
-        for e in ray.get([s.save.remote(step_path) for s in self.shards]):
+        for e in self._call_each("save", [(k, (step_path,)) for k in range(len(self.shards))]):
             entries.update(e)
         self._snapshot_refs = []
         ray.get(self.registry.set_sources.remote(self.layout.file_sources(step_path)))
@@ -377,9 +494,8 @@ class RayBuffer:
     def verify_saved(self, step_path: str, files: dict[str, dict]) -> str | None:
         """Rank 0: the shards check a checkpoint's buffer files against the marker, in parallel
         (each file read once, where its shard runs); the first problem as one line, or None."""
-        jobs = [self.shards[k % len(self.shards)].verify.remote(step_path, shardfile.files_of(files, k))
-                for k in shardfile.saved_shards(files)]
-        return next((e for e in ray.get(jobs) if e), None)
+        jobs = [(k % len(self.shards), (step_path, shardfile.files_of(files, k))) for k in shardfile.saved_shards(files)]
+        return next((e for e in self._call_each("verify", jobs) if e), None)
 
     def load_saved(self, step_path: str, files: dict[str, dict]) -> None:
         """Restore a checkpoint's shard files (collective-safe: every rank takes the new layout;
@@ -391,12 +507,12 @@ class RayBuffer:
         self._prefetched = None
         if self.rank == 0:
             self.flush()
-            errors = [e for e in ray.get([a.load.remote(*src) for a, src in zip(self.shards, sources)]) if e]
+            errors = [e for e in self._call_each("load", list(enumerate(sources))) if e]
             if errors:
                 raise shardfile.ShardFileError(errors[0])
             self._snapshot_refs = []
             ray.get(self.registry.set_sources.remote([{"files": src} for src in sources]))
-        self.capacities, self.layout = list(caps), ShardLayout(caps, self.rank, self.world)
+        self._set_capacities(caps)
 
     # ------------------------------------------------------------------ shutdown
     def close(self, clean: bool = True) -> None:

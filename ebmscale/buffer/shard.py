@@ -65,18 +65,32 @@ class Shard:
 class Registry:
     """Counts shard restarts and knows where each shard's last checkpointed state is: its files
     (``{"files": (step_path, parts, rng_from)}``) or a state in Ray's object store (``{"ref":
-    [ref]}``, kept while rank 0, its owner, lives)."""
+    [ref]}``, kept while rank 0, its owner, lives); and, to re-create a shard whose node died,
+    each shard's name, namespace, creation kwargs, node and generation."""
 
     def __init__(self):
         self.sources: list = []
         self.restarts = 0
+        self.shards: list[dict] = []
+
+    def configure(self, shards: list[dict]) -> None:
+        """What re-creating a shard needs: its name, namespace, kwargs and node."""
+        self.shards = [dict(s, generation=0) for s in shards]
+
+    def least_loaded(self, alive: set[str]) -> str:
+        """Of the live nodes ``alive``, the one holding the fewest shards (ties: the first by id)."""
+        load = {node: sum(1 for t in self.shards if t["node"] == node) for node in alive}
+        return min(sorted(alive), key=lambda nd: load[nd])
+
+    def source(self, shard_id: int) -> dict | None:
+        return self.sources[shard_id] if shard_id < len(self.sources) else None
 
     def set_sources(self, sources: list) -> None:
         self.sources = list(sources)  # refs nested in a list arrive unresolved: no copy of the data here
 
     def restarted(self, shard_id: int) -> tuple[dict | None, int]:
         self.restarts += 1
-        return (self.sources[shard_id] if shard_id < len(self.sources) else None), self.restarts
+        return self.source(shard_id), self.restarts
 
     def count(self) -> int:
         return self.restarts

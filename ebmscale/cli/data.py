@@ -1,12 +1,14 @@
-"""``ebmscale data shards``: its arguments and the handler over :mod:`ebmscale.data.shards`."""
+"""``ebmscale data shards``: its arguments and the handler over :mod:`ebmscale.data.writer`."""
 from __future__ import annotations
 
 import argparse
 import os
 
 from ebmscale.data.builtin import BUILTIN_IMAGE_SETS, DataError
-from ebmscale.data.shards import (MANIFEST_NAME, SOURCE_KINDS, check_shard_format, claim_output, default_processes,
-                                  load_source, verify_shards, write_shards)
+from ebmscale.data.codec import check_shard_format
+from ebmscale.data.manifest import MANIFEST_NAME, verify_shards
+from ebmscale.data.sources import SOURCE_KINDS, load_source
+from ebmscale.data.writer import claim_output, default_processes, write_shards
 
 
 def add_shards_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ def _native_shape(cfg: Config) -> tuple[int, int, int] | None:
     if d.dataset in _NATIVE:
         return _NATIVE[d.dataset]
     if d.dataset == "npz":
-        from ebmscale.data.shards import npz_image_shape
+        from ebmscale.data.sources import npz_image_shape
 
         return npz_image_shape(d.path)
     return None
@@ -47,7 +47,7 @@ def image_shape(cfg: Config) -> tuple[int, int, int]:
     """
     d = cfg.data
     if d.dataset == "shards":
-        from ebmscale.data.stream import open_shard_set
+        from ebmscale.data.manifest import open_shard_set
 
         shards = open_shard_set(d.path, d.manifest, holdout=0)
         c, h, w = shards.shape
@@ -74,7 +74,7 @@ def shard_location(cfg: Config, rank: int = 0) -> tuple[str, str]:
         return d.path, d.manifest
     if d.dataset not in BUILTIN_IMAGE_SETS + ("folder", "cifar10", "cifar100", "npz"):
         raise DataError(f"dataset '{d.dataset}' is not an image dataset")
-    from ebmscale.data.shards import cached_shards
+    from ebmscale.data.writer import cached_shards
 
     def say(msg: str) -> None:
         if rank == 0:
@@ -87,7 +87,8 @@ def shard_location(cfg: Config, rank: int = 0) -> tuple[str, str]:
 
 def build_image_stream(cfg: Config, rank: int, world: int):
     """This rank's endless, resumable :class:`~ebmscale.data.stream.ShardStream`."""
-    from ebmscale.data.stream import ShardStream, open_shard_set
+    from ebmscale.data.manifest import open_shard_set
+    from ebmscale.data.stream import ShardStream
 
     d = cfg.data
     expected = image_shape(cfg)
@@ -103,11 +104,9 @@ def build_image_stream(cfg: Config, rank: int, world: int):
 
 def cpus_per_rank() -> int:
     """CPU cores this process may use, shared among the ranks of its node (LOCAL_WORLD_SIZE)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    from ebmscale.data.writer import default_processes
+
+    return max(1, default_processes() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def resolve_num_workers(requested: int, max_workers: int = 8) -> int:

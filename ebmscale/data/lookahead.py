@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from ebmscale.data import Stream
+
 
 class Lookahead:
-    """Wraps a stream (``__next__``, ``state_dict``, ``load_state_dict``; other attributes pass
-    through). :meth:`peek` returns the next batch without consuming it; ``__next__`` then returns
-    that same batch. :meth:`state_dict` is always the position of the next batch ``__next__`` will
+    """Wraps a :class:`~ebmscale.data.Stream` (other attributes pass through) and is one.
+    :meth:`peek` returns the next batch without consuming it; ``__next__`` then returns that same
+    batch. :meth:`state_dict` is always the position of the next batch ``__next__`` will
     return, taken before a peeked batch was read, so a checkpoint written while a batch is pending
     resumes with that batch: the sequence of batches is the stream's, peeked or not."""
 
-    def __init__(self, stream: Any):
+    def __init__(self, stream: Stream):
         self.stream = stream
         self._pending: Any = None
         self._state: dict | None = None
@@ -40,5 +42,9 @@ class Lookahead:
         self._pending, self._state = None, None
         self.stream.load_state_dict(state)
 
-    def __getattr__(self, name: str) -> Any:  # skipped, close, stats, shards, ...
+    @property
+    def skipped(self) -> int:
+        return self.stream.skipped
+
+    def __getattr__(self, name: str) -> Any:  # close, stats, shards, ...
         return getattr(self.stream, name)

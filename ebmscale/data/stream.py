@@ -15,8 +15,8 @@ What one epoch is (every process computes the same plan from the manifest alone)
 4. Split by worker: the rank's range is cut the same way into ``S = max(1, num_workers)``
    near-equal contiguous splits, one per DataLoader worker.
 5. Sample shuffle: each split streams its segments (webdataset's ``gopen`` and key grouping over
-   a fast tar reader, :func:`iter_tar`) through webdataset's shuffle buffer of ``shuffle_buffer``
-   raw (undecoded) samples, seeded with ``(seed, rank, epoch, split)``.
+   a fast tar reader, :func:`ebmscale.data.tar.iter_tar`) through webdataset's shuffle buffer of
+   ``shuffle_buffer`` raw (undecoded) samples, seeded with ``(seed, rank, epoch, split)``.
 6. Each split emits exactly ``K`` chunks per epoch (``K`` = chunks of the largest split, so
    all splits emit the same number); a chunk is the next ``chunk_size`` raw samples, decoded to
    uint8 in the worker, minus the bad ones. The rank's stream is the chunks in round-robin order
@@ -40,19 +40,14 @@ chunks to the main process, where ``stream.skipped`` holds this rank's total, so
 report it as a metric. A rank that skips samples reaches its epoch's end a few samples early;
 batches stay full and ranks stay in step. Problems visible before reading -- a pattern matching
 nothing, a missing manifest or shard, a local shard whose size differs from its manifest --
-fail at start instead (:func:`open_shard_set`).
+fail at start instead (:func:`ebmscale.data.manifest.open_shard_set`).
 """
 from __future__ import annotations
 
-import glob
-import hashlib
-import io
 import itertools
 import logging
 import math
-import os
 import random
-import re
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Sequence
 
@@ -60,156 +55,19 @@ import numpy as np
 import torch
 
 from ebmscale.data.builtin import DataError
-from ebmscale.data.shards import MANIFEST_NAME, read_manifest
+from ebmscale.data.codec import decode_sample
+from ebmscale.data.manifest import Segment, ShardSet, take_range
+from ebmscale.data.tar import tar_samples
 from ebmscale.utils import even_share, hash_seed
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 64          # samples per worker -> main-process message; part of the stream's definition
-_IMAGE_EXTS = ("png", "jpg", "jpeg", "npy", "ppm", "bmp", "webp")
 _SHARD_ORDER_TAG = 0x5A4D5301
 _SAMPLE_ORDER_TAG = 0x5A4D5302
 
 
-# --------------------------------------------------------------------------- shard sets
-
-@dataclass(frozen=True)
-class Segment:
-    """Samples ``begin`` to ``end - 1`` (positions in tar order) of the shard at ``url``."""
-
-    url: str
-    begin: int
-    end: int
-
-    def __len__(self) -> int:
-        return self.end - self.begin
-
-
-@dataclass
-class ShardSet:
-    """The shards a stream reads, with what the manifest says about them."""
-
-    manifest_path: str
-    segments: list[Segment]        # the training samples, manifest order
-    heldout: list[Segment]         # the last ``holdout`` samples (validation)
-    shape: tuple[int, int, int]    # (C, H, W)
-    num_classes: int
-    classes: list[str]
-    fingerprint: str               # identifies the shards' content (from their checksums)
-
-    @property
-    def num_samples(self) -> int:
-        return sum(len(s) for s in self.segments)
-
-
-def _is_remote(url: str) -> bool:
-    return url.startswith("pipe:") or "://" in url
-
-
-def expand_pattern(pattern: str) -> list[str]:
-    """Shard URLs of a pattern with brace ranges (``shard-{000000..000099}.tar``) and, for local
-    paths, glob wildcards. Remote URLs (``pipe:``, ``s3://``...) are only brace-expanded."""
-    import braceexpand
-
-    out: list[str] = []
-    for p in braceexpand.braceexpand(pattern):
-        if _is_remote(p):
-            out.append(p)
-        elif any(ch in p for ch in "*?["):
-            out += sorted(glob.glob(p))
-        elif os.path.isfile(p):
-            out.append(p)
-    return list(dict.fromkeys(out))
-
-
-def _manifest_entry(url: str, by_name: dict[str, dict]) -> dict | None:
-    """The manifest entry of a shard URL: by file name, or for a remote URL such as
-    ``pipe:aws s3 cp s3://b/shard-000001.tar -`` by the shard name it contains."""
-    name = os.path.basename(url)
-    if name in by_name or not _is_remote(url):
-        return by_name.get(name)
-    hits = [n for n in by_name if n in url]
-    return by_name[max(hits, key=len)] if hits else None
-
-
-def _check_local_shard(url: str, entry: dict) -> None:
-    """A local shard must exist and have its recorded size: a missing or truncated file fails at
-    start (damage that keeps the size -- or a remote shard -- is found, skipped and counted mid-run)."""
-    if _is_remote(url):
-        return
-    path = url[len("file:"):] if url.startswith("file:") else url
-    if not os.path.isfile(path):
-        raise DataError(f"shard '{path}' listed in the manifest does not exist")
-    size = os.path.getsize(path)
-    if "bytes" in entry and size != entry["bytes"]:
-        raise DataError(f"shard '{path}' is {size} bytes, its manifest says {entry['bytes']}: a partial copy? "
-                        f"(`ebmscale data shards verify -i <folder>` checks all checksums)")
-
-
-def open_shard_set(path: str, manifest: str = "", holdout: int = 0) -> ShardSet:
-    """Resolve ``path`` -- a shard folder, its ``manifest.json``, or a shard pattern (brace ranges,
-    globs; remote URLs with ``manifest`` given) -- into a :class:`ShardSet`. Fails at start, with
-    one line, on a pattern that matches nothing, a missing manifest, a shard the manifest does not
-    list, a missing or wrongly sized local shard, or a holdout as large as the data."""
-    if not path:
-        raise DataError("no shard path given (data.path)")
-    if os.path.isdir(path) or (path.endswith(".json") and os.path.isfile(path)):
-        mpath = manifest or (path if path.endswith(".json") else os.path.join(path, MANIFEST_NAME))
-        m = read_manifest(mpath)
-        root = os.path.dirname(os.path.abspath(mpath))
-        pairs = [(os.path.join(root, e["name"]), e) for e in m["shards"]]
-    else:
-        matched = expand_pattern(path)
-        if not matched:
-            raise DataError(f"shard pattern '{path}' matches no files")
-        if manifest:
-            mpath = manifest
-        elif _is_remote(matched[0]):
-            raise DataError(f"remote shards '{path}' need data.manifest: the manifest.json written with them")
-        else:
-            mpath = os.path.join(os.path.dirname(matched[0]), MANIFEST_NAME)
-        m = read_manifest(mpath)
-        by_name = {e["name"]: e for e in m["shards"]}
-        found: dict[str, str] = {}
-        for url in matched:
-            entry = _manifest_entry(url, by_name)
-            if entry is None:
-                raise DataError(f"shard '{url}' is not listed in manifest '{mpath}'")
-            found[entry["name"]] = url
-        # Manifest order, whatever order the pattern lists them in.
-        pairs = [(found[e["name"]], e) for e in m["shards"] if e["name"] in found]
-    for url, entry in pairs:
-        _check_local_shard(url, entry)
-    shape = tuple(int(v) for v in m["shape"])
-    if len(shape) != 3:
-        raise DataError(f"manifest '{mpath}' has shape {m['shape']}, expected [C, H, W]")
-    segments = [Segment(url, 0, int(e["count"])) for url, e in pairs if int(e["count"]) > 0]
-    total = sum(len(seg) for seg in segments)
-    if holdout < 0 or holdout >= total:
-        raise DataError(f"data.holdout={holdout} must be less than the {total} samples of '{path}'")
-    train = _take(segments, 0, total - holdout)
-    heldout = _take(segments, total - holdout, total)
-    # Identifies the data for resume checks: the shards' names, counts and checksums, and the holdout.
-    digest = hashlib.sha256("\n".join(f"{e['name']} {e['count']} {e.get('sha256', '')}"
-                                       for _, e in pairs).encode()).hexdigest()[:16]
-    return ShardSet(mpath, train, heldout, shape, int(m.get("num_classes", 0)), list(m.get("classes", [])),
-                    f"{digest}-h{holdout}")
-
-
 # --------------------------------------------------------------------------- epoch plan
-
-def _take(segments: Sequence[Segment], start: int, stop: int) -> list[Segment]:
-    """The sub-segments covering samples ``[start, stop)`` of the concatenation of ``segments``."""
-    out, pos = [], 0
-    for s in segments:
-        lo, hi = max(start, pos), min(stop, pos + len(s))
-        if lo < hi:
-            out.append(Segment(s.url, s.begin + lo - pos, s.begin + hi - pos))
-        pos += len(s)
-        if pos >= stop:
-            break
-    return out
-
 
 @dataclass(frozen=True)
 class StreamPlan:
@@ -246,7 +104,7 @@ class StreamPlan:
         r0 = self.rank * self.per_rank
         s0, count = even_share(self.per_rank, self.splits, split)
         s1 = s0 + count
-        return _take(permuted, r0 + s0, r0 + s1)
+        return take_range(permuted, r0 + s0, r0 + s1)
 
     def chunks(self, split: int, epoch: int, first_chunk: int) -> Iterator["Chunk"]:
         """Endless chunks of one split, from chunk ``first_chunk`` of ``epoch`` on."""
@@ -300,130 +158,7 @@ class Chunk(NamedTuple):
     skipped: int
 
 
-# --------------------------------------------------------------------------- reading and decoding
-
-class TarFormatError(Exception):
-    """A tar stream that is damaged (bad header checksum, cut short)."""
-
-
-class _Prefixed:
-    """A read-only stream: ``head`` bytes, then the rest of ``fh`` (to un-read a peeked block)."""
-
-    def __init__(self, head: bytes, fh) -> None:
-        self.head, self.fh = head, fh
-
-    def read(self, n: int = -1) -> bytes:
-        if not self.head:
-            return self.fh.read(n)
-        if n is None or n < 0:
-            out, self.head = self.head + self.fh.read(), b""
-            return out
-        out, self.head = self.head[:n], self.head[n:]
-        return out + (self.fh.read(n - len(out)) if len(out) < n else b"")
-
-
-_META_NAME = re.compile(r"__[^/]*__($|/)")
-
-
-def _tar_number(field: bytes) -> int:
-    if field[0] & 0x80:  # GNU base-256 for values that do not fit in octal
-        return int.from_bytes(field[1:], "big")
-    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
-
-
-def iter_tar(fh, errors: list[Exception]) -> Iterator[dict]:
-    """``{"fname", "data"}`` of the regular files of a tar stream, in order (what webdataset's
-    ``tar_file_iterator`` yields, with its meta-file skipping).
-
-    A direct reader of the POSIX/ustar, PAX and GNU long-name headers that shard writers produce:
-    python's tarfile, behind webdataset's iterator, spends about 60 us parsing each member header,
-    as long as decoding a 32x32 PNG. Gzip-compressed tars are read too. Damage (a bad header
-    checksum, a cut-short file) ends the iteration and is recorded in ``errors``, so the caller
-    can still deliver and count what came before it.
-    """
-    head = fh.read(512)
-    if head[:2] == b"\x1f\x8b":
-        import gzip
-
-        fh = gzip.GzipFile(fileobj=_Prefixed(head, fh))
-        head = fh.read(512)
-    pax: dict[str, str] = {}
-    long_name = None
-    offset = 0
-    try:
-        while True:
-            h = head if offset == 0 else fh.read(512)
-            if len(h) == 0 or (len(h) == 512 and not any(h)):
-                return  # end of archive (two zero blocks, or a file ending at a member boundary)
-            if len(h) < 512:
-                raise TarFormatError(f"tar cut short in a header at byte {offset}")
-            stored = _tar_number(h[148:156])
-            # The checksum counts its own field as 8 spaces; old writers summed signed bytes.
-            if stored != sum(h[:148]) + 256 + sum(h[156:]) and \
-                    stored != sum(b - 256 if b > 127 else b for b in h[:148] + h[156:]) + 256:
-                raise TarFormatError(f"bad tar header checksum at byte {offset}")
-            name = h[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            if h[257:262] == b"ustar" and h[345]:
-                name = h[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
-            size = _tar_number(h[124:136])
-            kind = h[156:157]
-            if kind not in (b"x", b"g", b"L") and "size" in pax:
-                size = int(pax["size"])  # a PAX record overrides the header's size (files over 8 GiB)
-            data = fh.read(size)
-            if len(data) < size:
-                raise TarFormatError(f"tar cut short in the data of '{name}' at byte {offset}")
-            pad = -size % 512
-            if pad:
-                fh.read(pad)
-            offset += 512 + size + pad
-            if kind == b"x":
-                pax = _pax_records(data)
-                continue
-            if kind == b"L":
-                long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
-                continue
-            if kind == b"g":
-                continue
-            if "path" in pax or long_name is not None:
-                name = pax.get("path", long_name)
-            pax, long_name = {}, None
-            if kind not in (b"0", b"\0", b"7") or _META_NAME.match(name):
-                continue  # directories, links, webdataset's __meta__ files
-            yield {"fname": name, "data": data}
-    except (TarFormatError, OSError, EOFError, ValueError) as exc:
-        errors.append(exc)
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """The ``key=value`` records of a PAX extended header (``"<len> key=value\\n"`` each)."""
-    out, pos = {}, 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
-        out[key.decode()] = value.decode("utf-8", "replace")
-        pos += length
-    return out
-
-
-def _tar_samples(url: str, errors: list[Exception]) -> Iterator[dict]:
-    """Samples of one tar in file order: webdataset's ``gopen`` and key grouping over
-    :func:`iter_tar`. Damage ends the shard through ``errors`` rather than an exception, so that
-    the sample grouped just before it is still delivered."""
-    import webdataset as wds
-    from webdataset.tariterators import group_by_keys
-
-    def stop(exn: Exception) -> bool:
-        errors.append(exn)
-        return False
-
-    stream = wds.gopen(url, "rb")
-    try:
-        files = ({**f, "__url__": url} for f in iter_tar(stream, errors))
-        yield from group_by_keys(files, handler=stop)
-    finally:
-        stream.close()
-
+# --------------------------------------------------------------------------- reading
 
 class _SegmentReader:
     """Reads segments, counting (in ``lost``) the planned samples a broken shard did not deliver."""
@@ -436,7 +171,7 @@ class _SegmentReader:
             got = 0
             errors: list[Exception] = []
             try:
-                for i, sample in enumerate(_tar_samples(seg.url, errors)):
+                for i, sample in enumerate(tar_samples(seg.url, errors)):
                     if i < seg.begin:
                         continue  # before this range: read past, never decoded
                     if i >= seg.end:
@@ -450,57 +185,6 @@ class _SegmentReader:
                 log.warning("shard %s ended after %d of its samples %d..%d%s; the rest are skipped",
                             seg.url, got, seg.begin, seg.end - 1, why)
             self.lost += len(seg) - got
-
-
-def decode_image_hwc(data: bytes, channels: int) -> np.ndarray:
-    """uint8 (H, W, C) of an encoded image (PNG, JPEG, ... or a ``.npy`` uint8 array of shape
-    (H, W, C) or (H, W)), C = 1 (grey) or 3 (RGB).
-
-    Pillow, not torchvision's decoder: torchvision's is 1.2-2.5x faster per image but deprecated
-    since 0.29, and importing torchvision costs 3-7 s in every process that decodes; Pillow also
-    keeps JPEG pixels identical whichever process decodes them.
-    """
-    if data[:6] == b"\x93NUMPY":
-        a = np.load(io.BytesIO(data), allow_pickle=False)
-        if a.dtype != np.uint8 or a.ndim not in (2, 3):
-            raise ValueError(f".npy member is {a.dtype} {a.shape}, not uint8 (H, W[, C])")
-        return a[..., None] if a.ndim == 2 else a
-    from PIL import Image
-
-    mode = "L" if channels == 1 else "RGB"
-    with Image.open(io.BytesIO(data)) as img:
-        a = np.asarray(img if img.mode == mode else img.convert(mode))
-    return a[..., None] if a.ndim == 2 else a
-
-
-def decode_sample(sample: dict, shape: tuple[int, int, int], num_classes: int) -> tuple[np.ndarray, int] | None:
-    """(uint8 HWC image, label or -1) of a raw sample, or None when it is unusable: no image,
-    undecodable, not of ``shape`` (C, H, W), or (labelled sets) a missing or out-of-range label."""
-    data = next((sample[e] for e in _IMAGE_EXTS if e in sample), None)
-    if data is None:
-        log.warning("sample %s in %s has no image", sample.get("__key__"), sample.get("__url__"))
-        return None
-    try:
-        img = decode_image_hwc(data, shape[0])
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means a bad image
-        log.warning("undecodable image %s in %s: %s", sample.get("__key__"), sample.get("__url__"), exc)
-        return None
-    if img.shape != (shape[1], shape[2], shape[0]):
-        log.warning("image %s in %s is %dx%d, the manifest says %dx%d", sample.get("__key__"),
-                    sample.get("__url__"), img.shape[0], img.shape[1], shape[1], shape[2])
-        return None
-    label = -1
-    if num_classes:
-        try:
-            label = int(sample["cls"])
-        except (KeyError, ValueError):
-            log.warning("sample %s in %s has no valid label", sample.get("__key__"), sample.get("__url__"))
-            return None
-        if not 0 <= label < num_classes:
-            log.warning("sample %s in %s has label %d outside 0..%d", sample.get("__key__"), sample.get("__url__"),
-                        label, num_classes - 1)
-            return None
-    return img, label
 
 
 def to_nchw(images: Sequence[np.ndarray], shape: tuple[int, int, int]) -> torch.Tensor:

@@ -63,7 +63,8 @@ def rank_images(spec: str, kind: str = "auto", split: str = "test", n: int = 0, 
     ``(total, first global index, iterator of (uint8 NCHW, int64 labels or -1))``."""
     kind = _source_kind(spec, kind)
     if kind == "shards":
-        from ebmscale.data.stream import _take, open_shard_set, read_samples
+        from ebmscale.data.manifest import open_shard_set, take_range
+        from ebmscale.data.stream import read_samples
 
         ss = open_shard_set(spec)
         segments = ss.segments + ss.heldout
@@ -73,7 +74,7 @@ def rank_images(spec: str, kind: str = "auto", split: str = "test", n: int = 0, 
 
         def shard_batches() -> Iterator[tuple[torch.Tensor, np.ndarray]]:
             xs, ys = [], []
-            for x, y in read_samples(_take(segments, first, first + count), ss.shape, ss.num_classes):
+            for x, y in read_samples(take_range(segments, first, first + count), ss.shape, ss.num_classes):
                 xs.append(x)
                 ys.append(y)
                 if len(xs) == batch:
@@ -88,7 +89,7 @@ def rank_images(spec: str, kind: str = "auto", split: str = "test", n: int = 0, 
 
         x, y = load_fashion_mnist(split, fashion_root or FASHION_MNIST_DIR)
     else:
-        from ebmscale.data.shards import load_source
+        from ebmscale.data.sources import load_source
 
         src = load_source(kind, spec if kind not in BUILTIN_IMAGE_SETS else "", split)
         if src.images is None:
@@ -193,7 +194,8 @@ def sample_batches(models: list[tuple], classes: list[int], n: int, steps: int |
 
 
 def conditional_batches(model_entry: tuple, n: int, steps: int | None, init: str, seed: int, batch: int,
-                        device: torch.device) -> tuple[int, Iterator[torch.Tensor], dict]:
+                        device: torch.device, step_size: float | None = None,
+                        noise_std: float | None = None) -> tuple[int, Iterator[torch.Tensor], dict]:
     """This rank's share of ``n`` class-conditional samples of one checkpoint, labels spread evenly
     over the classes, each chain at its own label, started from its class's buffer chains
     (``init='buffer'``) or noise: ``(first global index, iterator of model-range batches, the
@@ -210,7 +212,7 @@ def conditional_batches(model_entry: tuple, n: int, steps: int | None, init: str
         from ebmscale.checkpoint import load_buffer_state
 
         starts = buffer_class_images(load_buffer_state(state["path"]), mine, ordinals[first:first + count])
-    settings = sampler_settings(cfg, steps)
+    settings = sampler_settings(cfg, steps, step_size, noise_std)
 
     def run() -> Iterator[torch.Tensor]:
         with models_sampling([model]):
@@ -263,10 +265,18 @@ def sample_checkpoints(checkpoint: list[str], *, classes: list[int] | None = Non
     device = eval_device(device)
     models = load_models(checkpoint, device)
     classes = list(classes or [])
-    first, batches = sample_batches(models, classes, n, steps, init, seed, batch, device,
-                                    step_size, noise_std)
     from ebmscale.data import data_shape
     cfg0 = models[0][0]
+    # A class-conditional model without --class: labels spread evenly over the classes, each chain
+    # at its own label (as FID samples it), not the marginal energy (one pass per class per step).
+    balanced = cfg0.model.conditional and not classes and len(models) == 1
+    extra: dict = {}
+    if balanced:
+        first, batches, extra = conditional_batches(models[0], n, steps, init, seed, batch, device, step_size,
+                                                    noise_std)
+    else:
+        first, batches = sample_batches(models, classes, n, steps, init, seed, batch, device,
+                                        step_size, noise_std)
     toy = cfg0.data.dataset in TOY_DATASETS
     parts = [(x.cpu().numpy() if toy else to_uint8(x, cfg0.data.range).cpu().numpy()) for x in batches]
     empty = np.zeros((0, *data_shape(cfg0)), np.float32 if toy else np.uint8)
@@ -274,15 +284,18 @@ def sample_checkpoints(checkpoint: list[str], *, classes: list[int] | None = Non
     out_dir = out or os.path.join(run_dir_of(checkpoint[0]), "samples")
     result = {"n": n, "checkpoints": [os.path.abspath(p) for p in checkpoint], "classes": classes,
               "steps": steps if steps is not None else cfg0.sampler.steps, "init": init,
-              "product_of_experts": len(checkpoint) * max(1, len(classes)) > 1}
+              "product_of_experts": len(checkpoint) * max(1, len(classes)) > 1, **extra}
     if dist.is_main():
         os.makedirs(out_dir, exist_ok=True)
         stem = os.path.join(out_dir, name)
         if toy:
             np.savez(stem + ".npz", points=allx)
         else:
-            np.savez(stem + ".npz", images=np.ascontiguousarray(allx.transpose(0, 2, 3, 1)),
-                     labels=np.full(len(allx), classes[0] if len(classes) == 1 else -1, np.int64))
+            from ebmscale.eval.generate import balanced_classes
+
+            labels = (balanced_classes(n, cfg0.model.num_classes)[0] if balanced
+                      else np.full(len(allx), classes[0] if len(classes) == 1 else -1, np.int64))
+            np.savez(stem + ".npz", images=np.ascontiguousarray(allx.transpose(0, 2, 3, 1)), labels=labels)
             save_image_grid(allx[:grid], stem + ".png")
         result.update(npz=stem + ".npz", png=None if toy else stem + ".png",
                       mean=float(np.mean(allx if toy else allx / 255.0)))

@@ -17,8 +17,10 @@ import torch
 from PIL import Image
 
 from ebmscale.data.builtin import DataError
-from ebmscale.data.shards import load_source, write_shards
-from ebmscale.data.stream import ShardStream, open_shard_set, read_samples
+from ebmscale.data.sources import load_source
+from ebmscale.data.writer import write_shards
+from ebmscale.data.manifest import open_shard_set
+from ebmscale.data.stream import ShardStream, read_samples
 
 WORKERS = 2
 

@@ -4,7 +4,8 @@ import json
 import numpy as np
 
 from ebmscale.config import load_config
-from ebmscale.data.shards import load_source, write_shards
+from ebmscale.data.sources import load_source
+from ebmscale.data.writer import write_shards
 from ebmscale.trainer import train
 from tests.distributed.test_stream_ranks import _member
 

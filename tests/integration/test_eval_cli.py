@@ -117,6 +117,12 @@ def test_conditional_model_fid_during_training_and_from_the_cli(run, capsys):
     # More chains of a class than its buffer partition holds (40 slots: 4 per class): one line.
     code, _, err = cli(capsys, "eval", "fid", "--checkpoint", run_dir, "--ref", ref, "--n", 60, "--init", "buffer")
     assert code == 2 and "holds 4 chains of class 0; asked for 6" in err
+    # `sample` without --class samples the same way (not the marginal energy), labels in the .npz.
+    code, out, err = cli(capsys, "sample", "--checkpoint", run_dir, "--n", 12, "--steps", 2, "--out", base / "cs")
+    assert code == 0, err
+    assert out["labels"] == "balanced" and out["class_counts"] == [2, 2] + [1] * 8 and out["classes"] == []
+    with np.load(base / "cs" / "samples.npz") as f:
+        assert f["labels"].tolist() == [i % 10 for i in range(12)] and f["images"].shape[0] == 12
 
 
 def test_sample_product_of_experts(run, capsys):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from ebmscale.config import load_config
-from ebmscale.data.shards import load_source, write_shards
+from ebmscale.data.sources import load_source
+from ebmscale.data.writer import write_shards
 from ebmscale.trainer import train
 from tests.conftest import REPO, run_cli
 from tests.unit.test_shards import make_cifar

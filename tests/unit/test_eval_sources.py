@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ebmscale.config import ConfigError
-from ebmscale.data.shards import read_npz, write_shards
+from ebmscale.data.sources import read_npz
+from ebmscale.data.writer import write_shards
 from ebmscale.eval.commands import rank_images
 from ebmscale.eval.generate import buffer_images
 

@@ -19,9 +19,11 @@ from ebmscale.config import ConfigError, load_config
 from ebmscale.data.builtin import DataError, load_builtin
 from ebmscale.data.images import build_image_stream, image_shape
 from ebmscale.cli.data import add_shards_arguments, shards_command
-from ebmscale.data.shards import (cache_key, cached_shards, encode_png_batch, load_source,
-                                  read_manifest, resize_center_crop, verify_shards, write_shards)
-from ebmscale.data.stream import ShardStream, open_shard_set, read_samples
+from ebmscale.data.codec import encode_png_batch, resize_center_crop
+from ebmscale.data.manifest import open_shard_set, read_manifest, verify_shards
+from ebmscale.data.sources import load_source
+from ebmscale.data.stream import ShardStream, read_samples
+from ebmscale.data.writer import cache_key, cached_shards, write_shards
 
 
 # --------------------------------------------------------------------------- fabricated sources
@@ -247,10 +249,10 @@ def test_cli_writes_verifies_and_refuses_to_clobber(tmp_path):
 # --------------------------------------------------------------------------- first-use cache
 
 def test_first_use_cache_is_atomic_and_reused(tmp_path, monkeypatch):
-    import ebmscale.data.shards as shards
+    import ebmscale.data.writer as writer
 
     cache = str(tmp_path / "cache")
-    real = shards._write_shard
+    real = writer._write_shard
     calls = {"n": 0}
 
     def dies_on_second_shard(task):
@@ -259,11 +261,11 @@ def test_first_use_cache_is_atomic_and_reused(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # an interrupted conversion
         return real(task)
 
-    monkeypatch.setattr(shards, "_write_shard", dies_on_second_shard)
+    monkeypatch.setattr(writer, "_write_shard", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         cached_shards("digits", "", cache, shard_size=500, processes=1)
     assert [n for n in os.listdir(os.path.join(cache, "shards")) if not n.endswith(".lock")] == []
-    monkeypatch.setattr(shards, "_write_shard", real)
+    monkeypatch.setattr(writer, "_write_shard", real)
     debris = os.path.join(cache, "shards", f".{cache_key('digits', '', 'train', 0)}.tmp-1-2")
     os.makedirs(debris)  # what a killed run leaves behind
     first = cached_shards("digits", "", cache, shard_size=500, processes=1)
@@ -333,7 +335,7 @@ def test_truncated_shard_fails_at_start_and_is_counted_when_read(tmp_path):
     with pytest.raises(DataError, match=f"shard-000001.tar' is {cut} bytes, its manifest says {size}"):
         open_shard_set(str(tmp_path / "s"))
     # Mid-run (e.g. a remote shard, which cannot be checked at start) the same damage is skipped and counted.
-    from ebmscale.data.stream import Segment
+    from ebmscale.data.manifest import Segment
 
     reader = _SegmentReader()
     got = list(reader.samples([Segment(tar, 0, 7), Segment(tar, 2, 4)]))
@@ -357,7 +359,7 @@ def test_tar_reader_matches_tarfile_on_other_writers(tmp_path):
     gzipped, long names, directories) and webdataset's TarWriter."""
     import webdataset as wds
 
-    from ebmscale.data.stream import iter_tar
+    from ebmscale.data.tar import iter_tar
 
     files = [("d/" * 60 + "long.png", b"x" * 700), ("k1.png", bytes(range(256)) * 3), ("k1.cls", b"3"),
              ("empty.txt", b""), ("\u00fc.cls", "\u00fcn".encode())]
