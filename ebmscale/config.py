@@ -1,13 +1,13 @@
 """Typed configuration: a dataclass tree, YAML recipes, dotted command-line overrides.
 
 Every field has a default and a one-line help text (``metadata["help"]``). Values are checked
-for type, choice and range when loaded, and cross-field rules are checked by :func:`validate`,
-so a bad config fails before any work starts with one line naming the key.
+for type, choice and range when loaded, and cross-field rules are checked by :func:`validate`
+(the rules: :mod:`ebmscale.config_rules`), so a bad config fails before any work starts with one
+line naming the key.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -107,7 +107,8 @@ class BufferConfig:
                              "buffer per rank (bitwise-exact multi-rank resume)", choices=("local", "ray"))
     shards: int = _f(0, "ray: number of shard actors; 0 = one per rank", min=0)
     mixing: str = _f("random", "ray: where a rank's chain starts come from: 'random' = any shard (uniform over all "
-                               "slots); 'affine' = its own shard(s), plus a mix_fraction from any shard",
+                               "slots); 'affine' = the shards on its node (its own shard(s) on one node), plus a "
+                               "mix_fraction from any shard",
                      choices=("random", "affine"))
     mix_fraction: float = _f(0.25, "ray, mixing=affine: fraction of chain starts drawn from any shard", min=0.0,
                              max=1.0)
@@ -380,6 +381,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     return cfg
 
 
+def validate(cfg: Config) -> None:
+    """Cross-field checks (the rules: :mod:`ebmscale.config_rules`); each failure names the key to change."""
+    from ebmscale.config_rules import check  # imported here: the rules import this module
+
+    check(cfg)
+
+
 def class_conditional_chains(cfg: Config) -> bool:
     """Whether the sampler runs class-conditional chains (a conditional energy, or JEM's p(x, y)
     term): their labels come from the data batch and the buffer is split per class."""
@@ -394,131 +402,6 @@ def tracker_names(t: "TrainConfig") -> list[str]:
         if name and name not in names and (name != "tensorboard" or t.tensorboard):
             names.append(name)
     return names
-
-
-def validate(cfg: Config) -> None:
-    """Cross-field checks; each failure names the key to change."""
-    d, m, s = cfg.data, cfg.model, cfg.sampler
-    toy = d.dataset in TOY_DATASETS
-    if toy and m.arch != "mlp":
-        raise ConfigError(f"model.arch '{m.arch}' cannot model 2-D dataset '{d.dataset}'; set model.arch=mlp")
-    if not toy and m.arch == "mlp":
-        raise ConfigError(f"model.arch 'mlp' is for the 2-D toy sets; dataset '{d.dataset}' needs a conv arch")
-    if m.arch == "wrn" and (m.depth < 10 or (m.depth - 4) % 6 != 0):
-        raise ConfigError(f"model.depth for arch wrn is the total depth 6n+4 (JEM: 28), got {m.depth}")
-    if m.arch in ("wrn", "mlp", "cnn", "resnet") and m.width < 1:
-        raise ConfigError(f"model.width must be >= 1 for arch {m.arch}, got {m.width}")
-    if cfg.objective.kind == "jem" and m.num_classes < 2:
-        raise ConfigError("objective.kind=jem needs model.num_classes >= 2 (the classifier's logits)")
-    if cfg.objective.kind == "jem" and m.conditional:
-        raise ConfigError("objective.kind=jem uses the logits head directly; set model.conditional=false")
-    _validate_estimator(cfg, toy)
-    if m.conditional and m.num_classes < 2:
-        raise ConfigError("model.conditional needs model.num_classes >= 2")
-    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
-        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
-    if any(int(x) != x or x <= 0 for x in cfg.optim.decay_steps):
-        raise ConfigError(f"optim.decay_steps must be positive integers, got {cfg.optim.decay_steps}")
-    if s.kind in ("langevin", "mala") and s.noise_std not in (0.0, SamplerConfig.noise_std):
-        raise ConfigError(f"sampler.noise_std is only used by kind=sgld; {s.kind}'s noise is step_size itself")
-    if s.kind == "mala" and not (0.0 < s.step_size < math.inf):
-        raise ConfigError(f"sampler.step_size must be a positive finite number for sampler.kind=mala, got {s.step_size}")
-    if d.dataset in ("shards", "folder", "cifar10", "cifar100", "npz") and not d.path:
-        raise ConfigError(f"data.path is required for dataset '{d.dataset}'")
-    if d.dataset == "folder" and not d.resolution:
-        raise ConfigError("data.resolution is required for dataset 'folder' "
-                          "(images are resized and centre-cropped to it)")
-    if d.manifest and d.dataset != "shards":
-        raise ConfigError(f"data.manifest is only read for dataset 'shards', not '{d.dataset}'")
-    b = cfg.buffer
-    if b.backend == "local" and (b.ray_address or b.shards or b.mixing != "random"):
-        key = "buffer.ray_address" if b.ray_address else "buffer.shards" if b.shards else "buffer.mixing"
-        raise ConfigError(f"{key} is only read with buffer.backend=ray")
-    if b.ray_address and (b.ray_dashboard or b.ray_temp_dir):
-        key = "buffer.ray_dashboard" if b.ray_dashboard else "buffer.ray_temp_dir"
-        raise ConfigError(f"{key} only applies to the embedded Ray (buffer.ray_address=''); a cluster sets it at "
-                          "'ray start'")
-    if s.batch_size and cfg.objective.kind not in ("pcd", "jem"):
-        raise ConfigError(f"sampler.batch_size is only read by objective.kind=pcd or jem, not {cfg.objective.kind!r}")
-    chains = s.batch_size or d.batch_size
-    if class_conditional_chains(cfg) and chains > d.batch_size:
-        # Class-conditional chains take their labels from the data batch.
-        raise ConfigError(f"sampler.batch_size ({chains}) must be <= data.batch_size ({d.batch_size}) when chains "
-                          "are class-conditional (their labels come from the data batch)")
-    if s.init == "buffer" and cfg.buffer.capacity < chains:
-        key = "sampler.batch_size" if s.batch_size else "data.batch_size"
-        raise ConfigError(f"buffer.capacity ({cfg.buffer.capacity}) must be >= {key} ({chains})")
-    t = cfg.train
-    if t.distributed == "ddp" and (t.zero_stage or t.deepspeed_config):
-        key = "train.zero_stage" if t.zero_stage else "train.deepspeed_config"
-        raise ConfigError(f"{key} is only read with train.distributed=deepspeed (or auto under a DeepSpeed launcher)")
-    if t.compile == "true" and t.sampler_checkpointing:
-        raise ConfigError("train.compile=true cannot run with train.sampler_checkpointing (its per-call patching "
-                          "forces a recompile every call); set train.compile=auto or false")
-    if cfg.optim.accumulate > 1 and cfg.objective.kind not in ("pcd", "jem"):
-        raise ConfigError(f"optim.accumulate > 1 is only supported by objective.kind=pcd or jem, "
-                          f"not {cfg.objective.kind!r}")
-    if t.fid_every:
-        if toy:
-            raise ConfigError(f"train.fid_every needs an image dataset, not '{d.dataset}'")
-        if not t.fid_ref_stats:
-            raise ConfigError("train.fid_every needs train.fid_ref_stats (write it with `ebmscale eval ref-stats`)")
-        if not os.path.isfile(t.fid_ref_stats):
-            raise ConfigError(f"train.fid_ref_stats '{t.fid_ref_stats}' does not exist")
-        if t.fid_weights and not os.path.isfile(t.fid_weights):
-            raise ConfigError(f"train.fid_weights '{t.fid_weights}' does not exist")
-        if (t.fid_init or s.init) == "buffer" and t.fid_samples > cfg.buffer.capacity:
-            raise ConfigError(f"train.fid_samples ({t.fid_samples}) must be <= buffer.capacity "
-                              f"({cfg.buffer.capacity}) with buffer starts (or set train.fid_init=noise)")
-    bad = [n for n in (n.strip() for n in t.trackers.split(",")) if n and not n.replace("_", "").isalnum()]
-    if bad:
-        raise ConfigError(f"train.trackers must be comma-separated tracker names (e.g. tensorboard,wandb), got "
-                          f"{bad[0]!r}")
-    if t.deepspeed_config and not os.path.isfile(t.deepspeed_config):
-        raise ConfigError(f"train.deepspeed_config '{t.deepspeed_config}' does not exist")
-
-
-def _validate_estimator(cfg: Config, toy: bool) -> None:
-    """Cross-field checks of the estimators beyond PCD/JEM (objective.kind cd ... ksd)."""
-    o = cfg.objective
-    if o.kl_weight > 0:
-        if o.kind != "pcd":
-            raise ConfigError(f"objective.kl_weight (improved CD's KL term) is read by objective.kind=pcd only, "
-                              f"not {o.kind}")
-        if cfg.sampler.kind == "mala" or cfg.sampler.steps < 1:
-            raise ConfigError("objective.kl_weight differentiates through the last sampler step: it needs "
-                              "sampler.kind sgld or langevin and sampler.steps >= 1")
-        if cfg.train.distributed == "deepspeed":
-            raise ConfigError("objective.kl_weight differentiates through input gradients, which is tested under DDP "
-                              "only; set train.distributed=ddp")
-        if cfg.train.precision == "fp16":
-            raise ConfigError("objective.kl_weight's input gradients are not loss-scaled: set train.precision to "
-                              "fp32 or bf16")
-        if o.entropy_weight > 0 and cfg.sampler.init != "buffer":
-            raise ConfigError("objective.entropy_weight > 0 with objective.kl_weight compares the chains with past "
-                              "ones from the replay buffer: set sampler.init=buffer (or objective.entropy_weight=0)")
-    if o.kind in ("pcd", "jem"):
-        return
-    if cfg.model.conditional:
-        raise ConfigError(f"objective.kind={o.kind} trains an unconditional energy; set model.conditional=false")
-    if cfg.train.precision == "fp16":
-        raise ConfigError(f"objective.kind={o.kind} runs in fp32 or bf16 (its extra parameters and input "
-                          "gradients are not loss-scaled); set train.precision")
-    if o.kind == "lsd" and cfg.model.arch not in LSD_CRITIC_ARCHS:
-        raise ConfigError(f"objective.kind=lsd builds its critic from model.arch with a d-way output head; "
-                          f"model.arch={cfg.model.arch} cannot take one (use one of {', '.join(LSD_CRITIC_ARCHS)})")
-    if o.kind in ("sm", "dsm", "ssm", "ksd", "lsd") and cfg.train.distributed == "deepspeed":
-        raise ConfigError(f"objective.kind={o.kind} differentiates through input gradients, which is tested "
-                          "under DDP only; set train.distributed=ddp")
-    if o.kind == "sm" and not toy:
-        raise ConfigError("objective.kind=sm costs one backward pass per input dimension; use dsm or ssm "
-                          f"for dataset '{cfg.data.dataset}'")
-    if o.kind == "dsm" and (not o.dsm_sigmas or any(s <= 0 for s in o.dsm_sigmas)):
-        raise ConfigError(f"objective.dsm_sigmas must be a non-empty list of positive numbers, got {o.dsm_sigmas}")
-    if o.kind == "nce" and o.nce_noise_ratio * cfg.data.batch_size < 1:
-        raise ConfigError("objective.nce_noise_ratio * data.batch_size must give at least one noise sample")
-    if o.kind == "ksd" and cfg.data.batch_size < 2:
-        raise ConfigError("objective.kind=ksd is a U-statistic over pairs; data.batch_size must be >= 2")
 
 
 # --------------------------------------------------------------------------- dumping

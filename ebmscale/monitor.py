@@ -125,7 +125,7 @@ def _energies(trainer: Any, x: torch.Tensor, y: torch.Tensor | None) -> np.ndarr
 def log_visuals(trainer: Any, step: int) -> dict[str, str]:
     """Rank 0: log the sample images and energy histograms of ``step`` (see the module docstring)
     and write the extra PNGs (``samples/buffer-step-N.png``, ``samples/classes-step-N.png``; the
-    negatives' PNG is :meth:`Trainer.save_samples`'s). Returns the PNG paths written."""
+    negatives' PNG is :func:`ebmscale.loop.save_samples`'s). Returns the PNG paths written."""
     if not dist.is_main() or trainer.last_negatives is None:
         return {}
     metrics, out = trainer.metrics, {}

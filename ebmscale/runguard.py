@@ -1,8 +1,9 @@
 """One writer per run directory, and no rank outliving its launcher.
 
 * :class:`RunLock` -- the training process of rank 0 holds ``<run_dir>/run.lock`` for the whole
-  run. The lock is an exclusive ``flock`` on that file (the kernel drops it when the holder dies,
-  however it dies: a SIGKILLed run leaves no live lock behind), and the file records the holder
+  run. The lock is an exclusive ``flock`` on that file, taken with ``filelock``'s
+  ``UnixFileLock`` (the kernel drops it when the holder dies, however it dies: a SIGKILLed run
+  leaves no live lock behind; no soft-lock fallback, see below), and the file records the holder
   (host, pid, process start time, when it started) so that a second run on the same directory is
   refused with one line naming it. A record left by a killed run is reported and taken over, so
   ``--resume auto`` after a crash just works.
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import socket
@@ -36,6 +36,8 @@ import sys
 import threading
 import time
 from typing import Iterator
+
+from filelock import Timeout, UnixFileLock
 
 from ebmscale.config import ConfigError
 
@@ -85,7 +87,8 @@ class RunLock:
     def __init__(self, run_dir: str):
         self.run_dir = os.path.realpath(run_dir)
         self.path = os.path.join(self.run_dir, LOCK_FILE)
-        self.fd: int | None = None
+        self.fd: int | None = None  # where the record is written (and emptied on release)
+        self.flock: UnixFileLock | None = None
         self.taken_over: dict | None = None  # the stale record replaced, if any
         self.uses = 0
 
@@ -115,20 +118,26 @@ class RunLock:
 
     def _take(self) -> None:
         os.makedirs(self.run_dir, exist_ok=True)
+        # Non-blocking, one process-wide hold, the file kept on release (it is the record); no soft
+        # fallback: filelock's marker files outlive a SIGKILLed holder, the record check below does not.
+        flock = UnixFileLock(self.path, timeout=0, blocking=False, thread_local=False, fallback_to_soft=False,
+                             preserve_lock_file=True)
+        try:
+            flock.acquire()
+        except Timeout:
+            rec = self._read_path()
+            who = describe(rec) if rec else "another process (it is starting up)"
+            raise RunDirBusy(f"run directory '{self.run_dir}' is in use by {who}; stop that run first or "
+                             f"choose another --run-dir") from None
+        except OSError as exc:
+            if exc.errno not in _NO_LOCK_SERVICE:
+                raise
+            flock = None
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                previous = self._read(fd)  # a record left behind by a run that died holding the lock
-            except OSError as exc:
-                if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                    rec = self._read(fd)
-                    who = describe(rec) if rec else "another process (it is starting up)"
-                    raise RunDirBusy(f"run directory '{self.run_dir}' is in use by {who}; stop that run first or "
-                                     f"choose another --run-dir") from None
-                if exc.errno not in _NO_LOCK_SERVICE:
-                    raise
-                previous = self._check_record_only(fd)
+            # A record left behind by a run that died holding the lock, or (no lock service) the
+            # record alone decides.
+            previous = self._read(fd) if flock is not None else self._check_record_only(fd)
             if previous and previous.get("pid") is not None:
                 self.taken_over = previous
             os.ftruncate(fd, 0)
@@ -137,8 +146,20 @@ class RunLock:
             os.fsync(fd)
         except BaseException:
             os.close(fd)
+            if flock is not None:
+                flock.release()
             raise
-        self.fd = fd
+        self.fd, self.flock = fd, flock
+
+    def _read_path(self) -> dict | None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            return self._read(fd)
+        finally:
+            os.close(fd)
 
     def _check_record_only(self, fd: int) -> dict | None:
         """No lock service on this filesystem: the record decides (see the module docstring)."""
@@ -161,14 +182,15 @@ class RunLock:
         if self.uses > 0 or self.fd is None:
             return
         RunLock._held.pop(self.run_dir, None)
-        fd, self.fd = self.fd, None
+        fd, self.fd, flock, self.flock = self.fd, None, self.flock, None
         try:
             os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
         except OSError:
             pass
         finally:
             os.close(fd)
+            if flock is not None:
+                flock.release()
 
 
 def launched_rank() -> bool:

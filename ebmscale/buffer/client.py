@@ -164,15 +164,16 @@ def resplit_states(states: list[dict], capacities: list[int], num_classes: int) 
 
 
 def build_buffer(cfg: Any, shape: tuple[int, ...], bounds: tuple[float, float], num_classes: int, rank: int,
-                 world: int, seed: int) -> Union[LocalBuffer, "RayBuffer"]:
+                 world: int, seed: int, keeps_chains: bool = True) -> Union[LocalBuffer, "RayBuffer"]:
     """The replay buffer client for this rank (``cfg`` is the whole :class:`ebmscale.config.Config`).
     Short-run chains (``sampler.init=noise``) never draw, so they get the in-process buffer
-    whatever the backend and start no Ray."""
+    whatever the backend and start no Ray. An objective without persistent chains
+    (``keeps_chains=False``) gets a one-slot in-process buffer: the state layout stays, no Ray."""
     from ebmscale import dist  # the driver's helpers (torch); actors never call this function
 
     b = cfg.buffer
-    if b.backend == "local" or cfg.sampler.init != "buffer":
-        return LocalBuffer(ReplayBuffer(b.capacity, shape, bounds, b.reinit_prob, b.storage, num_classes,
+    if b.backend == "local" or cfg.sampler.init != "buffer" or not keeps_chains:
+        return LocalBuffer(ReplayBuffer(b.capacity if keeps_chains else 1, shape, bounds, b.reinit_prob, b.storage, num_classes,
                                         seed=dist.derive_seed(seed, rank, 0, "buffer")), cfg.sampler.steps)
     from ebmscale.buffer.ray_host import RayBuffer
 

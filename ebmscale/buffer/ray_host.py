@@ -18,9 +18,14 @@ holds a :class:`RayBuffer` client with the interface of :class:`ebmscale.buffer.
   transfer; the client decodes draws, the shards' fresh-noise starts stay float32); write-backs are
   sent without waiting; at most ``max_inflight`` requests stay in flight per rank.
 * faults: shard actors restart automatically (Ray retries the calls in flight); a restarted shard
-  reloads the state of the last checkpoint saved or loaded in this run (kept in Ray's object store
-  through the registry), or else refills itself with noise, and the registry counts the restart
-  (metric ``buffer_restarts``).
+  reloads the state of the last checkpoint saved or loaded in this run (its shard files, or a state
+  in Ray's object store, through the registry), or else refills itself with noise, and the registry
+  counts the restart (metric ``buffer_restarts``).
+* node loss: shards are pinned to their nodes (hard affinity), so a shard whose node died cannot
+  restart there. The first rank whose call to it fails asks the registry (pinned to rank 0's node)
+  to re-create it under the same name on a live node, from the same restore point; every rank
+  then picks up the new actor by name and re-sends the calls lost with the node (a write-back
+  lands in the re-created shard: same slots, same capacity).
 * with several ranks, the order in which ranks' writes land is not deterministic: a bitwise-exact
   multi-rank resume needs ``buffer.backend=local``.
 """
@@ -34,6 +39,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 import uuid
 from typing import Any, Callable
 
@@ -48,112 +54,97 @@ import ray  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from ebmscale.buffer import health, shardfile  # noqa: E402
-from ebmscale.buffer.client import as_numpy, resplit_states, split_capacity  # noqa: E402
+from ebmscale.buffer.client import as_numpy  # noqa: E402
+from ebmscale.buffer.cluster import (TOKEN_FILE, cluster_address, use_cluster_token, use_token_file,  # noqa: E402
+                                     write_token)
+from ebmscale.buffer.placement import (ShardLayout, by_shard, check_layout, gather, same_labels,  # noqa: E402
+                                       shard_states)
 from ebmscale.buffer.replay import ReplayBuffer, encode, starts_from_encoded  # noqa: E402
+from ebmscale.buffer.shard import Registry, Shard  # noqa: E402
 from ebmscale.config import ConfigError  # noqa: E402
 from ebmscale.utils import hash_seed  # noqa: E402
 
 
-
-def _same_labels(a: np.ndarray | None, b: np.ndarray | None) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
-
-
-def current_cluster_file() -> str:
-    """Where `ray start` records the running cluster of this node (Ray's default temp dir:
-    $RAY_TMPDIR, else $TMPDIR, else /tmp, then ray/ray_current_cluster)."""
-    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
-    return os.path.join(base, "ray", "ray_current_cluster")
-
-
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class BufferShard:
-    """One shard: a :class:`ReplayBuffer` in a Ray actor (NumPy only, no torch)."""
+class BufferShard(Shard):
+    """One shard (:class:`ebmscale.buffer.shard.Shard`: a :class:`ReplayBuffer` and its methods) in
+    a Ray actor (NumPy only, no torch), with its restart logic."""
 
-    def __init__(self, shard_id: int, kwargs: dict, registry: str):
+    def __init__(self, shard_id: int, kwargs: dict, registry: str, rehomed: tuple[dict | None, int] | None = None):
         self.shard_id, self.incarnation = shard_id, 0
         ctx = ray.get_runtime_context()
-        if ctx.was_current_actor_reconstructed:
-            # A restart after a crash: restore the last checkpoint if the registry holds one (its
-            # shard files on disk, or a state in the object store).
-            source, self.incarnation = ray.get(ray.get_actor(registry).restarted.remote(shard_id))
-            if source is None:  # no checkpoint yet: fresh noise, from a stream new to this incarnation
-                kwargs = dict(kwargs, seed=hash_seed(kwargs["seed"], self.incarnation) & 0xFFFFFFFF)
-            self.buf = ReplayBuffer(**kwargs)
-            if source is not None:
-                self.buf.load_state_dict(shardfile.load_state(*source["files"]) if "files" in source
-                                         else ray.get(source["ref"][0]))
+        if ctx.was_current_actor_reconstructed or rehomed is not None:
+            # A restart after a crash (or a re-creation on another node after its node died, with
+            # the registry's answer passed in): restore the last checkpoint if the registry holds
+            # one (its shard files on disk, or a state in the object store).
+            source, self.incarnation = rehomed or ray.get(ray.get_actor(registry).restarted.remote(shard_id))
+            self.buf = _restored(kwargs, source, self.incarnation)
         else:
             self.buf = ReplayBuffer(**kwargs)
-
-    def sample(self, n: int, labels: np.ndarray | None, seed: int
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Encoded starts (the client decodes): fp16/uint8 storage halves/quarters the transfer."""
-        q, idx, _, reinit, noise = self.buf.sample_encoded(n, labels=labels, rng=np.random.default_rng(seed))
-        return q, idx, reinit, noise
-
-    def write(self, idx: np.ndarray, q: np.ndarray, reinit: np.ndarray | None = None, steps: int = 0) -> None:
-        self.buf.write(idx, q, reinit, steps)
-
-    def health(self, subsample: int) -> dict:
-        """This shard's health counts (a few numbers: the chains stay here)."""
-        return self.buf.health(subsample)
-
-    def peek(self, n: int, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
-        return self.buf.peek(n, np.random.default_rng(seed), labels)
-
-    def state_dict(self) -> dict:
-        return self.buf.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.buf.load_state_dict(state)
-
-    def save(self, step_path: str) -> dict:
-        """Write this shard's files into the checkpoint (straight from here, in parallel with the
-        other shards); returns their marker entries."""
-        return shardfile.write_shard(step_path, self.shard_id, self.buf)
-
-    def verify(self, step_path: str, entries: dict) -> str | None:
-        """Check saved files against their marker entries; the first problem as one line, or None."""
-        try:
-            for name, entry in entries.items():
-                shardfile.verify(step_path, name, entry)
-        except shardfile.ShardFileError as exc:
-            return str(exc)
-        return None
-
-    def load(self, step_path: str, parts: list, rng_from: int) -> str | None:
-        """Replace this shard's chains with the saved slices ``parts`` (read here, memory-mapped)."""
-        try:
-            self.buf.load_state_dict(shardfile.load_state(step_path, parts, rng_from))
-        except shardfile.ShardFileError as exc:
-            return str(exc)
-        return None
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "incarnation": self.incarnation, "capacity": self.buf.capacity,
                 "node": ray.get_runtime_context().get_node_id(), "torch_loaded": "torch" in sys.modules}
 
 
+def _restored(kwargs: dict, source: dict | None, incarnation: int) -> ReplayBuffer:
+    """A shard's buffer after a restart: the restore point ``source`` (shard files, or a state in
+    the object store), or fresh noise from a stream new to this incarnation when there is none or
+    it was lost (an object-store copy that lived only on a node that died)."""
+    if source is not None:
+        try:
+            state = shardfile.load_state(*source["files"]) if "files" in source else ray.get(source["ref"][0], timeout=60)
+        except (ray.exceptions.RayError, shardfile.ShardFileError) as exc:
+            print(f"ebmscale: replay shard restore point lost ({type(exc).__name__}); refilling with noise",
+                  file=sys.stderr)
+        else:
+            buf = ReplayBuffer(**kwargs)
+            buf.load_state_dict(state)
+            return buf
+    return ReplayBuffer(**dict(kwargs, seed=hash_seed(kwargs["seed"], incarnation) & 0xFFFFFFFF))
+
+
+# What a call to a shard raises when the shard is gone for good (its node died, so hard affinity
+# cannot restart it there) rather than restarting: ActorUnavailableError is transient and retried.
+_SHARD_LOST = (ray.exceptions.ActorUnschedulableError, ray.exceptions.ActorDiedError)
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class BufferRegistry:
-    """Counts shard restarts and knows where each shard's last checkpointed state is: its files
-    (``{"files": (step_path, parts, rng_from)}``) or a state in Ray's object store (``{"ref":
-    [ref]}``, kept while rank 0, its owner, lives)."""
+class BufferRegistry(Registry):
+    """The :class:`ebmscale.buffer.shard.Registry` in a Ray actor (pinned to rank 0's node), which
+    also re-creates the shards of a node that died."""
 
     def __init__(self):
-        self.sources: list = []
-        self.restarts = 0
+        super().__init__()
+        self._rehomed: list = []  # handles of re-created shards (this actor owns them)
 
-    def set_sources(self, sources: list) -> None:
-        self.sources = list(sources)  # refs nested in a list arrive unresolved: no copy of the data here
-
-    def restarted(self, shard_id: int) -> tuple[dict | None, int]:
+    def rehome(self, shard_id: int, generation: int) -> int:
+        """Re-create shard ``shard_id`` (the caller saw ``generation`` of it fail for good) under
+        its name on the live node holding the fewest shards, restoring what a restart would; a no-op
+        when another rank already did (its generation moved on). Returns the current generation."""
+        s = self.shards[shard_id]
+        if s["generation"] != generation:
+            return s["generation"]
+        node = self.least_loaded({n["NodeID"] for n in ray.nodes() if n.get("Alive")})
+        try:  # the old actor's name is freed once Ray has marked it dead; make sure it is
+            ray.kill(ray.get_actor(s["name"], namespace=s["namespace"]), no_restart=True)
+        except ValueError:
+            pass
         self.restarts += 1
-        return (self.sources[shard_id] if shard_id < len(self.sources) else None), self.restarts
-
-    def count(self) -> int:
-        return self.restarts
+        source = self.source(shard_id)
+        for attempt in range(50):
+            try:
+                actor = BufferShard.options(name=s["name"], namespace=s["namespace"],
+                                            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)
+                                            ).remote(shard_id, s["kwargs"], s["registry"], (source, self.restarts))
+                break
+            except ValueError:  # the name is still taken: the old actor is being torn down
+                if attempt == 49:
+                    raise
+                time.sleep(0.1)
+        self._rehomed.append(actor)
+        s.update(node=node, generation=generation + 1)
+        return s["generation"]
 
 
 class _Session:
@@ -172,27 +163,6 @@ class _Session:
 
 
 _QUIET = dict(log_to_driver=False, logging_level=logging.ERROR)
-TOKEN_FILE = "auth_token"
-# What launch/ray/head.sh writes when RAY_AUTH_TOKEN_PATH is not set (relative to where it runs).
-CLUSTER_TOKEN_FILE = ".ray_auth_token"
-
-
-def write_token(path: str, token: str) -> None:
-    """Write an authentication token to ``path``, readable by its owner only (0600)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, token.encode())
-    finally:
-        os.close(fd)
-
-
-def use_token_file(path: str) -> None:
-    """Authenticate this process (and the Ray processes it starts) with the token in ``path``."""
-    os.environ["RAY_AUTH_TOKEN_PATH"] = os.path.abspath(path)
-    os.environ.pop("RAY_AUTH_TOKEN", None)
-
-
 def _refresh_auth() -> None:
     """Make Ray read RAY_AUTH_MODE and the token again before a ray.init: it caches both, from the
     first time it was imported (maybe before this module set them) or the last instance it
@@ -202,20 +172,6 @@ def _refresh_auth() -> None:
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
-
-
-def _cluster_token(target: str) -> None:
-    """Find the token of a cluster started with launch/ray/head.sh: $RAY_AUTH_TOKEN, the file
-    $RAY_AUTH_TOKEN_PATH names, or ./.ray_auth_token (head.sh's default)."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or (CLUSTER_TOKEN_FILE if os.path.isfile(CLUSTER_TOKEN_FILE) else "")
-    if not path:
-        raise ConfigError(f"the Ray cluster at '{target}' needs its authentication token: set RAY_AUTH_TOKEN_PATH to "
-                          "the file launch/ray/head.sh wrote (or RAY_AUTH_TOKEN to the token)")
-    if not os.path.isfile(path):
-        raise ConfigError(f"RAY_AUTH_TOKEN_PATH '{path}' does not exist (the token of the Ray cluster at '{target}')")
-    use_token_file(path)
 
 
 def start_embedded(namespace: str, dashboard: bool = False, temp_dir: str = "") -> _Session:
@@ -238,25 +194,11 @@ def start_embedded(namespace: str, dashboard: bool = False, temp_dir: str = "") 
     return _Session(owned=True, temp_dir=temp_dir if own_temp else None)
 
 
-def _cluster_address(address: str) -> str:
-    """host:port of the cluster ``address`` means ('auto': $RAY_ADDRESS or this node's cluster)."""
-    if address != "auto":
-        return address
-    if os.environ.get("RAY_ADDRESS"):
-        return os.environ["RAY_ADDRESS"]
-    try:
-        with open(current_cluster_file()) as fh:
-            return fh.read().strip()
-    except OSError:
-        raise ConfigError("buffer.ray_address=auto found no running Ray cluster on this node (start one with "
-                          "launch/ray/head.sh and launch/ray/worker.sh, or set RAY_ADDRESS)") from None
-
-
 def connect_cluster(address: str, namespace: str, timeout_s: float = 10.0, token_path: str = "") -> _Session:
     """Join a running cluster with its token (``token_path``: an embedded instance's token file;
-    else see :func:`_cluster_token`); an address that does not answer fails here, naming it (Ray
-    itself would retry for minutes)."""
-    target = _cluster_address(address)
+    else :func:`~ebmscale.buffer.cluster.use_cluster_token`); an address that does not answer fails
+    here, naming it (Ray itself would retry for minutes)."""
+    target = cluster_address(address)
     host, _, port = target.rpartition(":")
     try:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
@@ -269,7 +211,7 @@ def connect_cluster(address: str, namespace: str, timeout_s: float = 10.0, token
     if token_path:
         use_token_file(token_path)
     else:
-        _cluster_token(target)
+        use_cluster_token(target)
     _refresh_auth()
     try:
         ray.init(address=target, namespace=namespace, **_QUIET)
@@ -288,12 +230,9 @@ def _spread_nodes() -> list[str]:
 
 
 class RayBuffer:
-    """This rank's client of the global sharded buffer (see the module docstring).
-
-    ``share(obj)`` returns rank 0's ``obj`` on every rank and ``barrier()`` waits for all ranks
-    (``ebmscale.dist`` provides both over torch.distributed); ``shard_seed(k)`` seeds shard k's
-    initial noise.
-    """
+    """This rank's client of the global sharded buffer (see the module docstring). ``share(obj)``
+    returns rank 0's ``obj`` on every rank and ``barrier()`` waits for all ranks (``ebmscale.dist``
+    provides both over torch.distributed); ``shard_seed(k)`` seeds shard k's initial noise."""
 
     is_global = True
 
@@ -306,14 +245,8 @@ class RayBuffer:
         self.num_classes, self.mixing, self.mix_fraction = num_classes, b.mixing, b.mix_fraction
         self.use_prefetch, self.max_inflight = b.prefetch, b.max_inflight
         self._share, self._barrier = share, barrier
-        n_shards = b.shards or world
-        self.capacities = split_capacity(b.capacity * world, n_shards)
-        if min(self.capacities) < max(num_classes, 1):
-            raise ConfigError(f"buffer.shards={n_shards} leaves {min(self.capacities)} chains per shard, fewer than "
-                              f"the {num_classes} classes; use fewer shards or a larger buffer.capacity")
-        if not b.ray_address and world > int(os.environ.get("LOCAL_WORLD_SIZE", world)):
-            raise ConfigError("buffer.ray_address='' (embedded Ray) runs on one node; on several nodes start a "
-                              "cluster with launch/ray/ and set buffer.ray_address=auto")
+        self.capacities = check_layout(b, world, num_classes)
+        n_shards = len(self.capacities)
         self._session: _Session | None = None
         self._owned: list = []
         self.closed = False
@@ -333,9 +266,13 @@ class RayBuffer:
             self._session = (connect_cluster(info["address"], b.ray_namespace, token_path=info["token_path"])
                              if not b.ray_address
                              else connect_cluster(b.ray_address, b.ray_namespace))
-        self.names = info["shards"]
+        self.names, self.namespace = info["shards"], b.ray_namespace
         self.shards = [ray.get_actor(n, namespace=b.ray_namespace) for n in self.names]
+        self._generation = [0] * len(self.shards)  # of each shard's actor this rank holds (see _rehome)
         self.registry = ray.get_actor(info["registry"], namespace=b.ray_namespace)
+        # Which node each shard runs on, and this rank's: mixing=affine draws from this node's shards.
+        self.node = ray.get_runtime_context().get_node_id()
+        self._shard_nodes = [i["node"] for i in ray.get([s.info.remote() for s in self.shards])]
         self._set_capacities(self.capacities)
         self._inflight: list = []
         self._prefetched: tuple | None = None
@@ -344,32 +281,34 @@ class RayBuffer:
         self._snapshot_refs: list = []
 
     def _set_capacities(self, capacities: list[int]) -> None:
-        """P(shard) for a start: proportional to size (uniform over slots); 'own' = this rank's shards."""
+        """The draw arithmetic over ``capacities`` and the shards' nodes (ebmscale.buffer.placement)."""
         self.capacities = list(capacities)
-        n_shards, world, rank = len(capacities), self.world, self.rank
-        caps = np.asarray(capacities, dtype=np.float64)
-        self._p_all = caps / caps.sum()
-        own = np.array([k % world == rank for k in range(n_shards)]) if n_shards >= world else \
-            (np.arange(n_shards) == rank % n_shards)
-        self._p_own = np.where(own, caps, 0.0) / caps[own].sum()
+        self.layout = ShardLayout(self.capacities, self.rank, self.world, self._shard_nodes, self.node)
 
     def _create(self, b: Any, n_shards: int, shard_seed: Callable[[int], int]) -> dict:
         run = uuid.uuid4().hex[:10]
         registry = f"ebmscale-{run}-registry"
-        # Rank 0 keeps these handles: a (non-detached) actor whose handles are all dropped is stopped.
-        self._owned = [BufferRegistry.options(name=registry, namespace=b.ray_namespace).remote()]
         names = [f"ebmscale-{run}-shard-{k}" for k in range(n_shards)]
         nodes = _spread_nodes()
-        actors = []
+        # Rank 0 keeps these handles: a (non-detached) actor whose handles are all dropped is stopped.
+        # The registry lives on rank 0's node (it re-creates the shards of a node that dies).
+        self._owned = [BufferRegistry.options(name=registry, namespace=b.ray_namespace, scheduling_strategy=
+                                              NodeAffinitySchedulingStrategy(nodes[0], soft=False)).remote()]
+        actors, specs = [], []
         for k, name in enumerate(names):
             kwargs = dict(capacity=self.capacities[k], shape=self.shape, bounds=self.bounds, reinit_prob=b.reinit_prob,
                           storage=b.storage, num_classes=self.num_classes, seed=int(shard_seed(k)))
             # Shard k on node k mod N (rank 0's node first): the shards and their memory are spread
-            # over the cluster. Hard affinity: in Ray 2.60 a soft one (like SPREAD) put shards on
-            # any node; the price is that a shard whose node died cannot restart elsewhere.
-            where = NodeAffinitySchedulingStrategy(nodes[k % len(nodes)], soft=False)
+            # over the cluster. Hard affinity: in Ray 2.60 a soft one put shards on any node (measured:
+            # 2 of 6 off target on a two-node cluster); a shard whose node dies is re-created on a
+            # live node by the registry instead (see RayBuffer._rehome).
+            node = nodes[k % len(nodes)]
+            where = NodeAffinitySchedulingStrategy(node, soft=False)
             actors.append(BufferShard.options(name=name, namespace=b.ray_namespace, scheduling_strategy=where)
                           .remote(k, kwargs, registry))
+            specs.append({"name": name, "namespace": b.ray_namespace, "kwargs": kwargs, "registry": registry,
+                          "node": node})
+        ray.get(self._owned[0].configure.remote(specs))
         self._owned += actors
         ray.get([a.info.remote() for a in actors])  # created and filled before any rank draws
         # Embedded: the other ranks (same node) read the token from the session directory.
@@ -377,52 +316,33 @@ class RayBuffer:
                 "token_path": os.environ.get("RAY_AUTH_TOKEN_PATH", "") if not b.ray_address else ""}
 
     # ------------------------------------------------------------------ draw / write back
-    def _plan(self, n: int, labels: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Which shard serves each start, and one draw seed per shard: all of it from ``rng``."""
-        m = n if labels is None else len(labels)
-        n_shards = len(self.shards)
-        if self.mixing == "affine":
-            own = rng.random(m) >= self.mix_fraction
-            shard = np.where(own, rng.choice(n_shards, size=m, p=self._p_own), rng.choice(n_shards, size=m, p=self._p_all))
-        else:
-            shard = rng.choice(n_shards, size=m, p=self._p_all)
-        seeds = rng.integers(0, 2 ** 63 - 1, size=n_shards)
-        return shard, seeds
-
     def _submit(self, plan: tuple[np.ndarray, np.ndarray], labels: np.ndarray | None) -> list:
         shard, seeds = plan
-        parts = []
-        for k in np.unique(shard):
-            pos = np.flatnonzero(shard == k)
-            sub = None if labels is None else labels[pos]
-            parts.append((int(k), pos, self.shards[k].sample.remote(len(pos), sub, int(seeds[k]))))
-        return parts
+        return [(k, pos, self._send(k, "sample", (len(pos), None if labels is None else labels[pos], int(seeds[k]))))
+                for k, pos in by_shard(shard)]
 
     def draw(self, n: int, labels: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, list]:
         """``n`` chain starts drawn across the shards; the handle lists (shard, positions, slots,
         reinit mask)."""
         labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-        plan = self._plan(n, labels, rng)
+        plan = self.layout.plan(n if labels is None else len(labels), rng, self.mixing, self.mix_fraction)
         pre, self._prefetched = self._prefetched, None
         if (pre is not None and pre[0] == n and np.array_equal(pre[1][0], plan[0])
-                and np.array_equal(pre[1][1], plan[1]) and _same_labels(pre[3], labels)):
+                and np.array_equal(pre[1][1], plan[1]) and same_labels(pre[3], labels)):
             parts = pre[2]
         else:
             parts = self._submit(plan, labels)
-        results = ray.get([ref for _, _, ref in parts])
-        x = np.empty((len(plan[0]), *self.shape), dtype=np.float32)
-        handle = []
-        for (k, pos, _), (q, idx, reinit, noise) in zip(parts, results):
-            x[pos] = starts_from_encoded(q, reinit, noise, self.storage, self.bounds)
-            handle.append((k, pos, idx, reinit))
-        return x, handle
+        results = self._get([job for _, _, job in parts])
+        x = gather(len(plan[0]), self.shape, [pos for _, pos, _ in parts],
+                   [starts_from_encoded(q, reinit, noise, self.storage, self.bounds) for q, _, reinit, noise in results])
+        return x, [(k, pos, idx, reinit) for (k, pos, _), (_, idx, reinit, _) in zip(parts, results)]
 
     def prefetch(self, n: int, rng: np.random.Generator, labels: np.ndarray | None = None) -> None:
         """Send the draw ``draw(n, labels, rng')`` will make with ``rng'`` equal to ``rng`` now
         (a draw with other arguments ignores it and asks again)."""
         if self.use_prefetch:
             labels = None if labels is None else np.asarray(labels, dtype=np.int64)
-            plan = self._plan(n, labels, rng)
+            plan = self.layout.plan(n if labels is None else len(labels), rng, self.mixing, self.mix_fraction)
             self._prefetched = (n, plan, self._submit(plan, labels), labels)
 
     def peek(self, n: int, rng: np.random.Generator, labels: np.ndarray | None = None) -> np.ndarray:
@@ -432,37 +352,72 @@ class RayBuffer:
         the shard serving it, in the order of ``labels``."""
         self.flush()
         m = int(n) if labels is None else len(labels)
-        shard = rng.choice(len(self.shards), size=m, p=self._p_all)
-        seeds = rng.integers(0, 2 ** 63 - 1, size=len(self.shards))
+        shard, seeds = self.layout.plan(m, rng)
         if labels is None:
             counts = np.bincount(shard, minlength=len(self.shards))
-            parts = [self.shards[k].peek.remote(int(c), int(seeds[k])) for k, c in enumerate(counts) if c]
-            return np.concatenate(ray.get(parts))
+            return np.concatenate(self._call_each("peek", [(k, (int(c), int(seeds[k]))) for k, c in enumerate(counts) if c]))
         labels = np.asarray(labels, dtype=np.int64)
-        x = np.empty((m, *self.shape), dtype=np.float32)
-        where = [np.flatnonzero(shard == k) for k in range(len(self.shards))]
-        parts = [(pos, self.shards[k].peek.remote(len(pos), int(seeds[k]), labels[pos]))
-                 for k, pos in enumerate(where) if len(pos)]
-        for (pos, _), chains in zip(parts, ray.get([ref for _, ref in parts])):
-            x[pos] = chains
-        return x
+        where = list(by_shard(shard))
+        return gather(m, self.shape, [pos for _, pos in where],
+                      self._call_each("peek", [(k, (len(pos), int(seeds[k]), labels[pos])) for k, pos in where]))
 
     def write_back(self, handle: list, x: np.ndarray) -> None:
         """Queue the evolved chains for their slots and return; waits only while more than
         ``max_inflight`` write requests of this rank are unfinished."""
         x = np.asarray(x)
         for k, pos, idx, reinit in handle:
-            self._inflight.append(self.shards[k].write.remote(idx, encode(x[pos], self.storage, self.bounds), reinit,
-                                                              self.chain_steps))
+            self._inflight.append(self._send(k, "write", (idx, encode(x[pos], self.storage, self.bounds), reinit,
+                                                          self.chain_steps)))
         if len(self._inflight) > self.max_inflight:
-            done, self._inflight = ray.wait(self._inflight, num_returns=len(self._inflight) - self.max_inflight)
-            ray.get(done)  # surfaces a shard that could not be restarted
+            done = set(ray.wait([job[2] for job in self._inflight],
+                                num_returns=len(self._inflight) - self.max_inflight)[0])
+            finished = [job for job in self._inflight if job[2] in done]
+            self._inflight = [job for job in self._inflight if job[2] not in done]
+            self._get(finished)  # surfaces a shard that could not be restarted
 
     def flush(self) -> None:
         """Wait until this rank's write-backs have landed."""
         if self._inflight:
-            ray.get(self._inflight)
-            self._inflight = []
+            finished, self._inflight = self._inflight, []
+            self._get(finished)
+
+    # ------------------------------------------------------------------ node loss
+    def _send(self, k: int, method: str, args: tuple) -> tuple:
+        """Call ``shards[k].method(*args)``; the job ``(shard, generation, ref, method, args)``
+        remembers which actor of the shard it went to, so that it can be sent again (see _get)."""
+        return k, self._generation[k], getattr(self.shards[k], method).remote(*args), method, args
+
+    def _rehome(self, k: int, generation: int) -> None:
+        """Shard ``k``'s actor of ``generation`` is gone for good (its node died): have the
+        registry re-create it on a live node (once, whichever rank asks first), then take the new
+        actor by name. Nothing to do when this rank already holds a newer actor."""
+        if generation == self._generation[k]:
+            self._generation[k] = ray.get(self.registry.rehome.remote(k, generation))
+            self.shards[k] = ray.get_actor(self.names[k], namespace=self.namespace)
+            self._prefetched = None  # sent to the old actor
+            self._shard_nodes[k] = ray.get(self.shards[k].info.remote())["node"]
+            self._set_capacities(self.capacities)  # this node's shards may have changed
+
+    def _get(self, jobs: list[tuple]) -> list:
+        """``ray.get`` of shard calls made by :meth:`_send`; a call whose shard was lost with its
+        node is sent again to the shard's re-created actor."""
+        out = []
+        for job in jobs:
+            for attempt in range(3):
+                k, generation, ref, method, args = job
+                try:
+                    out.append(ray.get(ref))
+                    break
+                except _SHARD_LOST:
+                    if attempt == 2:
+                        raise
+                    self._rehome(k, generation)
+                    job = self._send(k, method, args)
+        return out
+
+    def _call_each(self, method: str, calls: list[tuple[int, tuple]]) -> list:
+        """``shards[k].method(*args)`` for each ``(k, args)`` at once, surviving node loss (see _get)."""
+        return self._get([self._send(k, method, args) for k, args in calls])
 
     def counters(self) -> dict[str, float]:
         """Shard restarts since the last call (rank 0 counts, others report 0: the metric is a sum).
@@ -481,11 +436,11 @@ class RayBuffer:
         (diversity from pairs within each shard); None on other ranks (rank 0 reports it)."""
         if self.rank != 0:
             return None
-        return health.merge(ray.get([s.health.remote(subsample) for s in self.shards]))
+        return health.merge(self._call_each("health", [(k, (subsample,)) for k in range(len(self.shards))]))
 
     def shard_info(self) -> list[dict]:
         """Per shard: pid, incarnation (restarts), capacity, node, and whether torch got imported."""
-        return ray.get([s.info.remote() for s in self.shards])
+        return self._call_each("info", [(k, ()) for k in range(len(self.shards))])
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -495,10 +450,12 @@ class RayBuffer:
         if self.rank != 0:
             return {"backend": "ray", "num_shards": len(self.shards), "shards": None}
         self.flush()
-        self._take_snapshot([s.state_dict.remote() for s in self.shards])
+        states_raw = self._call_each("state_dict", [(k, ()) for k in range(len(self.shards))])
+        # The restore point is put by rank 0 (stored on its node, owned by it), not left where each
+        # shard made it: it must outlive the node of a shard that dies.
+        self._take_snapshot([ray.put(st) for st in states_raw])
         # ray.get maps the arrays read-only from the object store: hand out writable copies.
-        states = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()}
-                  for st in ray.get(self._snapshot_refs)]
+        states = [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()} for st in states_raw]
         return {"backend": "ray", "num_shards": len(self.shards), "shards": states}
 
     def load_state_dict(self, state: dict) -> None:
@@ -510,15 +467,10 @@ class RayBuffer:
             return self.load_saved(state["sharded"], state["files"])
         if self.rank != 0:
             return
-        state = as_numpy(state)
-        shards = state.get("shards") if "shards" in state else [state]
-        if not shards:
-            raise ValueError("this replay-buffer state holds no shards (a global buffer is saved by rank 0 only)")
-        if len(shards) != len(self.shards) or [len(s["data"]) for s in shards] != self.capacities:
-            shards = resplit_states(list(shards), self.capacities, self.num_classes)
+        shards = shard_states(as_numpy(state), self.capacities, self.num_classes)
         self.flush()
         self._prefetched = None
-        ray.get([a.load_state_dict.remote(s) for a, s in zip(self.shards, shards)])
+        self._call_each("load_state_dict", [(k, (s,)) for k, s in enumerate(shards)])
         self._take_snapshot([ray.put(s) for s in shards])
 
     def _take_snapshot(self, refs: list) -> None:
@@ -533,22 +485,17 @@ class RayBuffer:
         write-backs have landed (:meth:`flush` on every rank, then a barrier)."""
         self.flush()
         entries: dict[str, dict] = {}
-        for e in ray.get([s.save.remote(step_path) for s in self.shards]):
+        for e in self._call_each("save", [(k, (step_path,)) for k in range(len(self.shards))]):
             entries.update(e)
         self._snapshot_refs = []
-        ray.get(self.registry.set_sources.remote(
-            [{"files": (step_path, [(k, 0, cap)], k)} for k, cap in enumerate(self.capacities)]))
+        ray.get(self.registry.set_sources.remote(self.layout.file_sources(step_path)))
         return entries
 
     def verify_saved(self, step_path: str, files: dict[str, dict]) -> str | None:
         """Rank 0: the shards check a checkpoint's buffer files against the marker, in parallel
         (each file read once, where its shard runs); the first problem as one line, or None."""
-        ids = shardfile.saved_shards(files)
-        jobs = []
-        for k in ids:
-            mine = {n: files[n] for n in shardfile.names(k).values() if n in files}
-            jobs.append(self.shards[k % len(self.shards)].verify.remote(step_path, mine))
-        return next((e for e in ray.get(jobs) if e), None)
+        jobs = [(k % len(self.shards), (step_path, shardfile.files_of(files, k))) for k in shardfile.saved_shards(files)]
+        return next((e for e in self._call_each("verify", jobs) if e), None)
 
     def load_saved(self, step_path: str, files: dict[str, dict]) -> None:
         """Restore a checkpoint's shard files (collective-safe: every rank takes the new layout;
@@ -556,13 +503,11 @@ class RayBuffer:
         file k. Otherwise the saved chains are re-split into the current shard count, keeping
         every chain once (:func:`~ebmscale.buffer.shardfile.plan_load`), so the buffer keeps the
         checkpoint's number of chains."""
-        saved = [int(shardfile.read_meta(step_path, k)["capacity"]) for k in shardfile.saved_shards(files)]
-        caps, plans = shardfile.plan_load(saved, len(self.shards))
+        caps, sources = shardfile.load_sources(step_path, files, len(self.shards))
         self._prefetched = None
         if self.rank == 0:
             self.flush()
-            sources = [(step_path, parts, k % len(saved)) for k, parts in enumerate(plans)]
-            errors = [e for e in ray.get([a.load.remote(*src) for a, src in zip(self.shards, sources)]) if e]
+            errors = [e for e in self._call_each("load", list(enumerate(sources))) if e]
             if errors:
                 raise shardfile.ShardFileError(errors[0])
             self._snapshot_refs = []

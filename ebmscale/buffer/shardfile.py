@@ -147,6 +147,19 @@ def plan_load(saved_capacities: list[int], n_shards: int) -> tuple[list[int], li
     return caps, plans
 
 
+def load_sources(step_path: str, files: dict[str, dict], n_shards: int) -> tuple[list[int], list[tuple]]:
+    """New capacities and, per new shard, what it loads (``(step_path, parts, rng_from)``, the
+    arguments of :func:`load_state`) from checkpoint ``step_path``'s shard files ``files``."""
+    saved = [int(read_meta(step_path, k)["capacity"]) for k in saved_shards(files)]
+    caps, plans = plan_load(saved, n_shards)
+    return caps, [(step_path, parts, k % len(saved)) for k, parts in enumerate(plans)]
+
+
+def files_of(files: dict[str, dict], k: int) -> dict[str, dict]:
+    """Shard ``k``'s entries among a marker's ``files``."""
+    return {n: files[n] for n in names(k).values() if n in files}
+
+
 def load_state(step_path: str, parts: list[tuple[int, int, int]], rng_from: int) -> dict:
     """A :meth:`~ebmscale.buffer.replay.ReplayBuffer.state_dict` made of the saved slices
     ``parts`` (see :func:`plan_load`), with the RNG state of saved shard ``rng_from``. Only the

@@ -52,8 +52,14 @@ class CrossRankTrainer(trainer_module.Trainer):
             if session:  # embedded: every rank authenticates with the token in rank 0's session directory
                 token = os.environ["RAY_AUTH_TOKEN_PATH"]
                 self.cross["token"] = {"mode": os.stat(token).st_mode & 0o777, "in_session": token.startswith(session)}
+            # Locality: the share of 4,000 starts served by a shard on this rank's node (mixing=affine
+            # draws 1 - mix_fraction from this node's shards, the rest from any shard by size).
+            nodes = [i["node"] for i in self.buffer.shard_info()]
+            _, many = self.buffer.draw(4000, None, np.random.default_rng(99 + self.rank))
+            here = self.buffer.node
+            self.cross["local_share"] = sum(len(pos) for k, pos, _, _ in many if nodes[k] == here) / 4000
             if self.rank == 0:
-                self.cross["shard_nodes"] = len({i["node"] for i in self.buffer.shard_info()})
+                self.cross["shard_nodes"] = len(set(nodes))
                 shards = self.buffer.state_dict()["shards"]
                 self.cross |= {"seen": all(bool(np.all(shards[k]["data"][idx] == MARK)) for k, idx in slots),
                               "shards_touched": sorted({k for k, _ in slots}), "num_shards": len(shards)}

@@ -11,6 +11,7 @@ and real SIGKILLs (ebmscale.runguard).
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -62,7 +63,7 @@ def test_record_decides_where_the_filesystem_has_no_locks(tmp_path, monkeypatch)
     def no_lock_service(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(runguard.fcntl, "flock", no_lock_service)
+    monkeypatch.setattr(fcntl, "flock", no_lock_service)  # what filelock's UnixFileLock calls
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     record = run_dir / runguard.LOCK_FILE

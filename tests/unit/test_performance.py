@@ -77,7 +77,7 @@ def test_runtime_is_resolved_once_and_the_config_is_never_changed(monkeypatch, t
 
     import yaml
 
-    from ebmscale.trainer import write_runtime
+    from ebmscale.loop import write_runtime
 
     base = ["data.dataset=digits", "model.width=4", "model.depth=2", "data.batch_size=8", "sampler.steps=2",
             "buffer.capacity=16", "buffer.backend=local", "train.progress=false", "train.tensorboard=false"]

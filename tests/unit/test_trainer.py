@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ebmscale.config import load_config
-from ebmscale.trainer import DivergenceError, Trainer, lr_factor
+from ebmscale.optim import lr_factor
+from ebmscale.trainer import DivergenceError, Trainer
 
 TINY = ["data.dataset=digits", "model.width=4", "model.depth=2", "data.batch_size=16", "sampler.steps=3",
         "buffer.capacity=64", "train.progress=false", "train.tensorboard=false", "buffer.backend=local"]

@@ -1,0 +1,96 @@
+"""What one shard of the global buffer does, and the registry beside the shards, without Ray:
+:mod:`ebmscale.buffer.ray_host` hosts these classes in Ray actors (and adds the restart logic that
+needs Ray). NumPy only, no torch: the actors import this module.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ebmscale.buffer import shardfile
+from ebmscale.buffer.replay import ReplayBuffer
+
+
+class Shard:
+    """One shard: a :class:`ReplayBuffer` (``self.buf``, set by the host) served by its methods;
+    draws take their seed from the caller, so the shard's own RNG is never used for them."""
+
+    shard_id: int
+    buf: ReplayBuffer
+
+    def sample(self, n: int, labels: np.ndarray | None, seed: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Encoded starts (the client decodes): fp16/uint8 storage halves/quarters the transfer."""
+        q, idx, _, reinit, noise = self.buf.sample_encoded(n, labels=labels, rng=np.random.default_rng(seed))
+        return q, idx, reinit, noise
+
+    def write(self, idx: np.ndarray, q: np.ndarray, reinit: np.ndarray | None = None, steps: int = 0) -> None:
+        self.buf.write(idx, q, reinit, steps)
+
+    def health(self, subsample: int) -> dict:
+        """This shard's health counts (a few numbers: the chains stay here)."""
+        return self.buf.health(subsample)
+
+    def peek(self, n: int, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
+        return self.buf.peek(n, np.random.default_rng(seed), labels)
+
+    def state_dict(self) -> dict:
+        return self.buf.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buf.load_state_dict(state)
+
+    def save(self, step_path: str) -> dict:
+        """Write this shard's files into the checkpoint (straight from here, in parallel with the
+        other shards); returns their marker entries."""
+        return shardfile.write_shard(step_path, self.shard_id, self.buf)
+
+    def verify(self, step_path: str, entries: dict) -> str | None:
+        """Check saved files against their marker entries; the first problem as one line, or None."""
+        try:
+            for name, entry in entries.items():
+                shardfile.verify(step_path, name, entry)
+        except shardfile.ShardFileError as exc:
+            return str(exc)
+        return None
+
+    def load(self, step_path: str, parts: list, rng_from: int) -> str | None:
+        """Replace this shard's chains with the saved slices ``parts`` (read here, memory-mapped)."""
+        try:
+            self.buf.load_state_dict(shardfile.load_state(step_path, parts, rng_from))
+        except shardfile.ShardFileError as exc:
+            return str(exc)
+        return None
+
+
+class Registry:
+    """Counts shard restarts and knows where each shard's last checkpointed state is: its files
+    (``{"files": (step_path, parts, rng_from)}``) or a state in Ray's object store (``{"ref":
+    [ref]}``, kept while rank 0, its owner, lives); and, to re-create a shard whose node died,
+    each shard's name, namespace, creation kwargs, node and generation."""
+
+    def __init__(self):
+        self.sources: list = []
+        self.restarts = 0
+        self.shards: list[dict] = []
+
+    def configure(self, shards: list[dict]) -> None:
+        """What re-creating a shard needs: its name, namespace, kwargs and node."""
+        self.shards = [dict(s, generation=0) for s in shards]
+
+    def least_loaded(self, alive: set[str]) -> str:
+        """Of the live nodes ``alive``, the one holding the fewest shards (ties: the first by id)."""
+        load = {node: sum(1 for t in self.shards if t["node"] == node) for node in alive}
+        return min(sorted(alive), key=lambda nd: load[nd])
+
+    def source(self, shard_id: int) -> dict | None:
+        return self.sources[shard_id] if shard_id < len(self.sources) else None
+
+    def set_sources(self, sources: list) -> None:
+        self.sources = list(sources)  # refs nested in a list arrive unresolved: no copy of the data here
+
+    def restarted(self, shard_id: int) -> tuple[dict | None, int]:
+        self.restarts += 1
+        return self.source(shard_id), self.restarts
+
+    def count(self) -> int:
+        return self.restarts
