@@ -118,13 +118,14 @@ class BufferRegistry(Registry):
         super().__init__()
         self._rehomed: list = []  # handles of re-created shards (this actor owns them)
 
-    def rehome(self, shard_id: int, generation: int) -> int:
+    def rehome(self, shard_id: int, generation: int) -> tuple[int, str]:
         """Re-create shard ``shard_id`` (the caller saw ``generation`` of it fail for good) under
         its name on the live node holding the fewest shards, restoring what a restart would; a no-op
-        when another rank already did (its generation moved on). Returns the current generation."""
+        when another rank already did (its generation moved on). Returns the shard's current
+        generation and node."""
         s = self.shards[shard_id]
         if s["generation"] != generation:
-            return s["generation"]
+            return s["generation"], s["node"]
         node = self.least_loaded({n["NodeID"] for n in ray.nodes() if n.get("Alive")})
         try:  # the old actor's name is freed once Ray has marked it dead; make sure it is
             ray.kill(ray.get_actor(s["name"], namespace=s["namespace"]), no_restart=True)
@@ -144,7 +145,7 @@ class BufferRegistry(Registry):
                 time.sleep(0.1)
         self._rehomed.append(actor)
         s.update(node=node, generation=generation + 1)
-        return s["generation"]
+        return s["generation"], node
 
 
 class _Session:
@@ -272,7 +273,7 @@ class RayBuffer:
         self.registry = ray.get_actor(info["registry"], namespace=b.ray_namespace)
         # Which node each shard runs on, and this rank's: mixing=affine draws from this node's shards.
         self.node = ray.get_runtime_context().get_node_id()
-        self._shard_nodes = [i["node"] for i in ray.get([s.info.remote() for s in self.shards])]
+        self._shard_nodes = list(info["nodes"])  # where rank 0 placed them (hard affinity: exact)
         self._set_capacities(self.capacities)
         self._inflight: list = []
         self._prefetched: tuple | None = None
@@ -313,6 +314,7 @@ class RayBuffer:
         ray.get([a.info.remote() for a in actors])  # created and filled before any rank draws
         # Embedded: the other ranks (same node) read the token from the session directory.
         return {"address": ray.get_runtime_context().gcs_address, "shards": names, "registry": registry,
+                "nodes": [spec["node"] for spec in specs],
                 "token_path": os.environ.get("RAY_AUTH_TOKEN_PATH", "") if not b.ray_address else ""}
 
     # ------------------------------------------------------------------ draw / write back
@@ -392,10 +394,9 @@ class RayBuffer:
         registry re-create it on a live node (once, whichever rank asks first), then take the new
         actor by name. Nothing to do when this rank already holds a newer actor."""
         if generation == self._generation[k]:
-            self._generation[k] = ray.get(self.registry.rehome.remote(k, generation))
+            self._generation[k], self._shard_nodes[k] = ray.get(self.registry.rehome.remote(k, generation))
             self.shards[k] = ray.get_actor(self.names[k], namespace=self.namespace)
             self._prefetched = None  # sent to the old actor
-            self._shard_nodes[k] = ray.get(self.shards[k].info.remote())["node"]
             self._set_capacities(self.capacities)  # this node's shards may have changed
 
     def _get(self, jobs: list[tuple]) -> list:
