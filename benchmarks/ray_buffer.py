@@ -64,7 +64,7 @@ def step_times(config: str, overrides: list[str], steps: int, blocks: int, warmu
 
 def throughput(shape: tuple[int, ...], batch: int, storage: str, calls: int) -> tuple[float, float]:
     """(draw MB/s, write-back MB/s) of one client on a 1-shard buffer of 10,000 chains."""
-    b = load_config(None, ["buffer.backend=ray", f"buffer.storage={storage}", "buffer.capacity=10000"]).buffer
+    b = load_config(None, ["buffer.backend=ray", f"buffer.storage={storage}", "buffer.capacity=2000"]).buffer
     client = RayBuffer(b, shape, (-1.0, 1.0), 0, 0, 1, shard_seed=lambda k: k)
     try:
         rng = np.random.default_rng(0)

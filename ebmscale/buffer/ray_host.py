@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
-from ebmscale.buffer import health, shardfile  # noqa: E402
+from ebmscale.buffer import health, mailbox, shardfile  # noqa: E402
 from ebmscale.buffer.client import as_numpy  # noqa: E402
 from ebmscale.buffer.cluster import (TOKEN_FILE, cluster_address, use_cluster_token, use_token_file,  # noqa: E402
                                      write_token)
@@ -280,6 +280,12 @@ class RayBuffer:
         self._restart_poll = None
         self._restarts_seen = 0
         self._snapshot_refs: list = []
+        # Shared-memory mailboxes to the shards on this node, by (shard, "draw"|"write"); False
+        # where a shard cannot map them (see ebmscale.buffer.mailbox). The write mailbox of a
+        # shard carries one write-back at a time: _box_writes[k] is the job using it.
+        self._boxes: dict[tuple[int, str], Any] = {}
+        self._box_writes: dict[int, tuple] = {}
+        mailbox.sweep_stale()
 
     def _set_capacities(self, capacities: list[int]) -> None:
         """The draw arithmetic over ``capacities`` and the shards' nodes (ebmscale.buffer.placement)."""
@@ -320,8 +326,44 @@ class RayBuffer:
     # ------------------------------------------------------------------ draw / write back
     def _submit(self, plan: tuple[np.ndarray, np.ndarray], labels: np.ndarray | None) -> list:
         shard, seeds = plan
-        return [(k, pos, self._send(k, "sample", (len(pos), None if labels is None else labels[pos], int(seeds[k]))))
-                for k, pos in by_shard(shard)]
+        parts = []
+        for k, pos in by_shard(shard):
+            args = (len(pos), None if labels is None else labels[pos], int(seeds[k]))
+            box = self._box(k, "draw")
+            if box is not None:  # the shard writes the float32 starts into this node's shared memory
+                box.view(len(pos), self.shape)
+                parts.append((k, pos, self._send(k, "sample_into", (*args, box.address))))
+            else:
+                parts.append((k, pos, self._send(k, "sample", args)))
+        return parts
+
+    def _box(self, k: int, kind: str) -> mailbox.Mailbox | None:
+        """This client's ``kind`` mailbox to shard ``k``, or None when the shard runs on another
+        node or cannot map it (checked once per shard and direction)."""
+        if self._shard_nodes[k] != self.node:
+            return None
+        box = self._boxes.get((k, kind))
+        if box is None:
+            box = mailbox.Mailbox()
+            try:
+                box.view(1, self.shape)
+                usable = self._call_each("probe", [(k, (box.address,))])[0]
+            except OSError:
+                usable = False
+            if not usable:
+                box.close()
+            box = self._boxes[(k, kind)] = box if usable else False
+        return box or None
+
+    def _starts(self, k: int, pos: np.ndarray, result: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(float32 starts, slots, reinit mask) of shard ``k``'s answer to a draw: in this
+        client's mailbox (``sample_into``: a view, valid until the next draw from that shard) or
+        by value, in the storage dtype (``sample``)."""
+        if len(result) == 2:
+            idx, reinit = result
+            return self._boxes[(k, "draw")].view(len(pos), self.shape), idx, reinit
+        q, idx, reinit, noise = result
+        return starts_from_encoded(q, reinit, noise, self.storage, self.bounds), idx, reinit
 
     def draw(self, n: int, labels: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, list]:
         """``n`` chain starts drawn across the shards; the handle lists (shard, positions, slots,
@@ -335,9 +377,9 @@ class RayBuffer:
         else:
             parts = self._submit(plan, labels)
         results = self._get([job for _, _, job in parts])
-        x = gather(len(plan[0]), self.shape, [pos for _, pos, _ in parts],
-                   [starts_from_encoded(q, reinit, noise, self.storage, self.bounds) for q, _, reinit, noise in results])
-        return x, [(k, pos, idx, reinit) for (k, pos, _), (_, idx, reinit, _) in zip(parts, results)]
+        starts = [self._starts(k, pos, res) for (k, pos, _), res in zip(parts, results)]
+        x = gather(len(plan[0]), self.shape, [pos for _, pos, _ in parts], [s for s, _, _ in starts])
+        return x, [(k, pos, idx, reinit) for (k, pos, _), (_, idx, reinit) in zip(parts, starts)]
 
     def prefetch(self, n: int, rng: np.random.Generator, labels: np.ndarray | None = None) -> None:
         """Send the draw ``draw(n, labels, rng')`` will make with ``rng'`` equal to ``rng`` now
@@ -368,14 +410,30 @@ class RayBuffer:
         ``max_inflight`` write requests of this rank are unfinished."""
         x = np.asarray(x)
         for k, pos, idx, reinit in handle:
-            self._inflight.append(self._send(k, "write", (idx, encode(x[pos], self.storage, self.bounds), reinit,
-                                                          self.chain_steps)))
+            box = self._write_box(k) if x.dtype == np.float32 else None
+            if box is not None:  # float32 chains into this node's shared memory; the shard encodes them
+                np.take(x, pos, axis=0, out=box.view(len(pos), self.shape), mode="clip")
+                job = self._box_writes[k] = self._send(k, "write_from", (idx, box.address, reinit, self.chain_steps))
+            else:
+                job = self._send(k, "write", (idx, encode(x[pos], self.storage, self.bounds), reinit, self.chain_steps))
+            self._inflight.append(job)
         if len(self._inflight) > self.max_inflight:
             done = set(ray.wait([job[2] for job in self._inflight],
                                 num_returns=len(self._inflight) - self.max_inflight)[0])
             finished = [job for job in self._inflight if job[2] in done]
             self._inflight = [job for job in self._inflight if job[2] not in done]
             self._get(finished)  # surfaces a shard that could not be restarted
+
+    def _write_box(self, k: int) -> mailbox.Mailbox | None:
+        """Shard ``k``'s write mailbox (None where there is none), free: the previous write-back
+        through it has landed. In training it has (the next step's draw came after it); else
+        this waits for it, which costs less than sending the chains by value."""
+        box = self._box(k, "write")
+        last = self._box_writes.get(k)
+        if box is not None and last is not None and any(job is last for job in self._inflight):
+            self._inflight = [job for job in self._inflight if job is not last]
+            self._get([last])
+        return box
 
     def flush(self) -> None:
         """Wait until this rank's write-backs have landed."""
@@ -413,8 +471,19 @@ class RayBuffer:
                     if attempt == 2:
                         raise
                     self._rehome(k, generation)
-                    job = self._send(k, method, args)
+                    job = self._send(k, *self._portable(k, method, args))
         return out
+
+    def _portable(self, k: int, method: str, args: tuple) -> tuple[str, tuple]:
+        """A call to send again to shard ``k``'s re-created actor: one through a mailbox goes by
+        value when the shard is no longer on this node."""
+        if method not in ("sample_into", "write_from") or self._shard_nodes[k] == self.node:
+            return method, args
+        if method == "sample_into":
+            return "sample", args[:3]
+        idx, _, reinit, steps = args
+        chains = self._boxes[(k, "write")].view(len(idx), self.shape)
+        return "write", (idx, encode(chains, self.storage, self.bounds), reinit, steps)
 
     def _call_each(self, method: str, calls: list[tuple[int, tuple]]) -> list:
         """``shards[k].method(*args)`` for each ``(k, args)`` at once, surviving node loss (see _get)."""
@@ -533,6 +602,9 @@ class RayBuffer:
                 for a in [*self.shards, self.registry]:  # a Ray we did not start keeps running: free its actors
                     ray.kill(a, no_restart=True)
         finally:
+            for box in self._boxes.values():
+                if box:
+                    box.close()
             if self._session is not None:
                 self._session.close()
 

@@ -19,16 +19,25 @@ def encode(x: np.ndarray, storage: str, bounds: tuple[float, float]) -> np.ndarr
     if storage == "uint8":
         if x.dtype == np.uint8:
             return x
-        return np.rint((np.clip(x, lo, hi) - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        y = np.clip(x, lo, hi)  # one temporary, then in place: the same numbers as the plain expression
+        y -= lo
+        y *= 255.0 / (hi - lo)
+        return np.rint(y, out=y).astype(np.uint8)
     return x.astype(_DTYPES[storage], copy=False)
 
 
-def decode(q: np.ndarray, storage: str, bounds: tuple[float, float]) -> np.ndarray:
-    """Stored chains -> float32 (the inverse of :func:`encode` up to quantisation)."""
+def decode(q: np.ndarray, storage: str, bounds: tuple[float, float], out: np.ndarray | None = None) -> np.ndarray:
+    """Stored chains -> float32 (the inverse of :func:`encode` up to quantisation); into ``out``
+    (float32, q's shape) when given, with the same numbers."""
     lo, hi = bounds
+    if out is None:
+        out = np.empty(q.shape, dtype=np.float32)
     if storage == "uint8":
-        return q.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
-    return q.astype(np.float32)
+        np.multiply(q, np.float32((hi - lo) / 255.0), out=out, dtype=np.float32)
+        np.add(out, np.float32(lo), out=out)
+    else:
+        np.copyto(out, q, casting="same_kind")
+    return out
 
 
 def starts_from_encoded(q: np.ndarray, reinit: np.ndarray, noise: np.ndarray, storage: str,
@@ -105,17 +114,35 @@ class ReplayBuffer:
         ``(stored chains in the storage dtype, slot indices, labels or None, reinit mask, float32
         noise for the re-initialised starts)``; :func:`starts_from_encoded` turns it into exactly
         what :meth:`sample` returns. uint8 storage thus crosses the wire at a quarter of float32."""
-        rng = self.rng if rng is None else rng
+        idx, reinit, noise = self._pick(n, labels, self.rng if rng is None else rng)
+        out_labels = None if self.labels is None else self.labels[idx].copy()
+        return self.data[idx], idx, out_labels, reinit, noise
+
+    def sample_into(self, out: np.ndarray, n: int, labels: np.ndarray | None = None,
+                    rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`sample` written into ``out`` (float32, ``[n, *shape]``, e.g. shared memory):
+        the same starts from the same ``rng``, without an intermediate array. Returns (slot
+        indices, reinit mask)."""
+        idx, reinit, noise = self._pick(n, labels, self.rng if rng is None else rng)
+        if self.storage == "fp32":
+            np.take(self.data, idx, axis=0, out=out, mode="clip")  # valid slots; "raise" would buffer `out`
+        else:
+            decode(self.data[idx], self.storage, self.bounds, out=out)
+        if len(noise):
+            out[reinit] = noise
+        return idx, reinit
+
+    def _pick(self, n: int, labels: np.ndarray | None, rng: np.random.Generator
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A draw's slots, reinit mask and fresh noise, from ``rng`` in a fixed order."""
         if labels is not None:
             idx = self._slots_for(labels, lambda slots, k: slots[rng.integers(0, len(slots), size=k)])
         else:
             idx = rng.integers(0, self.capacity, size=n).astype(np.int64)
-        q = self.data[idx]
         reinit = rng.random(len(idx)) < self.reinit_prob
         # Fresh starts are float noise, never quantised (the same numbers as a local draw).
         noise = self.noise(int(reinit.sum()), rng) if reinit.any() else np.empty((0, *self.shape), np.float32)
-        out_labels = None if self.labels is None else self.labels[idx].copy()
-        return q, idx, out_labels, reinit, noise
+        return idx, reinit, noise
 
     def peek(self, n: int, rng: np.random.Generator, labels: np.ndarray | None = None) -> np.ndarray:
         """``min(n, capacity)`` stored chains (distinct slots, float32) without re-initialisation

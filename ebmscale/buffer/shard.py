@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ebmscale.buffer import shardfile
+from ebmscale.buffer import mailbox, shardfile
 from ebmscale.buffer.replay import ReplayBuffer
 
 
@@ -25,6 +25,30 @@ class Shard:
 
     def write(self, idx: np.ndarray, q: np.ndarray, reinit: np.ndarray | None = None, steps: int = 0) -> None:
         self.buf.write(idx, q, reinit, steps)
+
+    # A client on this shard's node passes chains through shared memory (ebmscale.buffer.mailbox):
+    # only the slot indices travel through Ray.
+    def _mailboxes(self) -> mailbox.Attached:
+        if getattr(self, "_attached", None) is None:
+            self._attached = mailbox.Attached()
+        return self._attached
+
+    def probe(self, box: tuple[str, str, int]) -> bool:
+        """Whether this shard can map the caller's mailbox ``box`` (it shares the host)."""
+        return self._mailboxes().probe(box)
+
+    def sample_into(self, n: int, labels: np.ndarray | None, seed: int, box: tuple[str, str, int]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`sample`, the float32 starts written into the caller's mailbox ``box``; returns
+        (slot indices, reinit mask)."""
+        m = n if labels is None else len(labels)
+        out = self._mailboxes().view(box, m, self.buf.shape)
+        return self.buf.sample_into(out, m, labels=labels, rng=np.random.default_rng(seed))
+
+    def write_from(self, idx: np.ndarray, box: tuple[str, str, int], reinit: np.ndarray | None = None,
+                   steps: int = 0) -> None:
+        """:meth:`write` of the float32 chains in the caller's mailbox ``box`` (encoded here)."""
+        self.buf.write(idx, self._mailboxes().view(box, len(idx), self.buf.shape), reinit, steps)
 
     def health(self, subsample: int) -> dict:
         """This shard's health counts (a few numbers: the chains stay here)."""

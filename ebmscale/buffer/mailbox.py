@@ -1,0 +1,126 @@
+"""Shared-memory mailboxes between a Ray buffer client and the shards on its own node.
+
+Ray hands large NumPy arrays between processes through its object store, but every such transfer
+costs an object creation, a seal and a lookup on top of the copy: measured on a loaded 2-core AMD
+EPYC (Zen 4), an actor returning a 6.3 MB array took 9-13 ms, the same bytes through a file in
+``/dev/shm`` 5-6 ms, call included. So where a client and a shard share a node, the chains skip
+the object store: the client owns one mailbox per shard and direction (a float32 array in a
+``/dev/shm`` file, grown as needed), the shard maps it once and writes a draw's starts into it or
+reads a write-back's chains from it, and only slot indices travel through Ray. A shard on another
+node gets the chains by value, as before.
+
+NumPy and the standard library only (no Ray, no torch): the shard actors import this module.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import uuid
+
+import numpy as np
+
+SHM_DIR = "/dev/shm"
+_PREFIX = "ebmscale-box-"
+
+
+def _map(path: str, nbytes: int, create: bool) -> mmap.mmap:
+    flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if create:
+            os.ftruncate(fd, nbytes)  # tmpfs: pages are allocated only when first written
+        return mmap.mmap(fd, nbytes)
+    finally:
+        os.close(fd)
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_").replace("/", "_") or "host"
+
+
+def sweep_stale(shm_dir: str = SHM_DIR) -> None:
+    """Remove mailboxes of processes of this host that no longer run (a client killed before its
+    close); the host name in the file name keeps containers that share /dev/shm apart."""
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_PREFIX) or f"-{_host()}-" not in name:
+            continue
+        try:
+            pid = int(name[len(_PREFIX):].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(shm_dir, name))
+            except OSError:
+                pass
+        except (ValueError, PermissionError):
+            pass
+
+
+class Mailbox:
+    """One client-owned mailbox: ``view(n, shape)`` is a float32 array of ``n`` chains in shared
+    memory (the file is replaced by a larger one when ``n`` chains do not fit); ``address`` names
+    it for the shard (:func:`attach`). ``close()`` removes the file."""
+
+    def __init__(self, shm_dir: str = SHM_DIR):
+        self.shm_dir, self.path, self.nbytes = shm_dir, "", 0
+        self._key = f"{_PREFIX}{os.getpid()}-{_host()}-{uuid.uuid4().hex[:12]}"
+        self._mem: mmap.mmap | None = None
+        self._grown = 0
+
+    def view(self, n: int, shape: tuple[int, ...]) -> np.ndarray:
+        need = int(n) * int(np.prod(shape)) * 4
+        if need > self.nbytes:
+            self.close()
+            self._grown += 1
+            self.path = os.path.join(self.shm_dir, f"{self._key}-{self._grown}")
+            self.nbytes = max(need, 4096)
+            self._mem = _map(self.path, self.nbytes, create=True)
+        return np.frombuffer(self._mem, dtype=np.float32, count=need // 4).reshape(int(n), *shape)
+
+    @property
+    def address(self) -> tuple[str, str, int]:
+        """(key, path, bytes): what a shard needs to map the current file (key: same mailbox)."""
+        return self._key, self.path, self.nbytes
+
+    def close(self) -> None:
+        if self._mem is not None:
+            try:
+                self._mem.close()
+            except BufferError:  # a view of it is still referenced: the mapping goes with it
+                pass
+            self._mem = None
+        if self.path:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        self.path, self.nbytes = "", 0
+
+
+class Attached:
+    """The shard's side: the mailboxes it has mapped, by key (a grown mailbox replaces its
+    mapping; a shard holds a handful, one per client and direction)."""
+
+    def __init__(self):
+        self._maps: dict[str, tuple[str, mmap.mmap]] = {}
+
+    def view(self, address: tuple[str, str, int], n: int, shape: tuple[int, ...]) -> np.ndarray:
+        key, path, nbytes = address
+        held = self._maps.get(key)
+        if held is None or held[0] != path:
+            self._maps[key] = (path, _map(path, nbytes, create=False))
+        count = int(n) * int(np.prod(shape))
+        return np.frombuffer(self._maps[key][1], dtype=np.float32, count=count).reshape(int(n), *shape)
+
+    def probe(self, address: tuple[str, str, int]) -> bool:
+        """Whether this process can map the mailbox (same host, same /dev/shm)."""
+        try:
+            self.view(address, 0, (1,))
+        except OSError:
+            return False
+        return True
