@@ -176,7 +176,8 @@ def test_draws_reinit_fraction_and_uniform_over_all_shards(ray_session):
 
 
 def test_uint8_draws_are_decoded_by_the_client(ray_session):
-    """uint8 chains cross the wire as uint8 and are decoded here; fresh-noise starts stay float."""
+    """uint8 chains decode to float32 on the uint8 grid (by the shard into this node's shared
+    memory, or here when they came by value); fresh-noise starts stay float."""
     c = _client(ray_session, capacity=100, shards=2, reinit_prob=0.5, storage="uint8")
     try:
         state = c.state_dict()
@@ -193,6 +194,60 @@ def test_uint8_draws_are_decoded_by_the_client(ray_session):
         assert np.abs((fresh - 5.0) * 255 - np.rint((fresh - 5.0) * 255)).max() > 0.1
     finally:
         c.close()
+
+
+@pytest.mark.parametrize("storage", ["fp32", "uint8"])
+def test_shared_memory_mailboxes_carry_the_same_chains_as_ray_objects(ray_session, storage):
+    """Draws and write-backs between a client and the shards on its node go through /dev/shm
+    mailboxes: the same starts, slots and stored chains as by value through Ray (the mailboxes
+    switched off by hand), and no mailbox file is left after close."""
+    from ebmscale.buffer import mailbox
+
+    labelled = storage == "uint8"
+    c = _client(ray_session, capacity=60, shards=2, reinit_prob=0.3, storage=storage, num_classes=3 * labelled)
+    try:
+        labels = np.array([0, 2, 1, 1, 0] * 6) if labelled else None
+        draws, stored = [], []
+        for use_boxes in (True, False):
+            if not use_boxes:  # the by-value path, as to a shard on another node
+                boxes, c._boxes = c._boxes, {(k, kind): False for k in range(2) for kind in ("draw", "write")}
+            _fill(c, 5.5)
+            x, handle = c.draw(30, labels, np.random.default_rng(3))
+            c.write_back(handle, x * np.float32(0.5) + np.float32(3.0))  # lands inside the bounds
+            c.flush()
+            draws.append((x, handle))
+            stored.append([s["data"] for s in c.state_dict()["shards"]])
+            if use_boxes:
+                assert len([b for b in c._boxes.values() if b]) == 4  # draw and write, to each shard
+        c._boxes = boxes  # closed by close()
+        boxes = list(boxes.values())
+        (x1, h1), (x2, h2) = draws
+        assert np.array_equal(x1, x2) and len(np.unique(x1, axis=0)) > 1  # stored chains and fresh starts
+        for (k1, p1, i1, r1), (k2, p2, i2, r2) in zip(h1, h2, strict=True):
+            assert k1 == k2 and np.array_equal(p1, p2) and np.array_equal(i1, i2) and np.array_equal(r1, r2)
+        for a, b in zip(*stored, strict=True):
+            assert np.array_equal(a, b)
+    finally:
+        c.close()
+    assert not [p for p in boxes if os.path.exists(p.address[1]) or p.path]
+    assert not any(name.startswith(f"ebmscale-box-{os.getpid()}-") for name in os.listdir(mailbox.SHM_DIR))
+
+
+def test_stale_mailboxes_of_dead_processes_are_swept(tmp_path):
+    from ebmscale.buffer import mailbox
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = mailbox.Mailbox(str(tmp_path))
+    live.view(2, (3,))
+    stale = tmp_path / os.path.basename(live.path).replace(f"-{os.getpid()}-", f"-{dead.pid}-", 1)
+    stale.write_bytes(b"x")
+    other_host = tmp_path / f"ebmscale-box-{dead.pid}-otherhost-0-1"
+    other_host.write_bytes(b"x")
+    mailbox.sweep_stale(str(tmp_path))
+    assert os.path.exists(live.path) and not stale.exists() and other_host.exists()
+    live.close()
+    assert not os.listdir(tmp_path).count(os.path.basename(live.address[1] or "none"))
 
 
 def test_affine_mixing_and_class_labels(ray_session):

@@ -76,9 +76,10 @@ def test_storage_dtypes(storage, tol):
 @pytest.mark.parametrize("num_classes", [0, 3])
 def test_encoded_draw_decodes_to_exactly_the_plain_draw(storage, num_classes):
     """What the Ray shards send (storage dtype + float noise for fresh starts) decodes to the very
-    starts, slots and labels of a local draw with the same generator."""
-    a, b = (ReplayBuffer(60, (4,), bounds=(-1.0, 1.0), reinit_prob=0.3, storage=storage,
-                         num_classes=num_classes, seed=7) for _ in range(2))
+    starts, slots and labels of a local draw with the same generator; so do the starts a shard
+    writes into a client's shared-memory mailbox (``sample_into``)."""
+    a, b, c = (ReplayBuffer(60, (4,), bounds=(-1.0, 1.0), reinit_prob=0.3, storage=storage,
+                            num_classes=num_classes, seed=7) for _ in range(3))
     labels = np.array([0, 2, 2, 1, 0] * 4) if num_classes else None
     x, idx, lab, reinit = a.sample(20, labels, np.random.default_rng(5))
     q, idx2, lab2, reinit2, noise = b.sample_encoded(20, labels, np.random.default_rng(5))
@@ -86,6 +87,9 @@ def test_encoded_draw_decodes_to_exactly_the_plain_draw(storage, num_classes):
     assert np.array_equal(starts_from_encoded(q, reinit2, noise, storage, (-1.0, 1.0)), x)
     assert np.array_equal(idx, idx2) and np.array_equal(reinit, reinit2)
     assert (lab is None and lab2 is None) or np.array_equal(lab, lab2)
+    out = np.full((20, 4), np.nan, dtype=np.float32)
+    idx3, reinit3 = c.sample_into(out, 20, labels, np.random.default_rng(5))
+    assert np.array_equal(out, x) and np.array_equal(idx3, idx) and np.array_equal(reinit3, reinit)
 
 
 def test_encoded_write_is_stored_as_is():
