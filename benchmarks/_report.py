@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import platform
 from typing import Callable, Sequence
 
 
@@ -15,3 +16,13 @@ def print_report(rows: Sequence[dict], columns: Sequence[tuple[str, Callable[[di
     for r in rows:
         print("| " + " | ".join(fmt(r) for _, fmt in columns) + " |")
     print(json.dumps(list(rows) if meta is None else {**meta, "rows": list(rows)}))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the figures' machine."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")),
+                        platform.processor())
+    except OSError:
+        return platform.processor()

@@ -125,3 +125,13 @@ def test_training_goes_on_when_a_ray_node_dies(two_node_cluster, tmp_path, monke
     assert [r["step"] for r in records] == [4, 8, 12]
     assert sum(r["buffer_restarts"] for r in records) == 1
     assert all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_throughput_benchmark_across_the_two_nodes(two_node_cluster):
+    """benchmarks/ray_buffer.py --two-nodes at toy size: rank 1 on the worker node draws from and
+    writes back to a shard on the head node (by value through the object stores), figures > 0."""
+    from benchmarks.ray_buffer import two_node_throughput
+
+    cluster, worker = two_node_cluster
+    figures = two_node_throughput(cluster, worker, [((3, 8, 8), 4, "fp32"), ((3, 8, 8), 4, "uint8")], 2)
+    assert len(figures) == 2 and all(draw > 0 and write > 0 for draw, write in figures)

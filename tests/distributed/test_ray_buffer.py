@@ -250,6 +250,17 @@ def test_stale_mailboxes_of_dead_processes_are_swept(tmp_path):
     assert not os.listdir(tmp_path).count(os.path.basename(live.address[1] or "none"))
 
 
+def test_imagenet_step_time_benchmark_runs_tiny(ray_session, tmp_path):
+    """benchmarks/ray_buffer.py --imagenet at toy size: the ImageNet 128 recipe on fabricated
+    shards trains a step with each buffer variant."""
+    from benchmarks.ray_buffer import IMAGENET_CPU, VARIANTS, fabricated_imagenet, step_times
+
+    overrides = [*fabricated_imagenet(str(tmp_path), n=8), *IMAGENET_CPU, "data.batch_size=2", "sampler.steps=1",
+                 "buffer.capacity=1000", "train.progress=false", "train.tensorboard=false"]
+    times = step_times(os.path.join(REPO, "configs", "igebm_imagenet128.yaml"), overrides, 1, 1, 0, str(tmp_path))
+    assert set(times) == set(VARIANTS) and all(t > 0 for t in times.values())
+
+
 def test_affine_mixing_and_class_labels(ray_session):
     box: dict = {}
     kw = dict(world=2, num_classes=4, capacity=40, mixing="affine", mix_fraction=0.2)
