@@ -19,10 +19,12 @@ def print_report(rows: Sequence[dict], columns: Sequence[tuple[str, Callable[[di
 
 
 def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), for the figures' machine."""
+    """The CPU's model name, family and model (/proc/cpuinfo), for the figures' machine."""
     try:
         with open("/proc/cpuinfo") as fh:
-            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")),
-                        platform.processor())
+            info = dict(line.split(":", 1) for line in fh.read().split("\n\n")[0].splitlines() if ":" in line)
     except OSError:
         return platform.processor()
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    name = info.get("model name", platform.processor())
+    return f"{name} (family {info['cpu family']} model {info['model']})" if "cpu family" in info else name

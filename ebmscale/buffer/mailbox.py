@@ -29,7 +29,10 @@ def _map(path: str, nbytes: int, create: bool) -> mmap.mmap:
     fd = os.open(path, flags, 0o600)
     try:
         if create:
-            os.ftruncate(fd, nbytes)  # tmpfs: pages are allocated only when first written
+            # Reserve the pages now: a full /dev/shm (Docker's default is 64 MB) fails here with
+            # an OSError the client falls back on, not later with a SIGBUS on first write.
+            os.ftruncate(fd, nbytes)
+            os.posix_fallocate(fd, 0, nbytes)
         return mmap.mmap(fd, nbytes)
     finally:
         os.close(fd)
@@ -77,9 +80,12 @@ class Mailbox:
         if need > self.nbytes:
             self.close()
             self._grown += 1
-            self.path = os.path.join(self.shm_dir, f"{self._key}-{self._grown}")
-            self.nbytes = max(need, 4096)
-            self._mem = _map(self.path, self.nbytes, create=True)
+            self.path, self.nbytes = os.path.join(self.shm_dir, f"{self._key}-{self._grown}"), max(need, 4096)
+            try:
+                self._mem = _map(self.path, self.nbytes, create=True)
+            except OSError:
+                self.close()
+                raise
         return np.frombuffer(self._mem, dtype=np.float32, count=need // 4).reshape(int(n), *shape)
 
     @property

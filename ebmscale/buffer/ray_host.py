@@ -14,9 +14,13 @@ holds a :class:`RayBuffer` client with the interface of :class:`ebmscale.buffer.
 * prefetch: right after a step's write-backs are queued, the next step's draw is sent (labelled
   draws with the next batch's labels, which the trainer reads one batch ahead); calls from one
   caller to one actor run in order, so it sees this rank's own writes.
-* draws and write-backs cross the wire in the storage dtype (fp16/uint8 halve/quarter the
-  transfer; the client decodes draws, the shards' fresh-noise starts stay float32); write-backs are
-  sent without waiting; at most ``max_inflight`` requests stay in flight per rank.
+* chains to and from a shard on the client's node go through shared memory
+  (:mod:`ebmscale.buffer.mailbox`: the shard writes a draw's float32 starts into the client's
+  mailbox and reads write-backs from it, encoding and decoding on its side; only slot indices
+  travel through Ray). To a shard on another node they go by value in the storage dtype (fp16/uint8
+  halve/quarter the transfer; the client decodes draws, fresh-noise starts stay float32).
+  Write-backs are sent without waiting; at most ``max_inflight`` requests stay in flight per rank
+  (and one per shard through its mailbox: the next waits until it has landed).
 * faults: shard actors restart automatically (Ray retries the calls in flight); a restarted shard
   reloads the state of the last checkpoint saved or loaded in this run (its shard files, or a state
   in Ray's object store, through the registry), or else refills itself with noise, and the registry
@@ -59,7 +63,7 @@ from ebmscale.buffer.cluster import (TOKEN_FILE, cluster_address, use_cluster_to
                                      write_token)
 from ebmscale.buffer.placement import (ShardLayout, by_shard, check_layout, gather, same_labels,  # noqa: E402
                                        shard_states)
-from ebmscale.buffer.replay import ReplayBuffer, encode, starts_from_encoded  # noqa: E402
+from ebmscale.buffer.replay import STORAGE_DTYPES, ReplayBuffer, encode, starts_from_encoded  # noqa: E402
 from ebmscale.buffer.shard import Registry, Shard  # noqa: E402
 from ebmscale.config import ConfigError  # noqa: E402
 from ebmscale.utils import hash_seed  # noqa: E402
@@ -103,6 +107,11 @@ def _restored(kwargs: dict, source: dict | None, incarnation: int) -> ReplayBuff
             return buf
     return ReplayBuffer(**dict(kwargs, seed=hash_seed(kwargs["seed"], incarnation) & 0xFFFFFFFF))
 
+
+# Below this many bytes (in the storage dtype) a batch goes by value even on the shard's node: Ray
+# inlines such arguments and results into the call itself (its max_direct_call_object_size,
+# 100 KiB), which costs no more than a mailbox and keeps write-backs fire-and-forget.
+MAILBOX_MIN_BYTES = 100 * 1024
 
 # What a call to a shard raises when the shard is gone for good (its node died, so hard affinity
 # cannot restart it there) rather than restarting: ActorUnavailableError is transient and retried.
@@ -285,6 +294,7 @@ class RayBuffer:
         # shard carries one write-back at a time: _box_writes[k] is the job using it.
         self._boxes: dict[tuple[int, str], Any] = {}
         self._box_writes: dict[int, tuple] = {}
+        self._chain_bytes = int(np.prod(self.shape)) * np.dtype(STORAGE_DTYPES[self.storage]).itemsize
         mailbox.sweep_stale()
 
     def _set_capacities(self, capacities: list[int]) -> None:
@@ -329,31 +339,33 @@ class RayBuffer:
         parts = []
         for k, pos in by_shard(shard):
             args = (len(pos), None if labels is None else labels[pos], int(seeds[k]))
-            box = self._box(k, "draw")
+            box = self._box(k, "draw", len(pos))
             if box is not None:  # the shard writes the float32 starts into this node's shared memory
-                box.view(len(pos), self.shape)
                 parts.append((k, pos, self._send(k, "sample_into", (*args, box.address))))
             else:
                 parts.append((k, pos, self._send(k, "sample", args)))
         return parts
 
-    def _box(self, k: int, kind: str) -> mailbox.Mailbox | None:
-        """This client's ``kind`` mailbox to shard ``k``, or None when the shard runs on another
-        node or cannot map it (checked once per shard and direction)."""
-        if self._shard_nodes[k] != self.node:
+    def _box(self, k: int, kind: str, n: int) -> mailbox.Mailbox | None:
+        """This client's ``kind`` mailbox to shard ``k``, large enough for ``n`` chains; None when
+        the shard runs on another node, cannot map it (checked once per shard and direction), or
+        /dev/shm has no room (no more mailboxes to that shard then)."""
+        if (self._shard_nodes[k] != self.node or self._boxes.get((k, kind)) is False
+                or n * self._chain_bytes < MAILBOX_MIN_BYTES):
             return None
         box = self._boxes.get((k, kind))
-        if box is None:
-            box = mailbox.Mailbox()
-            try:
-                box.view(1, self.shape)
-                usable = self._call_each("probe", [(k, (box.address,))])[0]
-            except OSError:
-                usable = False
-            if not usable:
-                box.close()
-            box = self._boxes[(k, kind)] = box if usable else False
-        return box or None
+        try:
+            if box is None:
+                box = self._boxes[(k, kind)] = mailbox.Mailbox()
+                box.view(n, self.shape)
+                if not self._call_each("probe", [(k, (box.address,))])[0]:
+                    raise OSError("the shard cannot map the mailbox")
+            box.view(n, self.shape)
+        except OSError:
+            box.close()
+            self._boxes[(k, kind)] = False
+            return None
+        return box
 
     def _starts(self, k: int, pos: np.ndarray, result: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(float32 starts, slots, reinit mask) of shard ``k``'s answer to a draw: in this
@@ -410,7 +422,7 @@ class RayBuffer:
         ``max_inflight`` write requests of this rank are unfinished."""
         x = np.asarray(x)
         for k, pos, idx, reinit in handle:
-            box = self._write_box(k) if x.dtype == np.float32 else None
+            box = self._write_box(k, len(pos)) if x.dtype == np.float32 else None
             if box is not None:  # float32 chains into this node's shared memory; the shard encodes them
                 np.take(x, pos, axis=0, out=box.view(len(pos), self.shape), mode="clip")
                 job = self._box_writes[k] = self._send(k, "write_from", (idx, box.address, reinit, self.chain_steps))
@@ -424,16 +436,15 @@ class RayBuffer:
             self._inflight = [job for job in self._inflight if job[2] not in done]
             self._get(finished)  # surfaces a shard that could not be restarted
 
-    def _write_box(self, k: int) -> mailbox.Mailbox | None:
+    def _write_box(self, k: int, n: int) -> mailbox.Mailbox | None:
         """Shard ``k``'s write mailbox (None where there is none), free: the previous write-back
         through it has landed. In training it has (the next step's draw came after it); else
         this waits for it, which costs less than sending the chains by value."""
-        box = self._box(k, "write")
         last = self._box_writes.get(k)
-        if box is not None and last is not None and any(job is last for job in self._inflight):
+        if last is not None and any(job is last for job in self._inflight):
             self._inflight = [job for job in self._inflight if job is not last]
             self._get([last])
-        return box
+        return self._box(k, "write", n)
 
     def flush(self) -> None:
         """Wait until this rank's write-backs have landed."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from ebmscale.buffer import health
 
-_DTYPES = {"fp32": np.float32, "fp16": np.float16, "uint8": np.uint8}
+STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16, "uint8": np.uint8}
 
 
 def encode(x: np.ndarray, storage: str, bounds: tuple[float, float]) -> np.ndarray:
@@ -23,7 +23,7 @@ def encode(x: np.ndarray, storage: str, bounds: tuple[float, float]) -> np.ndarr
         y -= lo
         y *= 255.0 / (hi - lo)
         return np.rint(y, out=y).astype(np.uint8)
-    return x.astype(_DTYPES[storage], copy=False)
+    return x.astype(STORAGE_DTYPES[storage], copy=False)
 
 
 def decode(q: np.ndarray, storage: str, bounds: tuple[float, float], out: np.ndarray | None = None) -> np.ndarray:
@@ -70,8 +70,8 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, shape: tuple[int, ...], bounds: tuple[float, float] = (0.0, 1.0),
                  reinit_prob: float = 0.05, storage: str = "fp32", num_classes: int = 0, seed: int = 0):
-        if storage not in _DTYPES:
-            raise ValueError(f"unknown buffer storage '{storage}' (known: {', '.join(_DTYPES)})")
+        if storage not in STORAGE_DTYPES:
+            raise ValueError(f"unknown buffer storage '{storage}' (known: {', '.join(STORAGE_DTYPES)})")
         if num_classes and capacity < num_classes:
             raise ValueError(f"buffer capacity {capacity} is smaller than num_classes {num_classes}")
         self.capacity, self.shape = int(capacity), tuple(int(s) for s in shape)
@@ -208,7 +208,7 @@ class ReplayBuffer:
             raise ValueError(f"buffer state holds chains of shape {data.shape[1:]}, expected {self.shape}")
         if state["storage"] != self.storage:
             data = self._encode(decode(data, state["storage"], tuple(state["bounds"])))
-        self.data = data.astype(_DTYPES[self.storage], copy=True)
+        self.data = data.astype(STORAGE_DTYPES[self.storage], copy=True)
         self.capacity = len(self.data)
         # Checkpoints from before chain ages were kept: every chain counts as fresh.
         age = state.get("age")

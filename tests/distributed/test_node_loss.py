@@ -49,8 +49,12 @@ def _client(address: str, rank: int, world: int, share, **buffer) -> RayBuffer:
     return RayBuffer(b, (2,), (5.0, 6.0), 0, rank, world, shard_seed=lambda k: 100 + k, share=share)
 
 
-def test_a_dead_nodes_shard_comes_back_on_a_live_node_from_the_restore_point(two_node_cluster, tmp_path):
+def test_a_dead_nodes_shard_comes_back_on_a_live_node_from_the_restore_point(two_node_cluster, tmp_path,
+                                                                            monkeypatch):
     cluster, worker = two_node_cluster
+    # Even toy batches through shared memory to the head node's shard (and to shard 1 once it has
+    # moved there), by value to the worker node's.
+    monkeypatch.setattr(ray_host, "MAILBOX_MIN_BYTES", 0)
     box: dict = {}
     a = _client(cluster.address, 0, 2, lambda o: box.setdefault("i", o), capacity=20, reinit_prob=0.0)
     b = _client(cluster.address, 1, 2, lambda o: box["i"], capacity=20, reinit_prob=0.0)
@@ -89,6 +93,7 @@ def test_a_dead_nodes_shard_comes_back_on_a_live_node_from_the_restore_point(two
             time.sleep(0.05)
         assert seen == 1
         assert b.health() is None and a.health()["slots"] == 40
+        assert b._boxes[(0, "draw")] and a._boxes[(0, "write")]  # the head node's shard: shared memory
     finally:
         b.close()
         a.close()

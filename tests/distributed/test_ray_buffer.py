@@ -197,12 +197,13 @@ def test_uint8_draws_are_decoded_by_the_client(ray_session):
 
 
 @pytest.mark.parametrize("storage", ["fp32", "uint8"])
-def test_shared_memory_mailboxes_carry_the_same_chains_as_ray_objects(ray_session, storage):
+def test_shared_memory_mailboxes_carry_the_same_chains_as_ray_objects(ray_session, storage, monkeypatch):
     """Draws and write-backs between a client and the shards on its node go through /dev/shm
     mailboxes: the same starts, slots and stored chains as by value through Ray (the mailboxes
     switched off by hand), and no mailbox file is left after close."""
-    from ebmscale.buffer import mailbox
+    from ebmscale.buffer import mailbox, ray_host
 
+    monkeypatch.setattr(ray_host, "MAILBOX_MIN_BYTES", 0)  # these toy batches would go by value
     labelled = storage == "uint8"
     c = _client(ray_session, capacity=60, shards=2, reinit_prob=0.3, storage=storage, num_classes=3 * labelled)
     try:
@@ -231,6 +232,40 @@ def test_shared_memory_mailboxes_carry_the_same_chains_as_ray_objects(ray_sessio
         c.close()
     assert not [p for p in boxes if os.path.exists(p.address[1]) or p.path]
     assert not any(name.startswith(f"ebmscale-box-{os.getpid()}-") for name in os.listdir(mailbox.SHM_DIR))
+
+
+def test_no_room_in_dev_shm_falls_back_to_ray_objects(ray_session, monkeypatch):
+    """A mailbox that cannot be made (a full /dev/shm: Docker's default is 64 MB) is not tried
+    again; the chains go through Ray's object store instead. Small batches never try one."""
+    from ebmscale.buffer import mailbox, ray_host
+
+    small = _client(ray_session, capacity=20, reinit_prob=0.0)
+    try:
+        x, handle = small.draw(8, None, np.random.default_rng(0))
+        small.write_back(handle, x)
+        small.flush()
+        assert small._boxes == {}  # 8 x 2 float32: Ray inlines them into the calls
+    finally:
+        small.close()
+    monkeypatch.setattr(ray_host, "MAILBOX_MIN_BYTES", 0)
+
+    class Full(mailbox.Mailbox):
+        def view(self, n, shape):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mailbox, "Mailbox", Full)
+    c = _client(ray_session, capacity=20, reinit_prob=0.0)
+    try:
+        _fill(c, 5.25)
+        x, handle = c.draw(8, None, np.random.default_rng(0))
+        assert x.shape == (8, 2) and (x == 5.25).all()
+        c.write_back(handle, x + np.float32(0.5))
+        c.flush()
+        stored = c.state_dict()["shards"][0]["data"]
+        assert (stored[handle[0][2]] == 5.75).all()
+        assert c._boxes == {(0, "draw"): False, (0, "write"): False}
+    finally:
+        c.close()
 
 
 def test_stale_mailboxes_of_dead_processes_are_swept(tmp_path):
