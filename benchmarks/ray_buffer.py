@@ -20,7 +20,7 @@ One run, one process, one local Ray instance:
    so every chain crosses between the nodes' object stores by value.
 
     .venv/bin/python benchmarks/ray_buffer.py [--config configs/mnist_pcd.yaml | --imagenet] [--steps 40]
-        [--blocks 10] [--calls 100] [--no-steps] [--two-nodes] [key=value ...]
+        [--blocks 10] [--calls 100] [--no-steps | --no-throughput] [--two-nodes] [key=value ...]
 
 Prints a Markdown table and, as its last line, one JSON object with the machine's load average and
 all figures.
@@ -205,6 +205,7 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=10, help="interleaved blocks the timed steps are split into")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-steps", action="store_true", help="skip the step-time part")
+    p.add_argument("--no-throughput", action="store_true", help="skip the throughput part")
     p.add_argument("--calls", type=int, default=100, help="draw / write-back calls per throughput figure")
     p.add_argument("--big-calls", type=int, default=20, help="calls per ImageNet-size figure")
     p.add_argument("--two-nodes", action="store_true", help="also measure throughput across two Ray nodes on loopback")
@@ -228,7 +229,7 @@ def main() -> None:
                 for name, t in times.items():
                     rows.append({"measurement": f"train step ({name} buffer)", "value": round(t * 1e3, 2),
                                  "unit": "ms", "ratio_to_local": round(t / times["local"], 3)})
-            for shape, batch, calls in cases:
+            for shape, batch, calls in ([] if args.no_throughput else cases):
                 for storage in ("fp32", "uint8"):
                     draw, write = throughput(shape, batch, storage, calls)
                     what = f"{batch}x{'x'.join(map(str, shape))} {storage}"
@@ -236,7 +237,7 @@ def main() -> None:
                     rows.append({"measurement": f"write-back {what}", "value": round(write, 1), "unit": "MB/s"})
         finally:
             session.close()
-    if args.two_nodes:
+    if args.two_nodes and not args.no_throughput:
         big = [(shape, batch, storage) for shape, batch, _ in cases[2:] for storage in ("fp32", "uint8")]
         with loopback_cluster() as (cluster, worker):
             figures = two_node_throughput(cluster, worker, big, args.big_calls)
