@@ -67,7 +67,7 @@ def sweep_stale(shm_dir: str = SHM_DIR) -> None:
 class Mailbox:
     """One client-owned mailbox: ``view(n, shape)`` is a float32 array of ``n`` chains in shared
     memory (the file is replaced by a larger one when ``n`` chains do not fit); ``address`` names
-    it for the shard (:func:`attach`). ``close()`` removes the file."""
+    it for the shard (:class:`Attached`). ``close()`` removes the file."""
 
     def __init__(self, shm_dir: str = SHM_DIR):
         self.shm_dir, self.path, self.nbytes = shm_dir, "", 0
