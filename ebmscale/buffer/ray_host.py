@@ -20,7 +20,7 @@ holds a :class:`RayBuffer` client with the interface of :class:`ebmscale.buffer.
   travel through Ray). To a shard on another node they go by value in the storage dtype (fp16/uint8
   halve/quarter the transfer; the client decodes draws, fresh-noise starts stay float32).
   Write-backs are sent without waiting; at most ``max_inflight`` requests stay in flight per rank
-  (and one per shard through its mailbox: the next waits until it has landed).
+  (and two per shard through its write mailboxes: a third waits until the first has landed).
 * faults: shard actors restart automatically (Ray retries the calls in flight); a restarted shard
   reloads the state of the last checkpoint saved or loaded in this run (its shard files, or a state
   in Ray's object store, through the registry), or else refills itself with noise, and the registry
@@ -289,11 +289,11 @@ class RayBuffer:
         self._restart_poll = None
         self._restarts_seen = 0
         self._snapshot_refs: list = []
-        # Shared-memory mailboxes to the shards on this node, by (shard, "draw"|"write"); False
-        # where a shard cannot map them (see ebmscale.buffer.mailbox). The write mailbox of a
-        # shard carries one write-back at a time: _box_writes[k] is the job using it.
+        # Shared-memory mailboxes to the shards on this node, by (shard, "draw"|"write"|"write.1");
+        # False where a shard cannot map them (see ebmscale.buffer.mailbox). A write mailbox
+        # carries one write-back at a time: _box_writes[(k, kind)] is the job using it.
         self._boxes: dict[tuple[int, str], Any] = {}
-        self._box_writes: dict[int, tuple] = {}
+        self._box_writes: dict[tuple[int, str], tuple] = {}
         self._chain_bytes = int(np.prod(self.shape)) * np.dtype(STORAGE_DTYPES[self.storage]).itemsize
         mailbox.sweep_stale()
 
@@ -422,10 +422,12 @@ class RayBuffer:
         ``max_inflight`` write requests of this rank are unfinished."""
         x = np.asarray(x)
         for k, pos, idx, reinit in handle:
-            box = self._write_box(k, len(pos)) if x.dtype == np.float32 else None
-            if box is not None:  # float32 chains into this node's shared memory; the shard encodes them
+            free = self._write_box(k, len(pos)) if x.dtype == np.float32 else None
+            if free is not None:  # float32 chains into this node's shared memory; the shard encodes them
+                kind, box = free
                 np.take(x, pos, axis=0, out=box.view(len(pos), self.shape), mode="clip")
-                job = self._box_writes[k] = self._send(k, "write_from", (idx, box.address, reinit, self.chain_steps))
+                job = self._box_writes[(k, kind)] = self._send(k, "write_from", (idx, box.address, reinit,
+                                                                                 self.chain_steps))
             else:
                 job = self._send(k, "write", (idx, encode(x[pos], self.storage, self.bounds), reinit, self.chain_steps))
             self._inflight.append(job)
@@ -436,15 +438,35 @@ class RayBuffer:
             self._inflight = [job for job in self._inflight if job[2] not in done]
             self._get(finished)  # surfaces a shard that could not be restarted
 
-    def _write_box(self, k: int, n: int) -> mailbox.Mailbox | None:
-        """Shard ``k``'s write mailbox (None where there is none), free: the previous write-back
-        through it has landed. In training it has (the next step's draw came after it); else
-        this waits for it, which costs less than sending the chains by value."""
-        last = self._box_writes.get(k)
-        if last is not None and any(job is last for job in self._inflight):
-            self._inflight = [job for job in self._inflight if job is not last]
-            self._get([last])
-        return self._box(k, "write", n)
+    def _write_box(self, k: int, n: int) -> tuple[str, mailbox.Mailbox] | None:
+        """A free write mailbox to shard ``k`` (its last write-back has landed) and its kind; None
+        where there is none. In training the first one is always free (the next step's draw came
+        after its write-back); back-to-back write-backs alternate with a second one, so that one
+        is copied while the other lands, and wait for the older only when both are busy (which
+        costs less than sending the chains by value)."""
+        busy = []
+        for kind in ("write", "write.1"):
+            last = self._box_writes.get((k, kind))
+            if last is not None and any(job is last for job in self._inflight):
+                if not ray.wait([last[2]], timeout=0)[0]:
+                    busy.append(last)
+                    continue
+                self._landed(last)
+            box = self._box(k, kind, n)
+            if box is not None:
+                return kind, box
+            if kind == "write":  # no mailbox to this shard
+                return None
+        oldest = next(job for job in self._inflight if any(job is b for b in busy))
+        self._landed(oldest)
+        kind = next(kd for kd in ("write", "write.1") if self._box_writes.get((k, kd)) is oldest)
+        box = self._box(k, kind, n)
+        return None if box is None else (kind, box)
+
+    def _landed(self, job: tuple) -> None:
+        """Wait until write-back ``job`` has landed and take it out of the jobs in flight."""
+        self._inflight = [j for j in self._inflight if j is not job]
+        self._get([job])
 
     def flush(self) -> None:
         """Wait until this rank's write-backs have landed."""
@@ -492,8 +514,8 @@ class RayBuffer:
             return method, args
         if method == "sample_into":
             return "sample", args[:3]
-        idx, _, reinit, steps = args
-        chains = self._boxes[(k, "write")].view(len(idx), self.shape)
+        idx, address, reinit, steps = args
+        chains = next(b for b in self._boxes.values() if b and b.address[0] == address[0]).view(len(idx), self.shape)
         return "write", (idx, encode(chains, self.storage, self.bounds), reinit, steps)
 
     def _call_each(self, method: str, calls: list[tuple[int, tuple]]) -> list:

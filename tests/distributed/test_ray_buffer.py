@@ -200,7 +200,8 @@ def test_uint8_draws_are_decoded_by_the_client(ray_session):
 def test_shared_memory_mailboxes_carry_the_same_chains_as_ray_objects(ray_session, storage, monkeypatch):
     """Draws and write-backs between a client and the shards on its node go through /dev/shm
     mailboxes: the same starts, slots and stored chains as by value through Ray (the mailboxes
-    switched off by hand), and no mailbox file is left after close."""
+    switched off by hand), back-to-back write-backs (two write mailboxes per shard) landing in
+    order, and no mailbox file is left after close."""
     from ebmscale.buffer import mailbox, ray_host
 
     monkeypatch.setattr(ray_host, "MAILBOX_MIN_BYTES", 0)  # these toy batches would go by value
@@ -213,21 +214,32 @@ def test_shared_memory_mailboxes_carry_the_same_chains_as_ray_objects(ray_sessio
             if not use_boxes:  # the by-value path, as to a shard on another node
                 boxes, c._boxes = c._boxes, {(k, kind): False for k in range(2) for kind in ("draw", "write")}
             _fill(c, 5.5)
-            x, handle = c.draw(30, labels, np.random.default_rng(3))
-            c.write_back(handle, x * np.float32(0.5) + np.float32(3.0))  # lands inside the bounds
+            drawn = [c.draw(30, labels, np.random.default_rng(3 + j)) for j in range(3)]
+            for j, (x, handle) in enumerate(drawn):  # back to back, each to its own slots (inside the bounds)
+                c.write_back(handle, x * np.float32(0.5) + np.float32(3.0 - 0.2 * j))
             c.flush()
-            draws.append((x, handle))
+            draws.append(drawn)
             stored.append([s["data"] for s in c.state_dict()["shards"]])
             if use_boxes:
-                assert len([b for b in c._boxes.values() if b]) == 4  # draw and write, to each shard
+                assert {(k, kind) for k in range(2) for kind in ("draw", "write")} <= set(c._boxes)
+                # The next write-back went out before the previous one's answer came back (a call
+                # round trip): it took the second mailbox.
+                assert (0, "write.1") in c._boxes or (1, "write.1") in c._boxes
         c._boxes = boxes  # closed by close()
         boxes = list(boxes.values())
-        (x1, h1), (x2, h2) = draws
-        assert np.array_equal(x1, x2) and len(np.unique(x1, axis=0)) > 1  # stored chains and fresh starts
-        for (k1, p1, i1, r1), (k2, p2, i2, r2) in zip(h1, h2, strict=True):
-            assert k1 == k2 and np.array_equal(p1, p2) and np.array_equal(i1, i2) and np.array_equal(r1, r2)
+        for (x1, h1), (x2, h2) in zip(*draws, strict=True):
+            assert np.array_equal(x1, x2) and len(np.unique(x1, axis=0)) > 1  # stored chains and fresh starts
+            for (k1, p1, i1, r1), (k2, p2, i2, r2) in zip(h1, h2, strict=True):
+                assert k1 == k2 and np.array_equal(p1, p2) and np.array_equal(i1, i2) and np.array_equal(r1, r2)
         for a, b in zip(*stored, strict=True):
             assert np.array_equal(a, b)
+        if storage == "fp32":  # every write-back landed on its own slots, in order
+            expected = [np.full_like(a, 5.5) for a in stored[0]]
+            for j, (x, handle) in enumerate(draws[0]):
+                for k, pos, idx, _ in handle:
+                    expected[k][idx] = x[pos] * np.float32(0.5) + np.float32(3.0 - 0.2 * j)
+            for a, b in zip(stored[0], expected):
+                assert np.array_equal(a, b)
     finally:
         c.close()
     assert not [p for p in boxes if os.path.exists(p.address[1]) or p.path]
