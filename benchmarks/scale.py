@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--utilisation", type=float, default=0.4, help="assumed fraction of the H200's dense bf16 peak")
     p.add_argument("--ranks", type=int, default=8, help="ranks whose buffers a checkpoint holds")
     p.add_argument("--measure", action="store_true", help="also measure step-time split and sampler memory here")
-    p.add_argument("--recipes", nargs="+", default=RECIPES, choices=RECIPES, help="recipes to measure")
+    p.add_argument("--recipes", nargs="+", default=RECIPES, choices=RECIPES, help="recipes to count (and measure)")
     p.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2], help="ranks of each measured run")
     p.add_argument("--batch", type=int, default=2, help="examples (and chains) per rank in a measured step")
     p.add_argument("--sampler-steps", type=int, default=2, help="Langevin steps in a measured step")
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
         worker(args.worker, args.overrides, args.warmup, args.steps, args.out)
         return {}
     rows = []
-    for name in RECIPES:
+    for name in args.recipes:
         cfg = load_config(os.path.join(ROOT, "configs", name))
         row = {"recipe": name, **counted_flops(cfg)}
         row.update(bytes_of(cfg, args.ranks, row["parameters"]))
