@@ -205,11 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    import platform
+    from benchmarks._report import cpu_name
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    result = {"cpu": cpu, "cpu_cores": len(os.sched_getaffinity(0)), "batch_size": args.batch_size,
+    result = {"cpu": cpu_name(), "cpu_cores": len(os.sched_getaffinity(0)), "batch_size": args.batch_size,
               "images": args.images, "rows": rows, "consumption": consumed}
     print(json.dumps(result))
     return result

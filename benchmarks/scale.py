@@ -336,8 +336,9 @@ def main(argv: list[str] | None = None) -> dict:
         import shutil
         import tempfile
 
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                   "unknown CPU")
+        from benchmarks._report import cpu_name
+
+        cpu = cpu_name()
         load0 = os.getloadavg()[0]
         work = tempfile.mkdtemp(prefix="ebmscale-scale-")
         try:
