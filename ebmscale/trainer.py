@@ -144,10 +144,10 @@ class Trainer:
         """The sampler's noise source; None = ``torch.randn`` on this rank's generator (a seam too)."""
         return None
 
-    def _micro_step(self) -> tuple[torch.Tensor, dict, torch.Tensor | None, int, float, float, float]:
+    def _micro_step(self) -> tuple[torch.Tensor, dict, torch.Tensor | None, int, float, float]:
         """One micro-batch: positives, then the objective's loss (chains with their buffer
         write-backs, the loss forward through the wrapper). Returns (loss, stats, negatives, batch
-        size, data seconds, sampler seconds, buffer seconds): the sampler's without its buffer calls."""
+        size, data seconds, sampler seconds)."""
         t0 = time.perf_counter()
         x_pos, y = self._positives(next(self.stream))
         n = x_pos.shape[0]
@@ -156,13 +156,10 @@ class Trainer:
             check_half_precision(self.model, x_pos, y if self.cfg.model.conditional else None, self.runtime,
                                  self.cfg.train.precision_check, self.world)
         t1 = time.perf_counter()
-        self.context.buffer_time = 0.0
         loss, stats, x_neg = self._loss(x_pos, y)
-        # The objective's sampler window holds its buffer calls (draw, write-back, prefetch): split out.
-        buffer_time = self.context.buffer_time
-        sampler_time = max(0.0, float(stats.pop("sampler_time", 0.0)) - buffer_time)
+        t2 = t1 + float(stats.pop("sampler_time", 0.0))
         self.last_positives = (x_pos, y)  # the monitor's images and histograms
-        return loss, stats, x_neg, n, t1 - t0, sampler_time, buffer_time
+        return loss, stats, x_neg, n, t1 - t0, t2 - t1
 
     def train_step(self) -> dict[str, float]:
         """One optimisation step over ``optim.accumulate`` micro-batches (each with its own data,
@@ -172,14 +169,14 @@ class Trainer:
         k = cfg.optim.accumulate
         t0 = time.perf_counter()
         self.model.train()
-        self.sampler_counts.clear()
+        self.context.new_step()  # MALA's counts; the buffer time, split out of the sampler time below
         self.parallel.zero_grad(self.optimizer)
         stats: dict[str, float] = {}
-        negatives, n, data_time, sampler_time, buffer_time = [], 0, 0.0, 0.0, 0.0
+        negatives, n, data_time, sampler_time = [], 0, 0.0, 0.0
         for j in range(k):
             self.micro = self.context.micro = j
             with self.parallel.micro_batch(j):
-                loss, micro_stats, x_neg, n_j, t_data, t_sampler, t_buffer = self._micro_step()
+                loss, micro_stats, x_neg, n_j, t_data, t_sampler = self._micro_step()
                 # Backward averages the gradients across ranks on the last micro-batch; no update
                 # yet on any backend: the divergence check comes first (DeepSpeed's step too).
                 self.parallel.backward(loss)
@@ -187,7 +184,6 @@ class Trainer:
                 stats[key] = stats.get(key, 0.0) + float(v) / k
             negatives.append(x_neg)
             n, data_time, sampler_time = n + n_j, data_time + t_data, sampler_time + t_sampler
-            buffer_time += t_buffer
         self.micro = self.context.micro = 0
         grad_norm, overflow = self.parallel.clip_grad_norm(self.optimizer, self.model.parameters(),
                                                            cfg.optim.grad_clip_norm)
@@ -206,8 +202,9 @@ class Trainer:
         out: dict[str, float | None] = dict(stats)
         # None = no value this step (an fp16 overflow, or DeepSpeed not computing the norm).
         out.update(grad_norm=grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
-                   sampler_time=sampler_time, buffer_time=buffer_time, data_time=data_time, step_time=t3 - t0,
-                   samples_per_s=n / (t3 - t0), lr=self.optimizer.param_groups[0]["lr"])
+                   sampler_time=max(0.0, sampler_time - self.context.buffer_time), data_time=data_time,
+                   buffer_time=self.context.buffer_time, step_time=t3 - t0, samples_per_s=n / (t3 - t0),
+                   lr=self.optimizer.param_groups[0]["lr"])
         if cfg.sampler.kind == "mala":  # None on a step without sampling (weight 0 in the metrics)
             out["accept_rate"] = acceptance_rate(self.sampler_counts)
         if self.runtime.precision == "fp16":
@@ -243,8 +240,7 @@ class Trainer:
 
     @property
     def sampler_counts(self) -> dict:
-        """MALA's accepted / proposed chain-steps of the current step (sampler.kind=mala), counted
-        by the objective's sampler calls."""
+        """MALA's accepted / proposed chain-steps of the current step, counted by the sampler calls."""
         return self.context.sampler_counts
 
     @property

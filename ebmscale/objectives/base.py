@@ -76,9 +76,14 @@ class Context:
     # MALA's accepted / proposed chain-steps of the current step's sampler calls (sampler.kind=mala;
     # the trainer reads and clears them).
     sampler_counts: dict = dataclasses.field(default_factory=dict)
-    # Seconds spent in replay-buffer calls (draw, write-back, prefetch, peek) since the trainer
-    # last reset it: the step's buffer_time, which it subtracts from the objective's sampler_time.
+    # Seconds spent in replay-buffer calls (draw, write-back, prefetch, peek) this step: the step's
+    # buffer_time, which the trainer subtracts from the objective's sampler_time.
     buffer_time: float = 0.0
+
+    def new_step(self) -> None:
+        """Zero the per-step counters (MALA's acceptance counts, the buffer time)."""
+        self.sampler_counts.clear()
+        self.buffer_time = 0.0
 
     def buffer_call(self, method: str, *args: Any) -> Any:
         """``self.buffer.<method>(*args)``, its wall-clock time added to :attr:`buffer_time` (with
