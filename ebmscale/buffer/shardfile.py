@@ -5,6 +5,7 @@ pickle, nothing through rank 0)::
 
     buffer/shard-00003.npy         the chains, in the storage dtype (NumPy .npy)
     buffer/shard-00003.labels.npy  their class labels (class-partitioned buffers only)
+    buffer/shard-00003.age.npy     each chain's age (sampler steps since it last started from noise)
     buffer/shard-00003.json        capacity, storage, bounds, reinit_prob, num_classes, RNG state
 
 hashing the bytes as they go out (:func:`write_shard` returns the entries -- size and SHA-256 --
@@ -41,7 +42,7 @@ class ShardFileError(ValueError):
 def names(k: int) -> dict[str, str]:
     """Marker names (relative to the step directory) of shard ``k``'s files."""
     stem = f"{SHARD_DIR}/shard-{k:05d}"
-    return {"data": f"{stem}.npy", "labels": f"{stem}.labels.npy", "meta": f"{stem}.json"}
+    return {"data": f"{stem}.npy", "labels": f"{stem}.labels.npy", "age": f"{stem}.age.npy", "meta": f"{stem}.json"}
 
 
 def shard_entries(files: dict[str, dict]) -> dict[str, dict]:
@@ -92,9 +93,11 @@ def write_shard(step_path: str, k: int, buf: Any) -> dict[str, dict]:
     entries = {n["data"]: _write(os.path.join(step_path, n["data"]), array(buf.data))}
     if buf.labels is not None:
         entries[n["labels"]] = _write(os.path.join(step_path, n["labels"]), array(buf.labels))
+    # Ages make a resumed run's buffer health (buffer_age_mean/max) continue instead of restarting at 0.
+    entries[n["age"]] = _write(os.path.join(step_path, n["age"]), array(buf.age))
     meta = {"shard": k, "capacity": int(buf.capacity), "shape": list(buf.shape), "storage": buf.storage,
             "bounds": list(buf.bounds), "reinit_prob": buf.reinit_prob, "num_classes": buf.num_classes,
-            "labels": buf.labels is not None, "rng": buf.rng.bit_generator.state}
+            "labels": buf.labels is not None, "age": True, "rng": buf.rng.bit_generator.state}
     entries[n["meta"]] = _write(os.path.join(step_path, n["meta"]), lambda w: w.write(json.dumps(meta).encode()))
     return entries
 
@@ -166,17 +169,23 @@ def load_state(step_path: str, parts: list[tuple[int, int, int]], rng_from: int)
     slices are read (memory-mapped)."""
     metas = {j: read_meta(step_path, j) for j in {j for j, _, _ in parts} | {rng_from}}
     first = metas[parts[0][0]]
-    data, labels = [], []
+    # Shards written before ages were kept have none: their chains count as fresh (age 0).
+    with_age = all(metas[j].get("age", False) for j, _, _ in parts)
+    cols: dict[str, list[np.ndarray]] = {"data": [], "labels": [], "age": []}
     for j, a, b in parts:
         n = names(j)
         try:
-            data.append(np.array(np.load(os.path.join(step_path, n["data"]), mmap_mode="r")[a:b]))
-            if first["labels"]:
-                labels.append(np.array(np.load(os.path.join(step_path, n["labels"]), mmap_mode="r")[a:b]))
+            for key in ("data", "labels", "age"):
+                if key == "data" or (key == "labels" and first["labels"]) or (key == "age" and with_age):
+                    cols[key].append(np.array(np.load(os.path.join(step_path, n[key]), mmap_mode="r")[a:b]))
         except (OSError, ValueError) as exc:
             raise ShardFileError(f"buffer shard file of shard {j} under '{step_path}' cannot be read ({exc})") from None
-    state = {"data": np.concatenate(data) if len(data) > 1 else data[0],
-             "labels": (np.concatenate(labels) if len(labels) > 1 else labels[0]) if labels else None,
+
+    def joined(key: str) -> np.ndarray | None:
+        arrays = cols[key]
+        return (np.concatenate(arrays) if len(arrays) > 1 else arrays[0]) if arrays else None
+
+    state = {"data": joined("data"), "labels": joined("labels"), "age": joined("age"),
              "rng": metas[rng_from]["rng"], "storage": first["storage"], "bounds": first["bounds"],
              "reinit_prob": first["reinit_prob"], "num_classes": first["num_classes"]}
     if state["num_classes"]:

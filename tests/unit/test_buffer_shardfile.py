@@ -2,6 +2,8 @@
 chain once (ebmscale.buffer.shardfile)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -36,15 +38,42 @@ def test_resplit_keeps_every_chain_once_in_order(tmp_path, old, new):
 def test_round_trip_restores_a_replay_buffer_exactly(tmp_path):
     buf = ReplayBuffer(12, (2, 2), (0.0, 1.0), storage="uint8", num_classes=3, seed=7)
     buf.sample(5)  # move the RNG
+    buf.age[:] = np.arange(12) * 20  # chain ages (sampler steps) travel with the chains
     entries = shardfile.write_shard(str(tmp_path), 0, buf)
-    assert set(entries) == {"buffer/shard-00000.npy", "buffer/shard-00000.labels.npy", "buffer/shard-00000.json"}
+    assert set(entries) == {"buffer/shard-00000.npy", "buffer/shard-00000.labels.npy", "buffer/shard-00000.age.npy",
+                            "buffer/shard-00000.json"}
     for name, e in entries.items():
         shardfile.verify(str(tmp_path), name, e)
     other = ReplayBuffer(12, (2, 2), (0.0, 1.0), storage="uint8", num_classes=3, seed=99)
     other.load_state_dict(shardfile.load_state(str(tmp_path), [(0, 0, 12)], 0))
     assert other.data.dtype == np.uint8 and np.array_equal(other.data, buf.data)
-    assert np.array_equal(other.labels, buf.labels)
+    assert np.array_equal(other.labels, buf.labels) and np.array_equal(other.age, buf.age)
     assert np.array_equal(other.sample(4)[1], buf.sample(4)[1])  # the same RNG state
+
+
+def test_ages_follow_their_chains_through_a_resplit_and_old_files_load_as_fresh(tmp_path):
+    files, start = {}, 0
+    for k, cap in enumerate([5, 7]):
+        buf = ReplayBuffer(cap, (3,), (0.0, 1e6), seed=k)
+        buf.data[:] = (start + np.arange(cap, dtype=np.float32))[:, None]
+        buf.age[:] = 10 * (start + np.arange(cap))
+        files.update(shardfile.write_shard(str(tmp_path), k, buf))
+        start += cap
+    caps, plans = shardfile.plan_load([5, 7], 3)
+    states = [shardfile.load_state(str(tmp_path), parts, k % 2) for k, parts in enumerate(plans)]
+    for s in states:  # each chain keeps its own age, whichever new shard it lands in
+        assert np.array_equal(s["age"], 10 * s["data"][:, 0].astype(np.int64))
+    # A checkpoint written before ages were kept: no age file, no "age" in the meta.
+    meta_path = tmp_path / "buffer" / "shard-00000.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["age"]
+    meta_path.write_text(json.dumps(meta))
+    (tmp_path / "buffer" / "shard-00000.age.npy").unlink()
+    old = shardfile.load_state(str(tmp_path), [(0, 0, 5)], 0)
+    assert old["age"] is None
+    fresh = ReplayBuffer(5, (3,), (0.0, 1e6), seed=0)
+    fresh.load_state_dict(old)
+    assert np.array_equal(fresh.age, np.zeros(5, np.int64))
 
 
 def test_damage_is_named(tmp_path):
