@@ -22,9 +22,9 @@ images / (dense bf16 peak x utilisation) / 3600, with the peak 989 TFLOP/s (H200
 and the utilisation ``--utilisation`` (default 0.4) stated in the table: an assumption, not a
 measurement. Independent of the number of GPUs (the work per image is fixed).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/scale.py [--utilisation 0.4] [--ranks 8]
+    PYTHONPATH=. .venv/bin/python benchmarks/scale.py [--utilisation 0.4] [--ranks 8] [--recipes NAME ...]
 
-Prints a Markdown table and, as its last line, one JSON object with all figures.
+``--recipes`` limits the table (and ``--measure``) to some recipes. Prints a Markdown table and, as its last line, one JSON object with all figures.
 
 ``--measure`` also measures, on this machine, each recipe at its real architecture (or with the
 given ``key=value`` overrides, e.g. a smaller width for a smoke test):
