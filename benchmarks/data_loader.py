@@ -13,10 +13,11 @@ same PNG bytes, and then times, for each worker count:
 * ``--formats``: the shard stream again over shards of each other member format (``jpg`` at
   ``--quality``, ``npy``), written from the same images.
 
-``--consumption CONFIG`` also times training steps of that recipe (default the IGEBM ImageNet-128
-one) at its architecture and sampler settings, with a small batch (``--consumption-batch``), on
-synthetic 128x128 shards, and reports the images/s its step consumes per rank -- beside the
-loader's images/s with the workers the recipe configures (``data.num_workers: -1`` = auto).
+``--consumption CONFIG`` also times training steps of that recipe (e.g. the IGEBM ImageNet-128
+one) at its architecture and sampler settings, with a small batch (``--consumption-batch``), the
+Ray buffer and synthetic JPEG shards of its shape (``benchmarks/scale.py``'s measured run), and
+reports the images/s its step consumes per rank -- beside the loader's images/s with the workers
+the recipe configures (``data.num_workers: -1`` = auto) on the same shards.
 
 Timing starts after the first batch (worker start-up and the shuffle buffer's fill excluded) and
 covers ``--images`` images. Figures are images/s divided by the number of workers.
@@ -32,10 +33,14 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # benchmarks.scale, ebmscale
 
 
 def make_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -82,38 +87,36 @@ def time_shards(shard_dir: str, workers: int, batch: int, n: int, buffer: int) -
     return rate
 
 
-def consumption(config: str, batch: int, steps: int, work: str) -> dict:
-    """Images/s one rank's training step consumes under ``config`` (its architecture, sampler and
-    precision as resolved here), with ``batch`` examples per step, on synthetic shards of the
-    recipe's shape: the mean over ``steps`` steps after one warm-up step."""
+def consumption(config: str, batch: int, steps: int, work: str, overrides: list[str] | None = None,
+                timeout: float = 3600) -> dict:
+    """Images/s one rank's training step consumes under ``config`` (its architecture, sampler
+    steps, precision as resolved here, the Ray buffer), with ``batch`` examples per step, on
+    synthetic JPEG shards of the recipe's shape: the mean over ``steps`` steps after one warm-up
+    step, measured by ``benchmarks/scale.py``'s run of the real trainer in a fresh process; and
+    what the shard loader supplies from the same shards with the recipe's workers (``loader``;
+    ``supply_ratio`` = supplied / consumed)."""
+    from benchmarks.scale import measure_steps, run_overrides, synthetic_shards
     from ebmscale.config import load_config
-    from ebmscale.data.images import resolve_num_workers
-    from ebmscale.data.sources import Source
-    from ebmscale.data.writer import write_shards
-    from ebmscale.trainer import Trainer
 
-    base = load_config(config)
-    res, classes = base.data.resolution, max(1, base.model.num_classes)
-    shards = os.path.join(work, f"consume{res}")
-    if not os.path.isdir(shards):
-        images = make_images(max(64, 4 * batch), res)
-        labels = np.arange(len(images)) % classes
-        write_shards(Source("bench", "", "", labels, [str(c) for c in range(classes)], 3, images=images,
-                            shape=(3, res, res)), shards, shard_size=1000, processes=1)
-    cfg = load_config(config, [f"data.path={shards}", f"data.batch_size={batch}", "data.holdout=0",
-                               "data.num_workers=0", "buffer.backend=local", "buffer.capacity=1000",
-                               "train.progress=false", "train.tensorboard=false", f"train.run_dir={work}/run"])
-    tr = Trainer(cfg)
-    tr.train_step()
-    times, sampler = [], []
-    for _ in range(steps):
-        out = tr.train_step()
-        times.append(out["step_time"])
-        sampler.append(out["sampler_time"])
-    step = float(np.mean(times))
-    return {"config": config, "batch": batch, "sampler_steps": cfg.sampler.steps, "precision": cfg.train.precision,
-            "step_s": round(step, 3), "sampler_s": round(float(np.mean(sampler)), 3),
-            "images_per_s": round(batch / step, 3), "recipe_workers": resolve_num_workers(base.data.num_workers)}
+    base = load_config(config, overrides or [])
+    shards = synthetic_shards(work, base.data.resolution, max(1, base.model.num_classes))
+    run = run_overrides(shards, batch, base.sampler.steps, 1, os.path.join(work, "consume-run"))
+    r = measure_steps(config, 1, [*(overrides or []), *run], 1, steps, work, timeout)
+    supply = loader_rate(shards, base.data.num_workers)
+    return {"config": config, "batch": batch, "sampler_steps": base.sampler.steps, "precision": r["precision"],
+            "step_s": round(r["step_time"], 3), "sampler_s": round(r["sampler_time"], 3),
+            "buffer_s": round(r["buffer_time"], 3), "images_per_s": round(batch / r["step_time"], 4),
+            "recipe_workers": supply["workers"], "loader": supply,
+            "supply_ratio": supply["images_per_s"] * r["step_time"] / batch}
+
+
+def loader_rate(shards: str, num_workers: int, batch: int = 16, n: int = 512) -> dict:
+    """Images/s the shard stream supplies from ``shards`` with the workers ``data.num_workers``
+    resolves to here (-1 = auto: this rank's cores minus one)."""
+    from ebmscale.data.images import resolve_num_workers
+
+    workers = resolve_num_workers(num_workers)
+    return {"workers": workers, "images_per_s": time_shards(shards, workers, batch, n, 256)}
 
 
 def time_imagefolder(root: str, workers: int, batch: int, n: int) -> float:
@@ -195,16 +198,16 @@ def main(argv: list[str] | None = None) -> dict:
             consumed = consumption(args.consumption, args.consumption_batch, args.consumption_steps, work)
             print(f"{args.consumption}: one rank's step consumes {consumed['images_per_s']} img/s "
                   f"(batch {consumed['batch']}, {consumed['sampler_steps']} Langevin steps, {consumed['precision']}, "
-                  f"{consumed['step_s']} s/step); the recipe's loader has {consumed['recipe_workers']} worker(s) here",
+                  f"{consumed['step_s']} s/step); the recipe's loader ({consumed['recipe_workers']} worker(s) here) "
+                  f"supplies {consumed['loader']['images_per_s']:,.0f} img/s from the same JPEG shards: "
+                  f"{consumed['supply_ratio']:,.0f}x",
                   flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    import platform
+    from benchmarks._report import cpu_name
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    result = {"cpu": cpu, "cpu_cores": len(os.sched_getaffinity(0)), "batch_size": args.batch_size,
+    result = {"cpu": cpu_name(), "cpu_cores": len(os.sched_getaffinity(0)), "batch_size": args.batch_size,
               "images": args.images, "rows": rows, "consumption": consumed}
     print(json.dumps(result))
     return result

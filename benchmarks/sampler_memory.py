@@ -71,26 +71,36 @@ def build(arch: str, resolution: int, width: int) -> tuple[torch.nn.Module, str]
 
 def measure(arch: str, resolution: int, batch: int, precision: str, device: torch.device, width: int,
             steps: int) -> dict:
-    """Peaks at ``batch`` and ``2 * batch`` chains: the slope is the memory per chain, the
-    intercept what the step costs whatever the batch (spectrally normalised weight copies,
-    workspace)."""
+    """Memory per chain and time per Langevin step of IGEBM's variant for ``resolution`` or JEM's
+    WRN (``arch``), both ways: see :func:`measure_model`."""
     torch.manual_seed(0)
     model, variant = build(arch, resolution, width)
+    return {"resolution": resolution, "variant": variant, **measure_model(model, resolution, batch, precision,
+                                                                          device, steps)}
+
+
+def measure_model(model: torch.nn.Module, resolution: int, batch: int, precision: str, device: torch.device,
+                  steps: int, num_classes: int = 0) -> dict:
+    """Peaks at ``batch`` and ``2 * batch`` chains of ``steps`` Langevin steps, without and with
+    activation checkpointing: the slope is the memory per chain, the intercept what the step costs
+    whatever the batch (spectrally normalised weight copies, workspace). With ``num_classes`` the
+    energy is class-conditional, E(x, y), each chain with its own label."""
     model = model.to(device)
     model = model.to(memory_format=torch.channels_last)
     settings = LangevinSettings(steps=steps, step_size=10.0, noise_std=0.005, kind="sgld", grad_clip=0.01,
                                 clamp=(0.0, 1.0))
-    row = {"resolution": resolution, "variant": variant, "batch": batch, "precision": precision,
-           "parameters": sum(p.numel() for p in model.parameters())}
+    row = {"batch": batch, "precision": precision, "parameters": sum(p.numel() for p in model.parameters())}
     for ckpt in (False, True):
         key = "checkpointed" if ckpt else "plain"
         peaks = {}
         for n in (batch, 2 * batch):
             x0 = torch.rand(n, 3, resolution, resolution, device=device).contiguous(memory_format=torch.channels_last)
+            y = torch.arange(n, device=device) % num_classes if num_classes else None
 
             def run() -> None:
                 with sampling_mode(model, checkpointing=ckpt) as m:
-                    langevin(m, x0, settings, torch.Generator(device).manual_seed(0),
+                    fn = m if y is None else (lambda x: m(x, y))
+                    langevin(fn, x0, settings, torch.Generator(device).manual_seed(0),
                              autocast_dtype=AUTOCAST_DTYPES[precision])
 
             run()  # warm-up: kernels, allocator pools

@@ -171,6 +171,9 @@ class ObjectiveConfig:
     lsd_critic_lr: float = _f(0.0, "lsd: Adam learning rate of the critic; 0 = optim.lr", min=0.0)
     lsd_l2: float = _f(0.5, "lsd: weight lambda of the critic's L2 penalty lambda * E||f||^2 (optimum "
                             "f* = (s_model - s_data) / (2 lambda))", min=0.0, min_exclusive=True)
+    lsd_critic_activation: str = _f("", "lsd: the critic's nonlinearity; '' = model.activation. leaky_relu cannot "
+                                        "saturate: a swish critic pushed by its L2 penalty can go dead (output ~0)",
+                                    choices=("", "swish", "leaky_relu", "relu", "elu", "softplus"))
     lsd_trace: str = _f("auto", "lsd: tr(df/dx) exact (one backward per dimension) or hutchinson (one "
                                 "Rademacher probe); auto = exact up to 16 dimensions", choices=("auto", "exact", "hutchinson"))
 

@@ -169,7 +169,7 @@ class Trainer:
         k = cfg.optim.accumulate
         t0 = time.perf_counter()
         self.model.train()
-        self.sampler_counts.clear()
+        self.context.new_step()  # MALA's counts; the buffer time, split out of the sampler time below
         self.parallel.zero_grad(self.optimizer)
         stats: dict[str, float] = {}
         negatives, n, data_time, sampler_time = [], 0, 0.0, 0.0
@@ -202,8 +202,9 @@ class Trainer:
         out: dict[str, float | None] = dict(stats)
         # None = no value this step (an fp16 overflow, or DeepSpeed not computing the norm).
         out.update(grad_norm=grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
-                   sampler_time=sampler_time, data_time=data_time, step_time=t3 - t0,
-                   samples_per_s=n / (t3 - t0), lr=self.optimizer.param_groups[0]["lr"])
+                   sampler_time=max(0.0, sampler_time - self.context.buffer_time), data_time=data_time,
+                   buffer_time=self.context.buffer_time, step_time=t3 - t0, samples_per_s=n / (t3 - t0),
+                   lr=self.optimizer.param_groups[0]["lr"])
         if cfg.sampler.kind == "mala":  # None on a step without sampling (weight 0 in the metrics)
             out["accept_rate"] = acceptance_rate(self.sampler_counts)
         if self.runtime.precision == "fp16":
@@ -239,8 +240,7 @@ class Trainer:
 
     @property
     def sampler_counts(self) -> dict:
-        """MALA's accepted / proposed chain-steps of the current step (sampler.kind=mala), counted
-        by the objective's sampler calls."""
+        """MALA's accepted / proposed chain-steps of the current step, counted by the sampler calls."""
         return self.context.sampler_counts
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -75,6 +76,23 @@ class Context:
     # MALA's accepted / proposed chain-steps of the current step's sampler calls (sampler.kind=mala;
     # the trainer reads and clears them).
     sampler_counts: dict = dataclasses.field(default_factory=dict)
+    # Seconds spent in replay-buffer calls (draw, write-back, prefetch, peek) this step: the step's
+    # buffer_time, which the trainer subtracts from the objective's sampler_time.
+    buffer_time: float = 0.0
+
+    def new_step(self) -> None:
+        """Zero the per-step counters (MALA's acceptance counts, the buffer time)."""
+        self.sampler_counts.clear()
+        self.buffer_time = 0.0
+
+    def buffer_call(self, method: str, *args: Any) -> Any:
+        """``self.buffer.<method>(*args)``, its wall-clock time added to :attr:`buffer_time` (with
+        the Ray buffer: the round trip or the wait for a prefetched draw, the sends of write-backs)."""
+        t0 = time.perf_counter()
+        try:
+            return getattr(self.buffer, method)(*args)
+        finally:
+            self.buffer_time += time.perf_counter() - t0
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The loss precision's context (autocast for DDP in bf16/fp16)."""
@@ -119,7 +137,7 @@ class Context:
         CD's KL term) the K-th step keeps its graph to the parameters and its result is appended
         there."""
         if self.cfg.sampler.init == "buffer":
-            x0_np, idx = self.buffer.draw(n, None if labels is None else labels.cpu().numpy(), rng)
+            x0_np, idx = self.buffer_call("draw", n, None if labels is None else labels.cpu().numpy(), rng)
             x0 = torch.from_numpy(x0_np).to(self.device)
         else:
             x0 = self.chain_init(n, gen)
@@ -139,7 +157,7 @@ class Context:
             last_step.append(self._kl_last_step(x_neg, labels, gen, noise_fn))
             x_neg = last_step[-1].detach()
         if idx is not None:
-            self.buffer.write_back(idx, x_neg.cpu().numpy())
+            self.buffer_call("write_back", idx, x_neg.cpu().numpy())
         if labels is not None:
             self.last_class_chains = (x_neg, labels)
         return x_neg, labels
@@ -170,12 +188,13 @@ class Context:
         labels = None
         if labelled:
             labels = self.next_labels()[:n].numpy()
-        self.buffer.prefetch(n, streams.numpy("buffer", ahead=1), labels)
+        self.buffer_call("prefetch", n, streams.numpy("buffer", ahead=1), labels)
 
 
 class Estimator:
     """Base class of every objective: ``loss(x_pos, y, streams)`` -> (loss, stats, negatives or
-    None); ``stats`` may hold ``sampler_time`` (seconds spent sampling, popped by the trainer)."""
+    None); ``stats`` may hold ``sampler_time`` (seconds spent sampling, buffer calls included: the
+    trainer pops it and subtracts the context's ``buffer_time``)."""
 
     # Persistent chains in a replay buffer (PCD, JEM); the others get a one-slot local buffer,
     # which keeps the state layout and starts no Ray.

@@ -142,7 +142,8 @@ class LearnedStein(Estimator):
         self.dim = math.prod(ctx.shape)
         # A d-way head; the MLP factory only builds a multi-output head for a conditional model
         # (only the head's size matters: the critic uses ``logits``, never the energy).
-        critic_cfg = dataclasses.replace(ctx.cfg.model, num_classes=self.dim, conditional=ctx.cfg.model.arch == "mlp")
+        critic_cfg = dataclasses.replace(ctx.cfg.model, num_classes=self.dim, conditional=ctx.cfg.model.arch == "mlp",
+                                         activation=o.lsd_critic_activation or ctx.cfg.model.activation)
         # Same initial critic on every rank: its own seed, without touching the global stream.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(dist.derive_seed(ctx.cfg.train.seed, 0, 0, "critic-init"))

@@ -79,8 +79,8 @@ class JEM(Estimator):
         if o.pxy_weight > 0:
             x_neg_y, y_neg = c.negatives(m, y[:m], rng, gen)
             parts.append(x_neg_y)
-        t1 = time.perf_counter()
         c.prefetch(m, streams, labelled=o.px_weight == 0)
+        t1 = time.perf_counter()  # the prefetch's send counts as buffer time, inside the sampler window
         # One wrapped forward over every batch: one spectral-norm power iteration per step.
         logits = c.forward(torch.cat(parts)).split([n] + [m] * (len(parts) - 1))
         it = iter(logits[1:])

@@ -43,11 +43,11 @@ class PersistentCD(Estimator):
         kl = [] if o.kl_weight > 0 else None
         past = None
         if kl is not None and o.entropy_weight > 0:
-            past = torch.from_numpy(c.buffer.peek(o.entropy_batch, streams.numpy("entropy"))).to(c.device)
+            past = torch.from_numpy(c.buffer_call("peek", o.entropy_batch, streams.numpy("entropy"))).to(c.device)
         x_neg, y_neg = c.negatives(m, y[:m] if conditional else None, streams.numpy("buffer"),
                                    streams.torch("langevin"), last_step=kl)
-        t1 = time.perf_counter()
         c.prefetch(m, streams, labelled=conditional)
+        t1 = time.perf_counter()  # the prefetch's send counts as buffer time, inside the sampler window
         # One wrapped forward over [x+, x-]: one spectral-norm power iteration per step.
         x_all = torch.cat([x_pos, x_neg])
         e_all = c.forward(x_all, torch.cat([y, y_neg])) if conditional else c.forward(x_all)

@@ -24,7 +24,8 @@ def test_train_20_steps_end_to_end_then_resume(tmp_path, cli_env):
     assert summary["steps"] == 20
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in lines] == [5, 10, 15, 20]
-    for key in ("loss", "e_pos", "e_neg", "energy_gap", "grad_norm", "sampler_time", "samples_per_s"):
+    for key in ("loss", "e_pos", "e_neg", "energy_gap", "grad_norm", "sampler_time", "buffer_time",
+                "data_time", "step_time", "samples_per_s"):
         assert key in lines[-1]
     assert (run / "samples" / "final.png").stat().st_size > 100
     assert (run / "samples" / "step-0000010.png").exists()

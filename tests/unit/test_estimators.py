@@ -405,6 +405,18 @@ def test_lsd_on_images_uses_hutchinson_and_the_factory_critic(tmp_path):
     assert math.isfinite(stats["loss"]) and math.isfinite(stats["lsd"])
 
 
+def test_lsd_critic_activation_is_its_own(tmp_path):
+    """objective.lsd_critic_activation sets the critic's nonlinearity only; '' keeps the model's."""
+    from ebmscale.models.common import Swish
+
+    base = ["data.dataset=8gaussians", "model.arch=mlp", "objective.kind=lsd", "train.precision=fp32", "train.progress=false",
+            "train.tensorboard=false"]
+    for i, (extra, critic_act) in enumerate((([], Swish), (["objective.lsd_critic_activation=leaky_relu"], nn.LeakyReLU))):
+        tr = Trainer(load_config(None, base + extra), str(tmp_path / f"run{i}"))
+        acts = lambda m: {type(x) for x in m.modules() if isinstance(x, (Swish, nn.LeakyReLU))}  # noqa: E731
+        assert acts(tr.estimator.critic) == {critic_act} and acts(tr.model) == {Swish}
+
+
 # ---------------------------------------------------------------------------------- improved CD
 
 class Gaussian1D(nn.Module):

@@ -122,3 +122,24 @@ def test_mala_invalid_step_names_the_key():
         load_config(None, [*TINY, "sampler.kind=mala", "sampler.step_size=0"])
     with pytest.raises(ConfigError, match=r"sampler\.noise_std"):
         load_config(None, [*TINY, "sampler.kind=mala", "sampler.noise_std=0.1"])
+
+
+@pytest.mark.parametrize("extra", [[], ["objective.kind=jem", "model.num_classes=10"]])
+def test_step_time_split_puts_buffer_calls_in_buffer_time(tmp_path, monkeypatch, extra):
+    """buffer_time is the step's time in replay-buffer calls, and sampler_time no longer holds it:
+    a draw made 0.3 s slower lands in buffer_time, not in sampler_time; the parts fit in step_time."""
+    import time as _time
+
+    tr = make(tmp_path, "train.precision=fp32", *extra)
+    base = tr.train_step()
+    draw = tr.buffer.draw
+
+    def slow_draw(*args):
+        _time.sleep(0.3)
+        return draw(*args)
+
+    monkeypatch.setattr(tr.buffer, "draw", slow_draw)
+    out = tr.train_step()
+    assert out["buffer_time"] >= 0.3 > base["buffer_time"]
+    assert out["sampler_time"] < 0.3 and base["sampler_time"] > 0
+    assert out["data_time"] + out["sampler_time"] + out["buffer_time"] <= out["step_time"]
