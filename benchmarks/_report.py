@@ -33,15 +33,3 @@ def print_report(rows: Sequence[dict], columns: Sequence[tuple[str, Callable[[di
     for r in rows:
         print("| " + " | ".join(fmt(r) for _, fmt in columns) + " |")
     print(json.dumps(list(rows) if meta is None else {**meta, "rows": list(rows)}))
-
-
-def cpu_model() -> str:
-    """The CPU's model name, family and model (/proc/cpuinfo), for the figures' machine."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            info = dict(line.split(":", 1) for line in fh.read().split("\n\n")[0].splitlines() if ":" in line)
-    except OSError:
-        return platform.processor()
-    info = {k.strip(): v.strip() for k, v in info.items()}
-    name = info.get("model name", platform.processor())
-    return f"{name} (family {info['cpu family']} model {info['model']})" if "cpu family" in info else name

@@ -41,7 +41,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks._report import cpu_model, print_report  # noqa: E402
+from benchmarks._report import cpu_name, print_report  # noqa: E402
 from ebmscale.buffer.ray_host import RayBuffer, start_embedded  # noqa: E402
 from ebmscale.config import load_config  # noqa: E402
 from ebmscale.trainer import Trainer  # noqa: E402
@@ -248,7 +248,7 @@ def main() -> None:
     print_report(rows, [("measurement", lambda r: r["measurement"]), ("value", lambda r: str(r["value"])),
                         ("unit", lambda r: r["unit"]),
                         ("ratio to local", lambda r: str(r.get("ratio_to_local", "")))],
-                 meta={"cpu": cpu_model(), "cores": os.cpu_count(), "load_average": [round(v, 2) for v in os.getloadavg()],
+                 meta={"cpu": cpu_name(), "cores": os.cpu_count(), "load_average": [round(v, 2) for v in os.getloadavg()],
                        "config": config, "overrides": overrides})
 
 
