@@ -43,6 +43,7 @@ def test_shards_write_their_own_files_and_restore_resplit(ray_session, tmp_path)
         values = _numbered(c)
         entries = c.save_shards(step)
         assert sorted(entries) == sorted(n for k in range(4) for n in (f"buffer/shard-{k:05d}.npy",
+                                                                         f"buffer/shard-{k:05d}.age.npy",
                                                                          f"buffer/shard-{k:05d}.json"))
         pids = {i["pid"] for i in c.shard_info()}
         assert len(pids) == 4 and os.getpid() not in pids  # written by the actors, not by this process
@@ -101,8 +102,8 @@ def test_training_checkpoints_are_sharded_and_resume_on_another_shard_count(ray_
     trainer_module.train(load_config(None, [*base, "buffer.shards=2", "train.steps=4"]), run_dir=run)
     ck = StepCheckpoint(find_resume(run))
     assert ck.step == 4 and not ck.has("buffer.pt")
-    assert sorted(shardfile.shard_entries(ck.files)) == ["buffer/shard-00000.json", "buffer/shard-00000.npy",
-                                                         "buffer/shard-00001.json", "buffer/shard-00001.npy"]
+    assert sorted(shardfile.shard_entries(ck.files)) == sorted(
+        f"buffer/shard-{k:05d}{ext}" for k in range(2) for ext in (".json", ".npy", ".age.npy"))
     saved = load_buffer_state(run)["data"]
     assert len(saved) == 64
     # Damage the newest checkpoint's shard: resume falls back to step 2; 2 shards -> 3, 64 chains kept.
@@ -123,4 +124,4 @@ def test_training_checkpoints_are_sharded_and_resume_on_another_shard_count(ray_
     assert seen["capacities"] == [22, 21, 21]
     assert len(load_buffer_state(run)["data"]) == 64
     with open(os.path.join(step_dir(run, 6), MARKER)) as fh:
-        assert len(shardfile.shard_entries(json.load(fh)["files"])) == 6
+        assert len(shardfile.shard_entries(json.load(fh)["files"])) == 9  # 3 shards x (.npy, .age.npy, .json)
