@@ -105,7 +105,7 @@ def test_sbatch_starts_and_stops_its_own_ray_on_two_nodes(tmp_path):
         assert json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])["steps"] == 6
         ck = StepCheckpoint(find_resume(str(tmp_path / "run")))
         assert ck.step == 6 and ck.world == 2
-        assert sum(n.endswith(".npy") for n in ck.files if n.startswith("buffer/")) == 2  # one file per shard
+        assert sum(n.endswith(".json") for n in ck.files if n.startswith("buffer/")) == 2  # one file set per shard
         assert "ebmscale: ray cluster stopped" in proc.stdout
         assert not os.path.exists(token) and not _ours(root)  # Ray stopped on both nodes, token removed
         assert not (tmp_path / "home").exists() or not any(
