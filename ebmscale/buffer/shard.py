@@ -16,6 +16,7 @@ class Shard:
 
     shard_id: int
     buf: ReplayBuffer
+    _attached: mailbox.Attached | None = None  # the callers' mailboxes mapped here, on first use
 
     def sample(self, n: int, labels: np.ndarray | None, seed: int
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -29,7 +30,7 @@ class Shard:
     # A client on this shard's node passes chains through shared memory (ebmscale.buffer.mailbox):
     # only the slot indices travel through Ray.
     def _mailboxes(self) -> mailbox.Attached:
-        if getattr(self, "_attached", None) is None:
+        if self._attached is None:
             self._attached = mailbox.Attached()
         return self._attached
 

@@ -170,14 +170,14 @@ def load_state(step_path: str, parts: list[tuple[int, int, int]], rng_from: int)
     metas = {j: read_meta(step_path, j) for j in {j for j, _, _ in parts} | {rng_from}}
     first = metas[parts[0][0]]
     # Shards written before ages were kept have none: their chains count as fresh (age 0).
-    with_age = all(metas[j].get("age", False) for j, _, _ in parts)
-    cols: dict[str, list[np.ndarray]] = {"data": [], "labels": [], "age": []}
+    keys = ["data", *(["labels"] if first["labels"] else []),
+            *(["age"] if all(metas[j].get("age", False) for j, _, _ in parts) else [])]
+    cols: dict[str, list[np.ndarray]] = {key: [] for key in ("data", "labels", "age")}
     for j, a, b in parts:
         n = names(j)
         try:
-            for key in ("data", "labels", "age"):
-                if key == "data" or (key == "labels" and first["labels"]) or (key == "age" and with_age):
-                    cols[key].append(np.array(np.load(os.path.join(step_path, n[key]), mmap_mode="r")[a:b]))
+            for key in keys:
+                cols[key].append(np.array(np.load(os.path.join(step_path, n[key]), mmap_mode="r")[a:b]))
         except (OSError, ValueError) as exc:
             raise ShardFileError(f"buffer shard file of shard {j} under '{step_path}' cannot be read ({exc})") from None
 
