@@ -1,11 +1,12 @@
 """Test-only fault injection: a NaN loss at a chosen step, and a hang at a known point so that a
 test can ``kill -9`` the run there (or, with a go-file, a pause: the test does something to the
-world around the run -- kills a Ray node -- then creates the file and the run goes on). Production code has no hook for either: :func:`install`
-patches ``ebmscale.trainer.Trainer`` (a subclass) and ``ebmscale.checkpoint.write_marker``.
+world around the run -- kills a Ray node -- then creates the file and the run goes on).
+Production code has no hook for either: :func:`install` patches ``ebmscale.trainer.Trainer`` (a
+subclass) and ``ebmscale.checkpoint.write_marker``.
 
 In-process tests use :func:`install` through pytest's ``monkeypatch``; subprocess tests run
-``python -m tests.faults [--nan-at N] [--nan-repeats R] [--hang step:N|save:N [--go FILE]] -- <ebmscale args>``,
-which installs the faults and then calls the CLI's ``main``.
+``python -m tests.faults [--nan-at N] [--nan-repeats R] [--hang step:N|save:N [--go FILE]] --
+<ebmscale args>``, which installs the faults and then calls the CLI's ``main``.
 """
 from __future__ import annotations
 

@@ -57,6 +57,27 @@ TOY = ["--config", "configs/toy_8gaussians.yaml", "model.width=16", "model.depth
        "train.tensorboard=false", "train.device=cpu", "train.precision=fp32", "buffer.backend=ray",
        "buffer.ray_address=auto", "buffer.capacity=64", "buffer.shards=3", "buffer.mixing=affine"]
 CHAINS = 64 * 2  # buffer.capacity x ranks
+# Prints the number of live Ray nodes once it reaches the number read from each input line (a
+# ConfigError, retried, until the head answers).
+WATCH = """
+import sys, time
+import ray
+from ebmscale.buffer.ray_host import ConfigError, connect_cluster
+deadline = time.monotonic() + 120
+while True:
+    try:
+        connect_cluster('auto', 'ebmscale-test-watch')
+        break
+    except ConfigError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.2)
+for line in sys.stdin:
+    deadline = time.monotonic() + 120
+    while (alive := sum(1 for n in ray.nodes() if n.get('Alive'))) < int(line) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    print(alive, flush=True)
+"""
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess:
@@ -178,30 +199,34 @@ def test_two_machines_and_a_buffer_node_survive_node_loss_and_sigkill(three_host
         return dict(base, RAY_TMPDIR=os.path.join(root, f"ray{cluster}"), RAY_NODE_IP=ip, GLOO_SOCKET_IFNAME=dev)
 
     def node(host: int, cluster: int) -> subprocess.Popen:
-        """Host ``host``'s Ray node (the head on A), its output in a log file beside the run."""
+        """Start host ``host``'s Ray node (the head on A); its output goes to a log file beside the run."""
         cmd = ["launch/ray/head.sh"] if host == 0 else ["launch/ray/worker.sh", f"{ip_a}:6379"]
         # The head checks its nodes every second (Ray's default, 3 s, x 5 failed checks before a
         # node counts as dead, would add some 10 s to the test).
         extra = {"RAY_health_check_period_ms": "1000"} if host == 0 else {}
-        log = open(tmp_path / f"ray-{three_hosts[host][0]}-{cluster}.log", "w")
-        with log:
+        with open(tmp_path / f"ray-{three_hosts[host][0]}-{cluster}.log", "w") as fh:
             return _popen(three_hosts[host][0], ["bash", *cmd, "--block"], dict(env(host, cluster), **extra),
-                          stdout=log, stderr=subprocess.STDOUT)
-
-    def wait_for_nodes(n: int, cluster: int) -> None:
-        code = f"from ebmscale.buffer.ray_host import wait_for_nodes as w; w('auto', {n}, 120)"
-        r = subprocess.run(["ip", "netns", "exec", ns_a, sys.executable, "-c", code], env=env(0, cluster), cwd=REPO,
-                           capture_output=True, text=True, timeout=180)
-        assert r.returncode == 0, r.stderr[-2000:] + "".join(
-            f"\n{f.name}:\n{f.read_text()[-2000:]}" for f in sorted(tmp_path.glob(f"ray-*-{cluster}.log")))
+                          stdout=fh, stderr=subprocess.STDOUT)
 
     def start_cluster(hosts: list[int], cluster: int) -> list[subprocess.Popen]:
-        # One node at a time: on one host the workers share the head's session directory (Ray
-        # takes it from the head), and two raylets starting at once can pick the same socket names.
-        nodes = []
-        for n, h in enumerate(hosts):
-            nodes.append(node(h, cluster))
-            wait_for_nodes(n + 1, cluster)
+        """The head, then one worker at a time, each once the head lists the one before: on one
+        host the workers share the head's session directory (Ray takes it from the head), and
+        two raylets starting at once can pick the same socket names."""
+        nodes = [node(0, cluster)]
+        watch = _popen(ns_a, [sys.executable, "-c", WATCH], env(0, cluster), stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            for n, h in enumerate(hosts):
+                if n:
+                    nodes.append(node(h, cluster))
+                watch.stdin.write(f"{n + 1}\n")
+                watch.stdin.flush()
+                alive = watch.stdout.readline()
+                assert alive.strip() == str(n + 1), alive + watch.stdout.read()[-2000:] + "".join(
+                    f"\n{f.name}:\n{f.read_text()[-2000:]}" for f in sorted(tmp_path.glob(f"ray-*-{cluster}.log")))
+        finally:
+            watch.stdin.close()
+            watch.wait(timeout=60)
         return nodes
 
     def launch(machine: int, cluster: int, entry: list[str], *args: str, port: int) -> subprocess.Popen:
