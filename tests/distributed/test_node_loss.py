@@ -4,7 +4,8 @@ shards pinned one per node; the worker node is removed (its raylet and actors ki
 buffer goes on: its shard is re-created on the surviving node from the last restore point, once,
 whichever rank notices first, and counted in ``buffer_restarts``.
 
-The same on two network namespaces with ``accelerate launch`` is in test_two_nodes.py.
+The same under the real CLI, on network namespaces with a buffer-only Ray node (and then SIGKILL
+of everything and ``--resume auto``), is in test_two_nodes.py.
 """
 from __future__ import annotations
 
