@@ -51,6 +51,8 @@ class DataConfig:
                           min=-1)
     flip: bool = _f(False, "random horizontal flip of training images")
     noise_std: float = _f(0.0, "std of Gaussian noise added to training inputs (JEM: 0.03)", min=0.0)
+    noise_std_max: float = _f(0.0, "> noise_std: each example's noise std is drawn log-uniformly in "
+                                   "[noise_std, noise_std_max] (several noise scales); 0 = noise_std for all", min=0.0)
     holdout: int = _f(0, "training examples held out for validation (JEM: 5000)", min=0)
     toy_train_size: int = _f(50000, "size of the fixed training set drawn from a 2-D toy density", min=10)
     cache_dir: str = _f(".cache/ebmscale", "where built-in data and derived files are cached (never $HOME)")
@@ -171,6 +173,9 @@ class ObjectiveConfig:
     lsd_critic_lr: float = _f(0.0, "lsd: Adam learning rate of the critic; 0 = optim.lr", min=0.0)
     lsd_l2: float = _f(0.5, "lsd: weight lambda of the critic's L2 penalty lambda * E||f||^2 (optimum "
                             "f* = (s_model - s_data) / (2 lambda))", min=0.0, min_exclusive=True)
+    lsd_critic: str = _f("head", "lsd: the critic network. head = model.arch's network with a d-way linear head "
+                                 "(any data; on images its values span only 4*width directions); unet = a per-pixel "
+                                 "U-Net field of model.width channels (images)", choices=("head", "unet"))
     lsd_critic_activation: str = _f("", "lsd: the critic's nonlinearity; '' = model.activation. leaky_relu cannot "
                                         "saturate: a swish critic pushed by its L2 penalty can go dead (output ~0)",
                                     choices=("", "swish", "leaky_relu", "relu", "elu", "softplus"))

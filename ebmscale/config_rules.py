@@ -34,6 +34,9 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
     if any(int(x) != x or x <= 0 for x in cfg.optim.decay_steps):
         raise ConfigError(f"optim.decay_steps must be positive integers, got {cfg.optim.decay_steps}")
+    if d.noise_std_max and d.noise_std_max <= d.noise_std:
+        raise ConfigError(f"data.noise_std_max ({d.noise_std_max}) must exceed data.noise_std ({d.noise_std}) "
+                          "(or be 0: one noise std)")
     if s.kind in ("langevin", "mala") and s.noise_std not in (0.0, SamplerConfig.noise_std):
         raise ConfigError(f"sampler.noise_std is only used by kind=sgld; {s.kind}'s noise is step_size itself")
     if s.kind == "mala" and not (0.0 < s.step_size < math.inf):
@@ -119,9 +122,13 @@ def _validate_estimator(cfg: Config, toy: bool) -> None:
     if cfg.train.precision == "fp16":
         raise ConfigError(f"objective.kind={o.kind} runs in fp32 or bf16 (its extra parameters and input "
                           "gradients are not loss-scaled); set train.precision")
-    if o.kind == "lsd" and cfg.model.arch not in LSD_CRITIC_ARCHS:
+    if o.kind == "lsd" and o.lsd_critic == "head" and cfg.model.arch not in LSD_CRITIC_ARCHS:
         raise ConfigError(f"objective.kind=lsd builds its critic from model.arch with a d-way output head; "
-                          f"model.arch={cfg.model.arch} cannot take one (use one of {', '.join(LSD_CRITIC_ARCHS)})")
+                          f"model.arch={cfg.model.arch} cannot take one (use one of {', '.join(LSD_CRITIC_ARCHS)}, "
+                          "or objective.lsd_critic=unet)")
+    if o.kind == "lsd" and o.lsd_critic == "unet" and toy:
+        raise ConfigError(f"objective.lsd_critic=unet is a per-pixel field for images; dataset '{cfg.data.dataset}' is "
+                          "2-D (use objective.lsd_critic=head)")
     if o.kind in ("sm", "dsm", "ssm", "ksd", "lsd") and cfg.train.distributed == "deepspeed":
         raise ConfigError(f"objective.kind={o.kind} differentiates through input gradients, which is tested "
                           "under DDP only; set train.distributed=ddp")

@@ -132,7 +132,7 @@ class Trainer:
             return x.float(), y
         g = dist.torch_generator(self.seed, self.rank, self.tick, "augment", self.device)
         d = self.cfg.data
-        x = to_model_input(x, d.range, flip=d.flip, noise_std=d.noise_std, generator=g)
+        x = to_model_input(x, d.range, flip=d.flip, noise_std=d.noise_std, noise_std_max=d.noise_std_max, generator=g)
         return x.contiguous(memory_format=self.memory_format), y
 
     def _chain_init(self, n: int, gen: torch.Generator) -> torch.Tensor:

@@ -10,16 +10,22 @@ def data_bounds(range_name: str) -> tuple[float, float]:
 
 
 def to_model_input(x: torch.Tensor, range_name: str, *, flip: bool = False, noise_std: float = 0.0,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   noise_std_max: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """uint8 NCHW (already on the device) -> float32 in the configured range, with optional random
-    horizontal flip and Gaussian input noise drawn from ``generator`` (per-rank stream)."""
+    horizontal flip and Gaussian input noise drawn from ``generator`` (per-rank stream). With
+    ``noise_std_max`` > ``noise_std`` each example's noise std is drawn log-uniformly between the
+    two (several noise scales, as for score-based estimators of image energies)."""
     lo, hi = data_bounds(range_name)
     out = x.to(torch.float32) * ((hi - lo) / 255.0) + lo
     if flip:
         mask = torch.rand(out.shape[0], device=out.device, generator=generator) < 0.5
         out = torch.where(mask[:, None, None, None], out.flip(-1), out)
     if noise_std > 0:
-        out = out + noise_std * torch.randn(out.shape, device=out.device, generator=generator)
+        std: torch.Tensor | float = noise_std
+        if noise_std_max > noise_std:
+            u = torch.rand(out.shape[0], device=out.device, generator=generator)
+            std = (noise_std * (noise_std_max / noise_std) ** u).view(-1, *([1] * (out.dim() - 1)))
+        out = out + std * torch.randn(out.shape, device=out.device, generator=generator)
     return out
 
 

@@ -132,22 +132,28 @@ class LearnedStein(Estimator):
     """Learned Stein discrepancy: ``lsd_critic_steps`` critic updates (its own Adam, gradients
     averaged across ranks by hand) on the frozen model's score, then the model's loss
     E[s_theta^T f] through the wrapper. The critic is the model factory's network for
-    ``model.arch`` with a d-way head (``logits``), reshaped to the data's shape."""
+    ``model.arch`` with a d-way head (``logits``), reshaped to the data's shape, or with
+    ``lsd_critic=unet`` a per-pixel U-Net field (ebmscale.models.critic)."""
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         from ebmscale.models import build_model
+        from ebmscale.models.critic import UNetField
 
         o, c = self.o, ctx.cfg.optim
         self.dim = math.prod(ctx.shape)
         # A d-way head; the MLP factory only builds a multi-output head for a conditional model
         # (only the head's size matters: the critic uses ``logits``, never the energy).
-        critic_cfg = dataclasses.replace(ctx.cfg.model, num_classes=self.dim, conditional=ctx.cfg.model.arch == "mlp",
-                                         activation=o.lsd_critic_activation or ctx.cfg.model.activation)
+        m = ctx.cfg.model
+        critic_cfg = dataclasses.replace(m, num_classes=self.dim, conditional=m.arch == "mlp",
+                                         activation=o.lsd_critic_activation or m.activation)
         # Same initial critic on every rank: its own seed, without touching the global stream.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(dist.derive_seed(ctx.cfg.train.seed, 0, 0, "critic-init"))
-            self.critic = build_model(critic_cfg, ctx.shape).to(ctx.device)
+            if o.lsd_critic == "unet":
+                self.critic = UNetField(ctx.shape[0], m.width, critic_cfg.activation, m.leaky_slope).to(ctx.device)
+            else:
+                self.critic = build_model(critic_cfg, ctx.shape).to(ctx.device)
         self.optimizer = torch.optim.Adam(self.critic.parameters(), lr=o.lsd_critic_lr or c.lr, betas=tuple(c.betas))
         self.exact_trace = o.lsd_trace == "exact" or (o.lsd_trace == "auto" and self.dim <= EXACT_TRACE_MAX_DIM)
 

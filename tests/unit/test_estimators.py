@@ -405,6 +405,65 @@ def test_lsd_on_images_uses_hutchinson_and_the_factory_critic(tmp_path):
     assert math.isfinite(stats["loss"]) and math.isfinite(stats["lsd"])
 
 
+def test_unet_critic_finds_the_stein_direction_of_an_image_gaussian():
+    """Images 1x8x8 from N(0, I), model N(mu, I) with mu a pattern: the optimal critic is the
+    constant field f* = (s_model - s_data) / (2 lambda) = mu / (2 lambda), of full rank (a d-way head
+    on 4*width features could not reach a general mu at width < d/4), and the penalised maximum is
+    the Fisher divergence ||mu||^2 / (4 lambda). The U-Net field gets both from Hutchinson traces."""
+    from ebmscale.models.critic import UNetField
+
+    torch.manual_seed(0)
+    lam, shape = 0.5, (1, 8, 8)
+    mu = torch.randn(shape) * 0.5
+    x = torch.randn(2048, *shape)
+    score = -(x - mu)  # the model's score, held fixed
+    critic = UNetField(1, width=8)
+    assert float(critic(x).detach().abs().max()) == 0.0  # starts at f = 0
+    opt = torch.optim.Adam(critic.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    values = []
+    for it in range(200):
+        batch = torch.randint(0, len(x), (128,), generator=g)
+        loss, stats = critic_loss(lambda z: critic(z), x[batch], score[batch], lam, exact_trace=False,
+                                  normal=lambda s: torch.randn(s, generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        values.append(float(stats["lsd"]))
+    with torch.no_grad():
+        f = critic(x[:512]).mean(0)
+    target = mu / (2 * lam)
+    cos = float((f * target).sum() / (f.norm() * target.norm()))
+    assert cos > 0.95 and float(f.norm() / target.norm()) == pytest.approx(1.0, abs=0.15), (cos, f.norm(), target.norm())
+    fisher = float((mu ** 2).sum())
+    assert sum(values[-100:]) / 100 == pytest.approx(fisher / (4 * lam), rel=0.15)
+
+
+def test_lsd_unet_critic_trains_an_image_energy(tmp_path):
+    """objective.lsd_critic=unet: the critic is a per-pixel field of the data's shape (any model.arch,
+    IGEBM's included), its state saved with the run; several noise scales per batch work with it."""
+    from ebmscale.models.critic import UNetField
+
+    cfg = load_config(None, ["data.dataset=digits", "model.arch=igebm", "model.width=4", "data.batch_size=8",
+                             "objective.kind=lsd", "objective.lsd_critic=unet", "objective.lsd_critic_steps=1",
+                             "data.noise_std=0.1", "data.noise_std_max=1.0", "train.precision=fp32",
+                             "train.progress=false", "train.tensorboard=false"])
+    tr = Trainer(cfg, str(tmp_path / "run"))
+    assert isinstance(tr.estimator.critic, UNetField) and tr.estimator.critic.out.out_channels == 1
+    for _ in range(2):
+        stats = tr.train_step()
+    assert math.isfinite(stats["loss"]) and stats["lsd"] > 0
+    assert any(k.startswith("out.") for k in tr.estimator.state_dict()["critic"])
+
+
+def test_lsd_critic_choice_is_checked():
+    with pytest.raises(ConfigError, match="objective.lsd_critic=unet"):
+        load_config(None, ["objective.kind=lsd", "objective.lsd_critic=unet", "data.dataset=8gaussians",
+                           "model.arch=mlp"])
+    with pytest.raises(ConfigError, match="model.arch=igebm cannot take one"):
+        load_config(None, ["objective.kind=lsd", "model.arch=igebm"])
+
+
 def test_lsd_critic_activation_is_its_own(tmp_path):
     """objective.lsd_critic_activation sets the critic's nonlinearity only; '' keeps the model's."""
     from ebmscale.models.common import Swish

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ebmscale.config import load_config
+from ebmscale.config import ConfigError, load_config
 from ebmscale.optim import lr_factor
 from ebmscale.trainer import DivergenceError, Trainer
 
@@ -76,6 +76,28 @@ def test_jem_and_conditional_steps(tmp_path):
     tr2 = make(tmp_path, "model.conditional=true", "model.num_classes=10", "sampler.init=noise")
     stats = tr2.train_step()
     assert math.isfinite(stats["loss"])
+
+
+def test_input_noise_with_several_scales_is_log_uniform_per_example():
+    """data.noise_std_max: each example's noise std is noise_std * (max/noise_std)^u, u ~ U(0, 1):
+    log std uniform on [log 0.1, log 1]; one std for all without it."""
+    from ebmscale.data.transforms import to_model_input
+
+    x = torch.full((4000, 1, 16, 16), 128, dtype=torch.uint8)
+    clean = to_model_input(x, "symmetric")
+    g = torch.Generator().manual_seed(0)
+    std = (to_model_input(x, "symmetric", noise_std=0.1, noise_std_max=1.0, generator=g) - clean).flatten(1).std(1)
+    log_std = std.log()
+    assert float(std.min()) > 0.07 and float(std.max()) < 1.2  # 256 pixels: each std within ~5%
+    # Uniform on [log 0.1, 0]: mean log(0.1)/2, quartiles at 1/4 and 3/4 of the interval.
+    lo = math.log(0.1)
+    assert float(log_std.mean()) == pytest.approx(lo / 2, abs=0.05)
+    assert float(log_std.quantile(0.25)) == pytest.approx(0.75 * lo, abs=0.08)
+    one = (to_model_input(x, "symmetric", noise_std=0.3, generator=g) - clean).flatten(1).std(1)
+    # One std: the per-example estimates scatter by 0.3 / sqrt(2 * 256) only.
+    assert float(one.mean()) == pytest.approx(0.3, abs=0.003) and float(one.std()) < 0.02
+    with pytest.raises(ConfigError, match="data.noise_std_max"):
+        load_config(None, ["data.noise_std=0.3", "data.noise_std_max=0.2"])
 
 
 def test_short_run_mode_leaves_buffer_untouched(tmp_path):
