@@ -7,7 +7,8 @@ through ``train()``. At step 2 rank 1 writes marked chains back and rank 0 reads
 shards. Each rank writes ``OUT_DIR/rank<r>.json``. Not collected by pytest (no ``test_`` prefix).
 
 The same check inside the real training CLI (the faults of ``tests.faults`` on top; each rank
-writes ``OUT_DIR/cross<r>.json`` once step 2 is done)::
+writes ``OUT_DIR/cross<r>.json`` once step 2 is done, and rank 0 ``OUT_DIR/shards.json``, the
+shards' :meth:`RayBuffer.shard_info`, before every later step)::
 
     accelerate launch ... tests/distributed/ray_scenarios.py --cli OUT_DIR [--hang step:N --go FILE] -- train ...
 """
@@ -64,6 +65,7 @@ class CrossRankTrainer(trainer_module.Trainer):
             _, many = self.buffer.draw(4000, None, np.random.default_rng(99 + self.rank))
             here = self.buffer.node
             self.cross["local_share"] = sum(len(pos) for k, pos, _, _ in many if nodes[k] == here) / 4000
+            self.cross["node"] = here
             if self.rank == 0:
                 self.cross["shard_nodes"] = len(set(nodes))
                 shards = self.buffer.state_dict()["shards"]
@@ -72,6 +74,9 @@ class CrossRankTrainer(trainer_module.Trainer):
             if self.out:
                 with open(os.path.join(self.out, f"cross{self.rank}.json"), "w") as fh:
                     json.dump(self.cross, fh)
+        elif self.step > 2 and self.out and self.rank == 0:  # where the shards are now (node loss)
+            with open(os.path.join(self.out, "shards.json"), "w") as fh:
+                json.dump(self.buffer.shard_info(), fh)
         return super().train_step()
 
 

@@ -1,32 +1,34 @@
-"""Two training "machines" and a buffer-only Ray node on one host: three network namespaces with
-addresses of their own on one Ethernet segment (a Linux bridge in the first, a veth pair from it
-to each of the others). A: the Ray head and ``accelerate launch`` machine 0; B: a Ray worker and
-machine 1; C: a Ray worker that carries no training rank, only a shard of the buffer. Training is
-the real CLI, run the way the README tells cluster users (``accelerate launch --config_file
-launch/accelerate/multi_node.yaml --num_machines 2 --machine_rank 0|1 --main_process_ip A ... -m
-ebmscale.cli train ... --resume auto buffer.ray_address=auto``), one rank per machine, gloo over
-the bridge, ``buffer.shards=3``.
+"""Two training "machines" and a buffer-only Ray node on one host. Each machine is a network
+namespace with an address of its own on one Ethernet segment (a Linux bridge in the first, a veth
+pair from it to each of the others) and a PID namespace of its own (Ray's driver attaches to the
+raylet it sees in /proc: with one PID namespace every rank would take the head's). A: the Ray head
+and ``accelerate launch`` machine 0; B: a Ray worker and machine 1; C: a Ray worker that carries
+no training rank, only a shard of the buffer. Training is the real CLI, run the way the README
+tells cluster users (``accelerate launch --config_file launch/accelerate/multi_node.yaml
+--num_machines 2 --machine_rank 0|1 --main_process_ip A ... -m ebmscale.cli train ... --resume auto
+buffer.ray_address=auto``), one rank per machine, gloo over the bridge, ``buffer.shards=3``.
 
 Checked, in one run of the cluster:
 
 1. the Ray workers join the head with the cluster's token; a client without it is refused;
-2. the three shards sit on the three Ray nodes; chains written back by machine 1's rank are
-   drawn by machine 0's; with ``buffer.mixing=affine`` each rank's draws are served by its own
-   node's shard except for the mixing fraction (share measured and printed);
-3. machine C is lost after the step-4 checkpoint (SIGKILL to every process in its namespace: its
-   Ray node and the shard's worker process); both machines train on to the last step, the lost
-   shard is re-created on a live node (the checkpoints after the loss hold every chain) and
+2. the three shards sit on the three Ray nodes and each rank on its own machine's node; chains
+   written back by machine 1's rank are drawn by machine 0's; with ``buffer.mixing=affine`` each
+   rank's draws are served by its own node's shard except for the mixing fraction (share
+   measured and printed);
+3. machine C dies after the step-4 checkpoint (SIGKILL to its init, which takes its Ray node and
+   the shard's worker process along); both machines train on to the last step, the lost shard is
+   re-created once on A or B (the checkpoints after the loss hold every chain) and
    ``buffer_restarts`` counts it once;
 4. a continuation is killed with SIGKILL at step 18 (both launchers: their ranks stop by
-   themselves through the parent watch; then every process of A and B, i.e. the Ray nodes); the
-   cluster is started again (A and B) and ``--resume auto`` on both machines continues from the
+   themselves through the parent watch; then machines A and B, with their Ray nodes); the
+   machines and the cluster are started again and ``--resume auto`` on both continues from the
    newest complete checkpoint on disk (step 16) with the buffer's number of chains unchanged, to
    the last step.
 
 Steps 1-2 run inside the CLI through ``tests/distributed/ray_scenarios.py --cli`` (a trainer
 subclass that makes the cross-rank write and counts node-local draws at step 2), the pause and
-the hang through ``tests.faults``. Needs root and iproute2 (``ip netns``); skipped with the
-reason where namespaces cannot be made.
+the hang through ``tests.faults``. Needs root, iproute2 (``ip netns``) and util-linux
+(``unshare``, ``nsenter``); skipped with the reason where namespaces cannot be made.
 """
 from __future__ import annotations
 
@@ -88,8 +90,9 @@ def _ip(*args: str) -> subprocess.CompletedProcess:
 def three_hosts():
     """Namespaces A, B, C with addresses 10.231.N.1, .2, .3: a bridge in A carries A's address, and
     a veth pair joins it to each of B and C. Yields (namespace, address, device) for each."""
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 ('ip') is not installed")
+    for tool, package in (("ip", "iproute2"), ("unshare", "util-linux"), ("nsenter", "util-linux")):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{package} ('{tool}') is not installed")
     tag = f"{os.getpid() % 100000}"
     subnet = f"10.231.{os.getpid() % 250}"
     hosts = [(f"eb{h}{tag}", f"{subnet}.{i + 1}", f"{'br' if h == 'a' else 've'}{h}{tag}") for i, h in enumerate("abc")]
@@ -120,10 +123,27 @@ def three_hosts():
             _ip("netns", "del", ns)  # takes its devices along (the bridge, its end of each pair)
 
 
-def _popen(ns: str, cmd: list[str], env: dict, **kw) -> subprocess.Popen:
-    """``cmd`` in namespace ``ns`` (``ip netns exec`` execs it: the pid is the command's), in a
-    session and process group of its own."""
-    return subprocess.Popen(["ip", "netns", "exec", ns, *cmd], env=env, cwd=REPO, start_new_session=True, **kw)
+def _boot(ns: str) -> tuple[subprocess.Popen, int]:
+    """A "machine": network namespace ``ns`` and a PID namespace of its own (with a /proc that shows
+    only it), whose init is an idle ``sleep``. Ray's driver finds its node's raylet by scanning the
+    processes it can see: with one PID namespace for all, every rank would pick the head's. Killing
+    the init kills everything on the machine. Returns the ``unshare`` process and the init's pid."""
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, "unshare", "--pid", "--fork", "--mount-proc", "sleep", "3600"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (init := _descendants(proc.pid)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not init:
+        proc.kill()
+        pytest.skip(f"cannot create a PID namespace here: {proc.communicate()[1].strip()}")
+    return proc, init[0]
+
+
+def _popen(init: int, cmd: list[str], env: dict, wd: str = REPO, **kw) -> subprocess.Popen:
+    """``cmd`` in directory ``wd`` on the machine whose init is ``init`` (``nsenter`` forks it
+    there: the command is the ``nsenter`` process's child), in a session of its own."""
+    return subprocess.Popen(["nsenter", "-t", str(init), "-p", "-m", "-n", f"--wd={wd}", *cmd], env=env,
+                            start_new_session=True, **kw)
 
 
 def _in_netns(ns: str) -> list[int]:
@@ -181,7 +201,7 @@ def _chains(path: str) -> int:
 
 def test_two_machines_and_a_buffer_node_survive_node_loss_and_sigkill(three_hosts, tmp_path):
     t_start = time.monotonic()
-    (ns_a, ip_a, _), (ns_b, _, _), (ns_c, _, _) = three_hosts
+    ip_a = three_hosts[0][1]
     root = tempfile.mkdtemp(prefix="ebn", dir="/tmp")  # short: Ray puts unix sockets under it
     token = os.path.join(root, "cluster.token")
     run_dir, out = tmp_path / "run", tmp_path / "out"
@@ -205,15 +225,18 @@ def test_two_machines_and_a_buffer_node_survive_node_loss_and_sigkill(three_host
         # node counts as dead, would add some 10 s to the test).
         extra = {"RAY_health_check_period_ms": "1000"} if host == 0 else {}
         with open(tmp_path / f"ray-{three_hosts[host][0]}-{cluster}.log", "w") as fh:
-            return _popen(three_hosts[host][0], ["bash", *cmd, "--block"], dict(env(host, cluster), **extra),
-                          stdout=fh, stderr=subprocess.STDOUT)
+            return _popen(machines[host], ["bash", *cmd, "--block"], dict(env(host, cluster), **extra), stdout=fh,
+                          stderr=subprocess.STDOUT)
 
     def start_cluster(hosts: list[int], cluster: int) -> list[subprocess.Popen]:
         """The head, then one worker at a time, each once the head lists the one before: on one
         host the workers share the head's session directory (Ray takes it from the head), and
         two raylets starting at once can pick the same socket names."""
+        for h in hosts:
+            booted, machines[h] = _boot(three_hosts[h][0])
+            procs.append(booted)
         nodes = [node(0, cluster)]
-        watch = _popen(ns_a, [sys.executable, "-c", WATCH], env(0, cluster), stdin=subprocess.PIPE,
+        watch = _popen(machines[0], [sys.executable, "-c", WATCH], env(0, cluster), stdin=subprocess.PIPE,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             for n, h in enumerate(hosts):
@@ -235,8 +258,16 @@ def test_two_machines_and_a_buffer_node_survive_node_loss_and_sigkill(three_host
                "--num_processes", "2", "--machine_rank", str(machine), "--main_process_ip", ip_a,
                "--main_process_port", str(port), *entry, "train", "--run-dir", str(run_dir), "--resume", "auto",
                *TOY, *args]
-        return _popen(three_hosts[machine][0], cmd, env(machine, cluster), stdout=subprocess.PIPE,
-                      stderr=subprocess.STDOUT, text=True)
+        return _popen(machines[machine], cmd, env(machine, cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                      text=True)
+
+    def power_off(host: int) -> None:
+        """Machine ``host`` dies: SIGKILL to its init takes every process on it along."""
+        os.kill(machines[host], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _in_netns(three_hosts[host][0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _in_netns(three_hosts[host][0]), f"processes outlived machine {host}"
 
     def finish(launches: list[subprocess.Popen], logs: list[str]) -> list[str]:
         logs = [log + p.communicate(timeout=480)[0] for p, log in zip(launches, logs)]
@@ -247,20 +278,22 @@ def test_two_machines_and_a_buffer_node_survive_node_loss_and_sigkill(three_host
         return logs
 
     procs: list[subprocess.Popen] = []
+    machines: dict[int, int] = {}  # host -> the pid of its init (see _boot)
     timings: dict[str, float] = {}
     try:
         nodes = start_cluster([0, 1, 2], 0)
         procs += nodes
         timings["cluster up"] = time.monotonic() - t_start
-        # 1. A client in another namespace without the token is refused by the head (it would
+        # 1. A client on another machine without the token is refused by the head (it would
         # retry for 20 s; two tries are enough to read the head's answer).
         probe_env = {k: v for k, v in env(1, 0).items() if not k.startswith("RAY_AUTH")}
-        probe = subprocess.run(["ip", "netns", "exec", ns_b, sys.executable, "-c",
-                                f"import ray; ray.init(address='{ip_a}:6379'); print('joined')"],
-                               env=dict(probe_env, RAY_gcs_server_port_wait_time_s="2"), cwd=tmp_path,
-                               capture_output=True, text=True, timeout=300)
-        assert probe.returncode != 0 and "joined" not in probe.stdout, probe.stdout + probe.stderr[-2000:]
-        assert "Authentication token is missing or incorrect" in probe.stderr, probe.stderr[-2000:]
+        join = f"import ray; ray.init(address='{ip_a}:6379'); print('joined')"
+        probe = _popen(machines[1], [sys.executable, "-c", join],
+                       dict(probe_env, RAY_gcs_server_port_wait_time_s="2"), wd=str(tmp_path), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+        said, err = probe.communicate(timeout=300)
+        assert probe.returncode != 0 and "joined" not in said, said + err[-2000:]
+        assert "Authentication token is missing or incorrect" in err, err[-2000:]
         timings["probe refused"] = time.monotonic() - t_start
 
         # 2-3. Twelve steps; after the step-4 checkpoint every rank pauses, C's Ray node is killed.
@@ -271,9 +304,7 @@ def test_two_machines_and_a_buffer_node_survive_node_loss_and_sigkill(three_host
         procs += launches
         logs = _wait_for(launches, "test hang (step:4)", tmp_path)
         timings["paused at step 4"] = time.monotonic() - t_start
-        # Machine C dies: SIGKILL to every process in its namespace at once (its Ray node's process
-        # group, and the shard's worker process, which the raylet starts in a group of its own).
-        assert not _kill_netns(ns_c)
+        power_off(2)  # machine C dies, with its Ray node and the shard's worker process
         nodes[2].wait(timeout=60)
         open(go, "w").close()
         timings["C killed"] = time.monotonic() - t_start
@@ -282,6 +313,13 @@ def test_two_machines_and_a_buffer_node_survive_node_loss_and_sigkill(three_host
         cross = [json.loads((out / f"cross{r}.json").read_text()) for r in range(2)]
         assert cross[0]["seen"] and cross[0]["num_shards"] == 3
         assert cross[0]["shard_nodes"] == 3  # one shard on each Ray node
+        assert cross[0]["node"] != cross[1]["node"]  # each rank on its own machine's Ray node
+        # Shard 2 was on C (shard k on node k mod 3, rank 0's node first, then by address); before
+        # step 12 it runs again, re-created once, on A or B; shards 0 and 1 never moved.
+        shards = json.loads((out / "shards.json").read_text())
+        assert [s["node"] for s in shards[:2]] == [c["node"] for c in cross]
+        assert shards[2]["node"] in [c["node"] for c in cross] and shards[2]["incarnation"] == 1
+        assert [s["incarnation"] for s in shards[:2]] == [0, 0]
         # Node-local draws: 1 - mix_fraction (0.75) from this node's shard, plus its share of the
         # mixed quarter; binomial sd 0.006 over 4,000 starts.
         caps = split_capacity(CHAINS, 3)
@@ -298,9 +336,10 @@ def test_two_machines_and_a_buffer_node_survive_node_loss_and_sigkill(three_host
                     for m in range(2)]
         procs += launches
         _wait_for(launches, "test hang (step:18)", tmp_path)
-        ranks = [pid for p in launches for pid in _descendants(p.pid)]
-        for p in launches:
-            os.kill(p.pid, signal.SIGKILL)  # the launcher only: its rank sits in a session of its own
+        launchers = [_descendants(p.pid)[0] for p in launches]  # the nsenter processes' children
+        ranks = [pid for launcher in launchers for pid in _descendants(launcher)]
+        for launcher in launchers:
+            os.kill(launcher, signal.SIGKILL)  # the launcher only: its rank sits in a session of its own
         t_kill = time.monotonic()
         while any(_alive(pid) for pid in ranks) and time.monotonic() - t_kill < 30:
             time.sleep(0.2)
@@ -308,8 +347,8 @@ def test_two_machines_and_a_buffer_node_survive_node_loss_and_sigkill(three_host
         timings["ranks gone after launcher kill"] = time.monotonic() - t_kill
         for p in launches:
             assert "the launcher (pid" in p.communicate(timeout=60)[0]
-        for ns, _, _ in three_hosts[:2]:  # then the machines' Ray nodes
-            assert not _kill_netns(ns)
+        power_off(0)  # then the machines, with their Ray nodes
+        power_off(1)
         resume_from = find_resume(str(run_dir))
         assert resume_from == step_dir(str(run_dir), 16)  # the newest complete checkpoint on disk
         assert all(done for s, _, done in list_checkpoints(str(run_dir)) if s <= 16)
@@ -332,6 +371,11 @@ def test_two_machines_and_a_buffer_node_survive_node_loss_and_sigkill(three_host
         print("node-local share of draws:", cross[0]["local_share"], cross[1]["local_share"])
         print("seconds:", {k: round(v, 1) for k, v in timings.items()})
     finally:
+        for init in machines.values():
+            try:
+                os.kill(init, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for ns, _, _ in three_hosts:  # every process in the namespaces is this test's
             _kill_netns(ns)
         for p in procs:
