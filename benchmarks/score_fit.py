@@ -1,0 +1,74 @@
+"""How well an image energy fits the smoothed data's score, and where it puts its low energies.
+
+For score-based checkpoints (``objective.kind`` lsd, dsm, ssm, ...) on image data: ``--n`` training
+images x, Gaussian noise n of std ``--sigma`` (seeded, so every checkpoint sees the same x and n),
+the model's score s = -grad E(x + n) against the denoising target -n / sigma^2: cosine and mean
+squared error (the error has an irreducible floor, so compare checkpoints, lower is better).
+Then the mean energy of the images, the noisy images, uniform noise over the pixel range and the
+blank image (every pixel at the range's low end) -- a score-based energy can put its minimum where
+no training image is (docs/estimators.md#lsd-on-mnist-the-default-jobs-data-and-network).
+
+    .venv/bin/python benchmarks/score_fit.py RUN_OR_CHECKPOINT [...] [--sigma 0.3] [--n 128]
+
+Prints one Markdown row per checkpoint and, as its last line, the JSON list of the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from ebmscale.data import build_train_stream  # noqa: E402
+from ebmscale.data.transforms import data_bounds, to_model_input  # noqa: E402
+from ebmscale.eval.checkpoints import load_energy_model  # noqa: E402
+
+
+def score_fit(path: str, sigma: float = 0.3, n: int = 128, seed: int = 0) -> dict:
+    """The figures above for one checkpoint (a run directory or a step directory)."""
+    cfg, model, state = load_energy_model(path)
+    images = []
+    for x, _ in build_train_stream(cfg):  # the run's own data, its first batches
+        images.append(x)
+        if sum(len(b) for b in images) >= n:
+            break
+    x = to_model_input(torch.cat(images)[:n], cfg.data.range)
+    g = torch.Generator().manual_seed(seed)
+    noise = sigma * torch.randn(x.shape, generator=g)
+    z = (x + noise).requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(z).sum(), z)
+    s, target = -grad.flatten(1), (-noise / sigma ** 2).flatten(1)
+    lo, hi = data_bounds(cfg.data.range)
+    probes = {"data": x, "noisy": x + noise, "uniform": lo + (hi - lo) * torch.rand(x.shape, generator=g),
+              "blank": torch.full_like(x, lo)}
+    with torch.no_grad():
+        energies = {k: float(model(v).mean()) for k, v in probes.items()}
+    return {"checkpoint": path, "step": state.get("step"), "objective": cfg.objective.kind, "sigma": sigma,
+            "score_cosine": float(torch.nn.functional.cosine_similarity(s, target).mean()),
+            "score_mse": float(((s - target) ** 2).sum(1).mean()), "target_norm": float(target.norm(dim=1).mean()),
+            **{f"energy_{k}": v for k, v in energies.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--sigma", type=float, default=0.3)
+    p.add_argument("--n", type=int, default=128)
+    args = p.parse_args(argv)
+    rows = [score_fit(c, args.sigma, args.n) for c in args.checkpoints]
+    print("| checkpoint | objective | score cosine | score MSE | data | data + noise | uniform | blank |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['checkpoint']} | {r['objective']} | {r['score_cosine']:.3f} | {r['score_mse']:,.0f} | "
+              + " | ".join(f"{r['energy_' + k]:+,.0f}" for k in ("data", "noisy", "uniform", "blank")) + " |")
+    print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""benchmarks/score_fit.py on a tiny digits run: the figures come back finite, for the run's own
+data and noise, and the same seed gives the same figures (so checkpoints are compared on equal terms)."""
+from __future__ import annotations
+
+import math
+
+from benchmarks.score_fit import main, score_fit
+from ebmscale.config import load_config
+from ebmscale.trainer import train
+
+
+def test_score_fit_on_a_tiny_dsm_run(tmp_path, capsys):
+    cfg = load_config(None, ["data.dataset=digits", "model.arch=cnn", "model.width=4", "model.depth=2",
+                             "data.batch_size=16", "objective.kind=dsm", "objective.dsm_sigmas=[0.3]",
+                             "train.steps=3", "train.precision=fp32", "train.progress=false",
+                             "train.tensorboard=false", "train.sample_every=0"])
+    run = str(tmp_path / "run")
+    train(cfg, run_dir=run)
+    r = score_fit(run, sigma=0.3, n=20)
+    assert r["objective"] == "dsm" and r["step"] == 3
+    for k in ("score_cosine", "score_mse", "energy_data", "energy_noisy", "energy_uniform", "energy_blank"):
+        assert math.isfinite(r[k]), k
+    assert -1.0 <= r["score_cosine"] <= 1.0
+    # The target -n/sigma^2 has norm ~ sqrt(d)/sigma (d = 64 pixels of 8x8 digits).
+    assert abs(r["target_norm"] - 8 / 0.3) < 3
+    assert score_fit(run, sigma=0.3, n=20) == r
+    assert main([run, "--n", "20"]) == 0
+    assert "| dsm |" in capsys.readouterr().out
