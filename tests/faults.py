@@ -1,15 +1,18 @@
 """Test-only fault injection: a NaN loss at a chosen step, and a hang at a known point so that a
-test can ``kill -9`` the run there. Production code has no hook for either: :func:`install`
-patches ``ebmscale.trainer.Trainer`` (a subclass) and ``ebmscale.checkpoint.write_marker``.
+test can ``kill -9`` the run there (or, with a go-file, a pause: the test does something to the
+world around the run -- kills a Ray node -- then creates the file and the run goes on).
+Production code has no hook for either: :func:`install` patches ``ebmscale.trainer.Trainer`` (a
+subclass) and ``ebmscale.checkpoint.write_marker``.
 
 In-process tests use :func:`install` through pytest's ``monkeypatch``; subprocess tests run
-``python -m tests.faults [--nan-at N] [--nan-repeats R] [--hang step:N|save:N] -- <ebmscale args>``,
-which installs the faults and then calls the CLI's ``main``.
+``python -m tests.faults [--nan-at N] [--nan-repeats R] [--hang step:N|save:N [--go FILE]] --
+<ebmscale args>``, which installs the faults and then calls the CLI's ``main``.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from typing import Callable
@@ -31,21 +34,24 @@ def nan_trainer(base: type, at_step: int, repeats: int = 1) -> type:
     return NanTrainer
 
 
-def _hang(where: str) -> None:
+def _hang(where: str, go: str = "") -> None:
+    """Announce the hang on stderr, then sleep: for an hour, or until the file ``go`` exists."""
     from ebmscale import dist
 
     print(f"ebmscale: test hang ({where}) on rank {dist.rank()}", file=sys.stderr, flush=True)
-    time.sleep(3600)
+    deadline = time.monotonic() + 3600
+    while time.monotonic() < deadline and not (go and os.path.exists(go)):
+        time.sleep(0.1)
 
 
-def hang_trainer(base: type, step: int) -> type:
+def hang_trainer(base: type, step: int, go: str = "") -> type:
     """A subclass whose every rank announces itself and sleeps once step ``step`` is complete
-    (logged, checkpointed), before it starts the next one."""
+    (logged, checkpointed), before it starts the next one (until ``go`` exists, if given)."""
 
     class HangTrainer(base):
         def train_step(self):
             if self.step == step:
-                _hang(f"step:{step}")
+                _hang(f"step:{step}", go)
             return super().train_step()
 
     return HangTrainer
@@ -64,9 +70,9 @@ def hang_before_marker(write_marker: Callable[[str, dict], None], step: int) -> 
 
 
 def install(setattr_: Callable[[object, str, object], None], nan_at: int = 0, nan_repeats: int = 1,
-            hang: str = "") -> None:
+            hang: str = "", go: str = "") -> None:
     """Install the faults with ``setattr_`` (``monkeypatch.setattr`` in a test, plain ``setattr``
-    in a subprocess)."""
+    in a subprocess). ``go``: the file that ends a ``step:N`` hang."""
     from ebmscale import checkpoint, trainer
 
     cls = trainer.Trainer
@@ -75,7 +81,7 @@ def install(setattr_: Callable[[object, str, object], None], nan_at: int = 0, na
     if hang:
         where, _, n = hang.partition(":")
         if where == "step":
-            cls = hang_trainer(cls, int(n))
+            cls = hang_trainer(cls, int(n), go)
         elif where == "save":
             setattr_(checkpoint, "write_marker", hang_before_marker(checkpoint.write_marker, int(n)))
         else:
@@ -85,19 +91,22 @@ def install(setattr_: Callable[[object, str, object], None], nan_at: int = 0, na
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``[--nan-at N] [--nan-repeats R] [--hang step:N|save:N] [--] <ebmscale args>`` (the fault
+    """``[--nan-at N] [--nan-repeats R] [--hang step:N|save:N [--go FILE]] [--] <ebmscale args>`` (the fault
     options are told apart by name, so ``--`` may be left out, e.g. under ``accelerate launch``)."""
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m tests.faults")
     p.add_argument("--nan-at", type=int, default=0)
     p.add_argument("--nan-repeats", type=int, default=1)
     p.add_argument("--hang", default="")
+    p.add_argument("--go", default="", help="a step:N hang ends when this file exists (a pause)")
     if "--" in argv:
         split = argv.index("--")
         args, rest = p.parse_args(argv[:split]), argv[split + 1:]
     else:
         args, rest = p.parse_known_args(argv)
-    install(setattr, args.nan_at, args.nan_repeats, args.hang)
+    if args.go and not args.hang.startswith("step:"):
+        p.error("--go needs --hang step:N")
+    install(setattr, args.nan_at, args.nan_repeats, args.hang, args.go)
     from ebmscale import cli
 
     return cli.main(rest)

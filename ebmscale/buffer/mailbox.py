@@ -9,6 +9,9 @@ the object store: the client owns one mailbox per shard and direction (a float32
 reads a write-back's chains from it, and only slot indices travel through Ray. A shard on another
 node gets the chains by value, as before.
 
+:class:`ClientBoxes` is the client's bookkeeping: which mailbox goes to which shard and which
+write-back is using it (the Ray calls stay in :mod:`ebmscale.buffer.ray_host`).
+
 NumPy and the standard library only (no Ray, no torch): the shard actors import this module.
 """
 from __future__ import annotations
@@ -17,11 +20,17 @@ import mmap
 import os
 import socket
 import uuid
+from typing import Any, Callable
 
 import numpy as np
 
 SHM_DIR = "/dev/shm"
 _PREFIX = "ebmscale-box-"
+# Below this many bytes (in the storage dtype) a batch goes by value even on the shard's node: Ray
+# inlines such arguments and results into the call itself (its max_direct_call_object_size,
+# 100 KiB), which costs no more than a mailbox and keeps write-backs fire-and-forget.
+MIN_BYTES = 100 * 1024
+WRITE_KINDS = ("write", "write.1")  # two write mailboxes per shard: one is copied while the other lands
 
 
 def _map(path: str, nbytes: int, create: bool) -> mmap.mmap:
@@ -130,3 +139,77 @@ class Attached:
         except OSError:
             return False
         return True
+
+
+class ClientBoxes:
+    """A buffer client's mailboxes to the shards on its own node, by ``(shard, kind)`` with kind
+    ``"draw"``, ``"write"`` or ``"write.1"``: a :class:`Mailbox`, or False where that shard cannot
+    map one or /dev/shm had no room (no more mailboxes to it then). A write mailbox carries one
+    write-back at a time: ``writes[(k, kind)]`` is the job using it.
+
+    The client supplies what needs Ray: ``local(k)`` (shard ``k`` runs on this node) and
+    ``probe(k, address)`` (shard ``k`` can map the mailbox at ``address``)."""
+
+    def __init__(self, shape: tuple[int, ...], chain_bytes: int, local: Callable[[int], bool],
+                 probe: Callable[[int, tuple], bool]):
+        self.shape, self.chain_bytes = tuple(shape), int(chain_bytes)
+        self._local, self._probe = local, probe
+        self.boxes: dict[tuple[int, str], Mailbox | bool] = {}
+        self.writes: dict[tuple[int, str], Any] = {}
+
+    def get(self, k: int, kind: str, n: int) -> Mailbox | None:
+        """The ``kind`` mailbox to shard ``k``, large enough for ``n`` chains; None when the shard
+        runs on another node, cannot map it (checked once per shard and kind), the batch is small
+        (under :data:`MIN_BYTES`) or /dev/shm has no room."""
+        if not self._local(k) or self.boxes.get((k, kind)) is False or n * self.chain_bytes < MIN_BYTES:
+            return None
+        box = self.boxes.get((k, kind))
+        try:
+            if box is None:
+                box = self.boxes[(k, kind)] = Mailbox()
+                box.view(n, self.shape)
+                if not self._probe(k, box.address):
+                    raise OSError("the shard cannot map the mailbox")
+            box.view(n, self.shape)
+        except OSError:
+            box.close()
+            self.boxes[(k, kind)] = False
+            return None
+        return box
+
+    def free_write(self, k: int, n: int, inflight: Callable[[], list], done: Callable[[Any], bool],
+                   land: Callable[[Any], None]) -> tuple[str, Mailbox] | None:
+        """A free write mailbox to shard ``k`` (its last write-back has landed) and its kind; None
+        where there is none. ``inflight()``: the client's unfinished jobs, oldest first; ``done(job)``
+        whether one has finished; ``land(job)`` waits for it and takes it out of the jobs. In
+        training the first mailbox is always free (the next step's draw came after its
+        write-back); back-to-back write-backs alternate with the second, so that one is copied
+        while the other lands, and wait for the older only when both are busy (which costs less
+        than sending the chains by value)."""
+        busy = []
+        for kind in WRITE_KINDS:
+            last = self.writes.get((k, kind))
+            if last is not None and any(job is last for job in inflight()):
+                if not done(last):
+                    busy.append(last)
+                    continue
+                land(last)
+            box = self.get(k, kind, n)
+            if box is not None:
+                return kind, box
+            if kind == WRITE_KINDS[0]:  # no mailbox to this shard
+                return None
+        oldest = next(job for job in inflight() if any(job is b for b in busy))
+        land(oldest)
+        kind = next(kd for kd in WRITE_KINDS if self.writes.get((k, kd)) is oldest)
+        box = self.get(k, kind, n)
+        return None if box is None else (kind, box)
+
+    def by_key(self, key: str) -> Mailbox:
+        """The open mailbox whose address has ``key`` (a call to re-send by value)."""
+        return next(b for b in self.boxes.values() if b and b.address[0] == key)
+
+    def close(self) -> None:
+        for box in self.boxes.values():
+            if box:
+                box.close()

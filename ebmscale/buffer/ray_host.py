@@ -108,11 +108,6 @@ def _restored(kwargs: dict, source: dict | None, incarnation: int) -> ReplayBuff
     return ReplayBuffer(**dict(kwargs, seed=hash_seed(kwargs["seed"], incarnation) & 0xFFFFFFFF))
 
 
-# Below this many bytes (in the storage dtype) a batch goes by value even on the shard's node: Ray
-# inlines such arguments and results into the call itself (its max_direct_call_object_size,
-# 100 KiB), which costs no more than a mailbox and keeps write-backs fire-and-forget.
-MAILBOX_MIN_BYTES = 100 * 1024
-
 # What a call to a shard raises when the shard is gone for good (its node died, so hard affinity
 # cannot restart it there) rather than restarting: ActorUnavailableError is transient and retried.
 _SHARD_LOST = (ray.exceptions.ActorUnschedulableError, ray.exceptions.ActorDiedError)
@@ -289,12 +284,10 @@ class RayBuffer:
         self._restart_poll = None
         self._restarts_seen = 0
         self._snapshot_refs: list = []
-        # Shared-memory mailboxes to the shards on this node, by (shard, "draw"|"write"|"write.1");
-        # False where a shard cannot map them (see ebmscale.buffer.mailbox). A write mailbox
-        # carries one write-back at a time: _box_writes[(k, kind)] is the job using it.
-        self._boxes: dict[tuple[int, str], Any] = {}
-        self._box_writes: dict[tuple[int, str], tuple] = {}
-        self._chain_bytes = int(np.prod(self.shape)) * np.dtype(STORAGE_DTYPES[self.storage]).itemsize
+        # Shared-memory mailboxes to the shards on this node (see ebmscale.buffer.mailbox).
+        chain_bytes = int(np.prod(self.shape)) * np.dtype(STORAGE_DTYPES[self.storage]).itemsize
+        self._mail = mailbox.ClientBoxes(self.shape, chain_bytes, local=lambda k: self._shard_nodes[k] == self.node,
+                                         probe=lambda k, address: self._call_each("probe", [(k, (address,))])[0])
         mailbox.sweep_stale()
 
     def _set_capacities(self, capacities: list[int]) -> None:
@@ -339,33 +332,12 @@ class RayBuffer:
         parts = []
         for k, pos in by_shard(shard):
             args = (len(pos), None if labels is None else labels[pos], int(seeds[k]))
-            box = self._box(k, "draw", len(pos))
+            box = self._mail.get(k, "draw", len(pos))
             if box is not None:  # the shard writes the float32 starts into this node's shared memory
                 parts.append((k, pos, self._send(k, "sample_into", (*args, box.address))))
             else:
                 parts.append((k, pos, self._send(k, "sample", args)))
         return parts
-
-    def _box(self, k: int, kind: str, n: int) -> mailbox.Mailbox | None:
-        """This client's ``kind`` mailbox to shard ``k``, large enough for ``n`` chains; None when
-        the shard runs on another node, cannot map it (checked once per shard and direction), or
-        /dev/shm has no room (no more mailboxes to that shard then)."""
-        if (self._shard_nodes[k] != self.node or self._boxes.get((k, kind)) is False
-                or n * self._chain_bytes < MAILBOX_MIN_BYTES):
-            return None
-        box = self._boxes.get((k, kind))
-        try:
-            if box is None:
-                box = self._boxes[(k, kind)] = mailbox.Mailbox()
-                box.view(n, self.shape)
-                if not self._call_each("probe", [(k, (box.address,))])[0]:
-                    raise OSError("the shard cannot map the mailbox")
-            box.view(n, self.shape)
-        except OSError:
-            box.close()
-            self._boxes[(k, kind)] = False
-            return None
-        return box
 
     def _starts(self, k: int, pos: np.ndarray, result: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(float32 starts, slots, reinit mask) of shard ``k``'s answer to a draw: in this
@@ -373,7 +345,7 @@ class RayBuffer:
         by value, in the storage dtype (``sample``)."""
         if len(result) == 2:
             idx, reinit = result
-            return self._boxes[(k, "draw")].view(len(pos), self.shape), idx, reinit
+            return self._mail.boxes[(k, "draw")].view(len(pos), self.shape), idx, reinit
         q, idx, reinit, noise = result
         return starts_from_encoded(q, reinit, noise, self.storage, self.bounds), idx, reinit
 
@@ -422,11 +394,11 @@ class RayBuffer:
         ``max_inflight`` write requests of this rank are unfinished."""
         x = np.asarray(x)
         for k, pos, idx, reinit in handle:
-            free = self._write_box(k, len(pos)) if x.dtype == np.float32 else None
+            free = self._free_write_box(k, len(pos)) if x.dtype == np.float32 else None
             if free is not None:  # float32 chains into this node's shared memory; the shard encodes them
                 kind, box = free
                 np.take(x, pos, axis=0, out=box.view(len(pos), self.shape), mode="clip")
-                job = self._box_writes[(k, kind)] = self._send(k, "write_from", (idx, box.address, reinit,
+                job = self._mail.writes[(k, kind)] = self._send(k, "write_from", (idx, box.address, reinit,
                                                                                  self.chain_steps))
             else:
                 job = self._send(k, "write", (idx, encode(x[pos], self.storage, self.bounds), reinit, self.chain_steps))
@@ -438,30 +410,10 @@ class RayBuffer:
             self._inflight = [job for job in self._inflight if job[2] not in done]
             self._get(finished)  # surfaces a shard that could not be restarted
 
-    def _write_box(self, k: int, n: int) -> tuple[str, mailbox.Mailbox] | None:
-        """A free write mailbox to shard ``k`` (its last write-back has landed) and its kind; None
-        where there is none. In training the first one is always free (the next step's draw came
-        after its write-back); back-to-back write-backs alternate with a second one, so that one
-        is copied while the other lands, and wait for the older only when both are busy (which
-        costs less than sending the chains by value)."""
-        busy = []
-        for kind in ("write", "write.1"):
-            last = self._box_writes.get((k, kind))
-            if last is not None and any(job is last for job in self._inflight):
-                if not ray.wait([last[2]], timeout=0)[0]:
-                    busy.append(last)
-                    continue
-                self._landed(last)
-            box = self._box(k, kind, n)
-            if box is not None:
-                return kind, box
-            if kind == "write":  # no mailbox to this shard
-                return None
-        oldest = next(job for job in self._inflight if any(job is b for b in busy))
-        self._landed(oldest)
-        kind = next(kd for kd in ("write", "write.1") if self._box_writes.get((k, kd)) is oldest)
-        box = self._box(k, kind, n)
-        return None if box is None else (kind, box)
+    def _free_write_box(self, k: int, n: int) -> tuple[str, mailbox.Mailbox] | None:
+        """A free write mailbox to shard ``k`` and its kind, or None (:meth:`ClientBoxes.free_write`)."""
+        return self._mail.free_write(k, n, lambda: self._inflight,
+                                     lambda job: bool(ray.wait([job[2]], timeout=0)[0]), self._landed)
 
     def _landed(self, job: tuple) -> None:
         """Wait until write-back ``job`` has landed and take it out of the jobs in flight."""
@@ -515,7 +467,7 @@ class RayBuffer:
         if method == "sample_into":
             return "sample", args[:3]
         idx, address, reinit, steps = args
-        chains = next(b for b in self._boxes.values() if b and b.address[0] == address[0]).view(len(idx), self.shape)
+        chains = self._mail.by_key(address[0]).view(len(idx), self.shape)
         return "write", (idx, encode(chains, self.storage, self.bounds), reinit, steps)
 
     def _call_each(self, method: str, calls: list[tuple[int, tuple]]) -> list:
@@ -635,9 +587,7 @@ class RayBuffer:
                 for a in [*self.shards, self.registry]:  # a Ray we did not start keeps running: free its actors
                     ray.kill(a, no_restart=True)
         finally:
-            for box in self._boxes.values():
-                if box:
-                    box.close()
+            self._mail.close()
             if self._session is not None:
                 self._session.close()
 

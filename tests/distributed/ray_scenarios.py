@@ -5,6 +5,12 @@
 Rank 0 starts a local Ray and passes its address to rank 1 over torch.distributed; both train
 through ``train()``. At step 2 rank 1 writes marked chains back and rank 0 reads them from the
 shards. Each rank writes ``OUT_DIR/rank<r>.json``. Not collected by pytest (no ``test_`` prefix).
+
+The same check inside the real training CLI (the faults of ``tests.faults`` on top; each rank
+writes ``OUT_DIR/cross<r>.json`` once step 2 is done, and rank 0 ``OUT_DIR/shards.json``, the
+shards' :meth:`RayBuffer.shard_info`, before every later step)::
+
+    accelerate launch ... tests/distributed/ray_scenarios.py --cli OUT_DIR [--hang step:N --go FILE] -- train ...
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ class CrossRankTrainer(trainer_module.Trainer):
     """At step 2, rank 1 writes MARK into the slots it drew; rank 0 then reads those slots."""
 
     instances: list = []
+    out = ""  # under the CLI (cli_main): where each rank writes cross<rank>.json after step 2
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -58,11 +65,18 @@ class CrossRankTrainer(trainer_module.Trainer):
             _, many = self.buffer.draw(4000, None, np.random.default_rng(99 + self.rank))
             here = self.buffer.node
             self.cross["local_share"] = sum(len(pos) for k, pos, _, _ in many if nodes[k] == here) / 4000
+            self.cross["node"] = here
             if self.rank == 0:
                 self.cross["shard_nodes"] = len(set(nodes))
                 shards = self.buffer.state_dict()["shards"]
                 self.cross |= {"seen": all(bool(np.all(shards[k]["data"][idx] == MARK)) for k, idx in slots),
                               "shards_touched": sorted({k for k, _ in slots}), "num_shards": len(shards)}
+            if self.out:
+                with open(os.path.join(self.out, f"cross{self.rank}.json"), "w") as fh:
+                    json.dump(self.cross, fh)
+        elif self.step > 2 and self.out and self.rank == 0:  # where the shards are now (node loss)
+            with open(os.path.join(self.out, "shards.json"), "w") as fh:
+                json.dump(self.buffer.shard_info(), fh)
         return super().train_step()
 
 
@@ -84,5 +98,17 @@ def main() -> None:
     dist.barrier()
 
 
+def cli_main(argv: list[str]) -> int:
+    """``--cli OUT_DIR [tests.faults options] -- <ebmscale args>``: ``ebmscale.cli`` with this trainer."""
+    from tests import faults
+
+    torch.set_num_threads(1)
+    CrossRankTrainer.out = argv[0]
+    trainer_module.Trainer = CrossRankTrainer  # the base the faults build on
+    return faults.main(argv[1:])
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--cli":
+        sys.exit(cli_main(sys.argv[2:]))
     main()

@@ -4,7 +4,8 @@ shards pinned one per node; the worker node is removed (its raylet and actors ki
 buffer goes on: its shard is re-created on the surviving node from the last restore point, once,
 whichever rank notices first, and counted in ``buffer_restarts``.
 
-The same on two network namespaces with ``accelerate launch`` is in test_two_nodes.py.
+The same under the real CLI, on network namespaces with a buffer-only Ray node (and then SIGKILL
+of everything and ``--resume auto``), is in test_two_nodes.py.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from ebmscale.config import load_config
 
 ray = pytest.importorskip("ray")
 
-from ebmscale.buffer import ray_host  # noqa: E402
+from ebmscale.buffer import mailbox, ray_host  # noqa: E402
 from ebmscale.buffer.ray_host import RayBuffer  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -54,7 +55,7 @@ def test_a_dead_nodes_shard_comes_back_on_a_live_node_from_the_restore_point(two
     cluster, worker = two_node_cluster
     # Even toy batches through shared memory to the head node's shard (and to shard 1 once it has
     # moved there), by value to the worker node's.
-    monkeypatch.setattr(ray_host, "MAILBOX_MIN_BYTES", 0)
+    monkeypatch.setattr(mailbox, "MIN_BYTES", 0)
     box: dict = {}
     a = _client(cluster.address, 0, 2, lambda o: box.setdefault("i", o), capacity=20, reinit_prob=0.0)
     b = _client(cluster.address, 1, 2, lambda o: box["i"], capacity=20, reinit_prob=0.0)
@@ -93,7 +94,7 @@ def test_a_dead_nodes_shard_comes_back_on_a_live_node_from_the_restore_point(two
             time.sleep(0.05)
         assert seen == 1
         assert b.health() is None and a.health()["slots"] == 40
-        assert b._boxes[(0, "draw")] and a._boxes[(0, "write")]  # the head node's shard: shared memory
+        assert b._mail.boxes[(0, "draw")] and a._mail.boxes[(0, "write")]  # the head node's shard: /dev/shm
     finally:
         b.close()
         a.close()

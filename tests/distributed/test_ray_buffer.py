@@ -202,9 +202,9 @@ def test_shared_memory_mailboxes_carry_the_same_chains_as_ray_objects(ray_sessio
     mailboxes: the same starts, slots and stored chains as by value through Ray (the mailboxes
     switched off by hand), back-to-back write-backs (two write mailboxes per shard) landing in
     order, and no mailbox file is left after close."""
-    from ebmscale.buffer import mailbox, ray_host
+    from ebmscale.buffer import mailbox
 
-    monkeypatch.setattr(ray_host, "MAILBOX_MIN_BYTES", 0)  # these toy batches would go by value
+    monkeypatch.setattr(mailbox, "MIN_BYTES", 0)  # these toy batches would go by value
     labelled = storage == "uint8"
     c = _client(ray_session, capacity=60, shards=2, reinit_prob=0.3, storage=storage, num_classes=3 * labelled)
     try:
@@ -212,7 +212,8 @@ def test_shared_memory_mailboxes_carry_the_same_chains_as_ray_objects(ray_sessio
         draws, stored = [], []
         for use_boxes in (True, False):
             if not use_boxes:  # the by-value path, as to a shard on another node
-                boxes, c._boxes = c._boxes, {(k, kind): False for k in range(2) for kind in ("draw", "write")}
+                boxes = c._mail.boxes
+                c._mail.boxes = {(k, kind): False for k in range(2) for kind in ("draw", "write")}
             _fill(c, 5.5)
             drawn = [c.draw(30, labels, np.random.default_rng(3 + j)) for j in range(3)]
             for j, (x, handle) in enumerate(drawn):  # back to back, each to its own slots (inside the bounds)
@@ -221,11 +222,11 @@ def test_shared_memory_mailboxes_carry_the_same_chains_as_ray_objects(ray_sessio
             draws.append(drawn)
             stored.append([s["data"] for s in c.state_dict()["shards"]])
             if use_boxes:
-                assert {(k, kind) for k in range(2) for kind in ("draw", "write")} <= set(c._boxes)
+                assert {(k, kind) for k in range(2) for kind in ("draw", "write")} <= set(c._mail.boxes)
                 # The next write-back went out before the previous one's answer came back (a call
                 # round trip): it took the second mailbox.
-                assert (0, "write.1") in c._boxes or (1, "write.1") in c._boxes
-        c._boxes = boxes  # closed by close()
+                assert (0, "write.1") in c._mail.boxes or (1, "write.1") in c._mail.boxes
+        c._mail.boxes = boxes  # closed by close()
         boxes = list(boxes.values())
         for (x1, h1), (x2, h2) in zip(*draws, strict=True):
             assert np.array_equal(x1, x2) and len(np.unique(x1, axis=0)) > 1  # stored chains and fresh starts
@@ -249,17 +250,17 @@ def test_shared_memory_mailboxes_carry_the_same_chains_as_ray_objects(ray_sessio
 def test_no_room_in_dev_shm_falls_back_to_ray_objects(ray_session, monkeypatch):
     """A mailbox that cannot be made (a full /dev/shm: Docker's default is 64 MB) is not tried
     again; the chains go through Ray's object store instead. Small batches never try one."""
-    from ebmscale.buffer import mailbox, ray_host
+    from ebmscale.buffer import mailbox
 
     small = _client(ray_session, capacity=20, reinit_prob=0.0)
     try:
         x, handle = small.draw(8, None, np.random.default_rng(0))
         small.write_back(handle, x)
         small.flush()
-        assert small._boxes == {}  # 8 x 2 float32: Ray inlines them into the calls
+        assert small._mail.boxes == {}  # 8 x 2 float32: Ray inlines them into the calls
     finally:
         small.close()
-    monkeypatch.setattr(ray_host, "MAILBOX_MIN_BYTES", 0)
+    monkeypatch.setattr(mailbox, "MIN_BYTES", 0)
 
     class Full(mailbox.Mailbox):
         def view(self, n, shape):
@@ -275,7 +276,7 @@ def test_no_room_in_dev_shm_falls_back_to_ray_objects(ray_session, monkeypatch):
         c.flush()
         stored = c.state_dict()["shards"][0]["data"]
         assert (stored[handle[0][2]] == 5.75).all()
-        assert c._boxes == {(0, "draw"): False, (0, "write"): False}
+        assert c._mail.boxes == {(0, "draw"): False, (0, "write"): False}
     finally:
         c.close()
 

@@ -37,11 +37,13 @@ ONLY_IN = {"ray": ("buffer/ray_host.py",), "accelerate": ("parallel.py",), "deep
 
 MAX_LINES = 450
 MAX_LINES_OF = {"trainer.py": 300}
-# Over the limit for now, with the reason; nothing else may be added here. ray_host.py was split to
-# 449 lines, then node-loss recovery (re-homing shards, re-sending lost calls) landed in it: what is
-# left over 450 is Ray calls, and "only ray_host.py imports ray" keeps it in one file until that
-# rule is revisited (e.g. a second Ray module for starting/joining/waiting on Ray).
-TOO_LONG_FOR_NOW = {"buffer/ray_host.py"}
+# Over the limit for now, with the reason and the most lines allowed (it may shrink, not grow);
+# nothing else may be added here. ray_host.py was split to 449 lines, then node-loss recovery
+# (re-homing shards, re-sending lost calls) landed in it; the mailbox bookkeeping has since moved
+# to buffer/mailbox.py (671 -> 621 lines). What is left over 450 is Ray calls, and "only
+# ray_host.py imports ray" keeps it in one file until that rule is revisited (e.g. a second Ray
+# module for starting/joining/waiting on Ray).
+TOO_LONG_FOR_NOW = {"buffer/ray_host.py": 621}
 
 
 def _modules() -> list[pathlib.Path]:
@@ -110,8 +112,8 @@ def test_no_module_is_too_long():
     for path in _modules():
         rel = _rel(path)
         n = len(path.read_text().splitlines())
-        limit = MAX_LINES_OF.get(rel, MAX_LINES)
-        if n > limit and rel not in TOO_LONG_FOR_NOW:
+        limit = TOO_LONG_FOR_NOW.get(rel) or MAX_LINES_OF.get(rel, MAX_LINES)
+        if n > limit:
             bad.append(f"ebmscale/{rel}: {n} lines (at most {limit}): split it along a seam")
     assert not bad, "\n".join(bad)
 
