@@ -222,10 +222,10 @@ def test_shared_memory_mailboxes_carry_the_same_chains_as_ray_objects(ray_sessio
             draws.append(drawn)
             stored.append([s["data"] for s in c.state_dict()["shards"]])
             if use_boxes:
+                # Whether a back-to-back write-back finds the first write mailbox still busy (and
+                # takes the second) depends on timing; that choice is tested without timing in
+                # tests/unit/test_mailbox.py. Here: the chains land the same either way.
                 assert {(k, kind) for k in range(2) for kind in ("draw", "write")} <= set(c._mail.boxes)
-                # The next write-back went out before the previous one's answer came back (a call
-                # round trip): it took the second mailbox.
-                assert (0, "write.1") in c._mail.boxes or (1, "write.1") in c._mail.boxes
         c._mail.boxes = boxes  # closed by close()
         boxes = list(boxes.values())
         for (x1, h1), (x2, h2) in zip(*draws, strict=True):
