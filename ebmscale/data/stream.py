@@ -62,6 +62,9 @@ from ebmscale.utils import even_share, hash_seed
 
 log = logging.getLogger(__name__)
 
+# Restarts of the loader in a row (for one chunk) before a dying worker is an error.
+WORKER_RESTARTS = 3
+
 CHUNK_SIZE = 64          # samples per worker -> main-process message; part of the stream's definition
 _SHARD_ORDER_TAG = 0x5A4D5301
 _SAMPLE_ORDER_TAG = 0x5A4D5302
@@ -254,6 +257,7 @@ class ShardStream:
                                max(1, num_workers), chunk_size, shuffle_buffer)
         self.epoch, self.chunk, self.offset = 0, 0, 0
         self.samples, self.skipped = 0, 0
+        self.worker_restarts = 0  # loaders restarted after a worker died (see _next_chunk)
         self._it: Iterator[Chunk] | None = None
         self._loader = None
         self._current: Chunk | None = None
@@ -276,9 +280,22 @@ class ShardStream:
         return iter(self._loader)
 
     def _next_chunk(self) -> Chunk:
-        if self._it is None:
-            self._it = self._start()
-        c = next(self._it)
+        for attempt in range(WORKER_RESTARTS + 1):
+            if self._it is None:
+                self._it = self._start()
+            try:
+                c = next(self._it)
+                break
+            except RuntimeError as exc:
+                # A loader worker that died (a decoder's segfault on a bad file, the OOM killer):
+                # the stream knows its exact position, so a new loader starts at the chunk that
+                # was being made, and the batches are those of an uninterrupted stream.
+                if self._loader is None or "DataLoader worker" not in str(exc) or attempt == WORKER_RESTARTS:
+                    raise
+                log.warning("data loader worker died (%s); restarting the loader at chunk %d of epoch %d",
+                            exc, self.chunk, self.epoch)
+                self.worker_restarts += 1
+                self._it, self._loader = None, None
         if (c.epoch, c.index) != (self.epoch, self.chunk):
             raise RuntimeError(f"data stream out of order: got chunk {c.index} of epoch {c.epoch}, "
                                f"expected {self.chunk} of {self.epoch}")

@@ -139,6 +139,55 @@ def test_resumed_stream_equals_the_uninterrupted_one(tmp_path):
         stream(shards, 1, num_workers=0, **opts).load_state_dict(state)
 
 
+def test_a_dead_loader_worker_is_replaced_and_the_batches_stay_exact(tmp_path, monkeypatch):
+    """A worker killed by a signal while it decodes (as a decoder's segfault on a bad file would
+    kill it): the stream starts a new loader at the chunk being made, counts the restart, and
+    delivers the batches of an uninterrupted stream. A worker that dies every time is an error
+    after WORKER_RESTARTS restarts."""
+    import signal
+
+    from ebmscale.data import stream as stream_module
+
+    write_shards(load_source("npz", npz_source(tmp_path / "d.npz", 60)), str(tmp_path / "s"), shard_size=7)
+    shards = open_shard_set(str(tmp_path / "s"))
+    opts = dict(batch=7, chunk_size=5, shuffle_buffer=6)
+    full = stream(shards, 1, **opts)
+    reference = [next(full) for _ in range(10)]
+    full.close()
+
+    decode = stream_module.decode_sample
+    deaths = tmp_path / "deaths"
+
+    def dying_decode(sample, shape, num_classes, limit: int = 1):
+        # In a loader worker (a forked copy of this function): the first `limit` calls after a
+        # sample of id 30 or more die by SIGKILL, once per call, recorded in a file.
+        out = decode(sample, shape, num_classes)
+        if out is not None and out[0][0, 0, 0] >= 30 and os.getpid() != parent:
+            n = len(deaths.read_text()) if deaths.exists() else 0
+            if n < limit:
+                deaths.write_text("x" * (n + 1))
+                os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    parent = os.getpid()
+    monkeypatch.setattr(stream_module, "decode_sample", dying_decode)
+    s = stream(shards, 1, **opts)
+    for i in range(10):
+        x, y = next(s)
+        assert torch.equal(x, reference[i][0]) and torch.equal(y, reference[i][1]), f"batch {i}"
+    assert s.worker_restarts == 1 and deaths.read_text() == "x"
+    s.close()
+
+    deaths.unlink()
+    monkeypatch.setattr(stream_module, "decode_sample",
+                        lambda *a: dying_decode(*a, limit=100))  # every worker dies on its first id >= 30
+    s = stream(shards, 1, **opts)
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        for _ in range(10):
+            next(s)
+    assert s.worker_restarts == stream_module.WORKER_RESTARTS
+
+
 # --------------------------------------------------------------------------- bad input
 
 def _member(tar_path: str, suffix: str, index: int) -> tarfile.TarInfo:
