@@ -164,13 +164,13 @@ class ClientBoxes:
         if not self._local(k) or self.boxes.get((k, kind)) is False or n * self.chain_bytes < MIN_BYTES:
             return None
         box = self.boxes.get((k, kind))
+        new = box is None
         try:
-            if box is None:
+            if new:
                 box = self.boxes[(k, kind)] = Mailbox()
-                box.view(n, self.shape)
-                if not self._probe(k, box.address):
-                    raise OSError("the shard cannot map the mailbox")
-            box.view(n, self.shape)
+            box.view(n, self.shape)  # sized before the shard's first look at it
+            if new and not self._probe(k, box.address):
+                raise OSError("the shard cannot map the mailbox")
         except OSError:
             box.close()
             self.boxes[(k, kind)] = False
