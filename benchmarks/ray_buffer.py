@@ -16,8 +16,10 @@ One run, one process, one local Ray instance:
    25 MB), for fp32 and uint8 storage, in MB/s (10^6 bytes). On one node the chains pass through
    shared-memory mailboxes (ebmscale.buffer.mailbox). ``--two-nodes`` adds the same across two
    Ray nodes on loopback (``ray.cluster_utils.Cluster``, a head and a worker with their own
-   raylets and object stores): the client runs on the worker node, the shard on the head node,
-   so every chain crosses between the nodes' object stores by value.
+   raylets and object stores) at the ImageNet sizes: the client runs on the worker node, the shard
+   on the head node, and every chain crosses between the nodes, over the direct TCP link
+   (ebmscale.buffer.link) and, for comparison in the same run, by value through the nodes'
+   object stores (the link switched off).
 
     .venv/bin/python benchmarks/ray_buffer.py [--config configs/mnist_pcd.yaml | --imagenet] [--steps 40]
         [--blocks 10] [--calls 100] [--no-steps | --no-throughput] [--two-nodes] [key=value ...]
@@ -42,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks._report import cpu_name, print_report  # noqa: E402
+from ebmscale.buffer import mailbox  # noqa: E402
 from ebmscale.buffer.ray_host import RayBuffer, start_embedded  # noqa: E402
 from ebmscale.config import load_config  # noqa: E402
 from ebmscale.trainer import Trainer  # noqa: E402
@@ -160,10 +163,12 @@ def loopback_cluster():
 
 
 def two_node_throughput(cluster: Any, worker: Any, cases: list[tuple[tuple[int, ...], int, str]],
-                        calls: int) -> list[tuple[float, float]]:
+                        calls: int, direct: bool = True) -> list[tuple[float, float]]:
     """Like :func:`throughput` across the two nodes of :func:`loopback_cluster`: rank 0 (this
     process, head node) creates one shard on its node, rank 1 (an actor pinned to the worker
-    node) draws and writes back, so every chain crosses between the nodes by value."""
+    node) draws and writes back, so every chain crosses between the nodes: over the direct link
+    (``direct``; batches under ebmscale.buffer.mailbox.MIN_BYTES go by value all the same) or
+    by value through Ray's object stores (the link switched off, as where none can be set up)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -175,7 +180,13 @@ def two_node_throughput(cluster: Any, worker: Any, cases: list[tuple[tuple[int, 
             try:
                 if client.node == client._shard_nodes[0]:
                     raise RuntimeError("rank 1 runs on the shard's node")
-                return client_throughput(client, batch, n)
+                if not direct:
+                    client._links.links = {0: False}
+                figures = client_throughput(client, batch, n)
+                if direct and batch * np.prod(shape) * np.dtype(storage.replace("fp", "float")).itemsize >= mailbox.MIN_BYTES:
+                    if not getattr(client._links.links.get(0), "sent", 0):
+                        raise RuntimeError("the chains did not go over the direct link")
+                return figures
             finally:
                 client.close()
 
@@ -209,8 +220,13 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=100, help="draw / write-back calls per throughput figure")
     p.add_argument("--big-calls", type=int, default=20, help="calls per ImageNet-size figure")
     p.add_argument("--two-nodes", action="store_true", help="also measure throughput across two Ray nodes on loopback")
+    p.add_argument("--only-two-nodes", action="store_true", help="--two-nodes alone: no one-node throughput, no steps")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = p.parse_args()
+    if args.only_two_nodes:
+        args.two_nodes, args.no_steps, cases_one_node = True, True, False
+    else:
+        cases_one_node = not args.no_throughput
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     config = os.path.join(ROOT, "configs", "igebm_imagenet128.yaml") if args.imagenet else args.config
     rows = []
@@ -221,7 +237,7 @@ def main() -> None:
 
         cases = [(tuple(data_shape(cfg)), cfg.data.batch_size, args.calls), ((3, 32, 32), 128, args.calls),
                  ((3, 128, 128), 32, args.big_calls), ((3, 128, 128), 128, args.big_calls)]
-        session = start_embedded("ebmscale")  # one Ray for every client below
+        session = start_embedded("ebmscale") if cases_one_node or not args.no_steps else None  # one Ray for all below
         try:
             if not args.no_steps:
                 base = [*overrides, "train.progress=false", "train.tensorboard=false"]
@@ -229,22 +245,25 @@ def main() -> None:
                 for name, t in times.items():
                     rows.append({"measurement": f"train step ({name} buffer)", "value": round(t * 1e3, 2),
                                  "unit": "ms", "ratio_to_local": round(t / times["local"], 3)})
-            for shape, batch, calls in ([] if args.no_throughput else cases):
+            for shape, batch, calls in (cases if cases_one_node else []):
                 for storage in ("fp32", "uint8"):
                     draw, write = throughput(shape, batch, storage, calls)
                     what = f"{batch}x{'x'.join(map(str, shape))} {storage}"
                     rows.append({"measurement": f"draw {what}", "value": round(draw, 1), "unit": "MB/s"})
                     rows.append({"measurement": f"write-back {what}", "value": round(write, 1), "unit": "MB/s"})
         finally:
-            session.close()
+            if session is not None:
+                session.close()
     if args.two_nodes and not args.no_throughput:
         big = [(shape, batch, storage) for shape, batch, _ in cases[2:] for storage in ("fp32", "uint8")]
         with loopback_cluster() as (cluster, worker):
-            figures = two_node_throughput(cluster, worker, big, args.big_calls)
-        for (shape, batch, storage), (draw, write) in zip(big, figures):
-            what = f"{batch}x{'x'.join(map(str, shape))} {storage}, two nodes"
-            rows.append({"measurement": f"draw {what}", "value": round(draw, 1), "unit": "MB/s"})
-            rows.append({"measurement": f"write-back {what}", "value": round(write, 1), "unit": "MB/s"})
+            figures = {path: two_node_throughput(cluster, worker, big, args.big_calls, direct=path == "direct link")
+                       for path in ("direct link", "by value")}
+        for path, results in figures.items():
+            for (shape, batch, storage), (draw, write) in zip(big, results):
+                what = f"{batch}x{'x'.join(map(str, shape))} {storage}, two nodes, {path}"
+                rows.append({"measurement": f"draw {what}", "value": round(draw, 1), "unit": "MB/s"})
+                rows.append({"measurement": f"write-back {what}", "value": round(write, 1), "unit": "MB/s"})
     print_report(rows, [("measurement", lambda r: r["measurement"]), ("value", lambda r: str(r["value"])),
                         ("unit", lambda r: r["unit"]),
                         ("ratio to local", lambda r: str(r.get("ratio_to_local", "")))],

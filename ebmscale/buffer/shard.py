@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ebmscale.buffer import mailbox, shardfile
+from ebmscale.buffer import link, mailbox, shardfile
 from ebmscale.buffer.replay import ReplayBuffer
 
 
@@ -17,6 +17,7 @@ class Shard:
     shard_id: int
     buf: ReplayBuffer
     _attached: mailbox.Attached | None = None  # the callers' mailboxes mapped here, on first use
+    _served: link.Served | None = None  # direct links to callers on other nodes, on first use
 
     def sample(self, n: int, labels: np.ndarray | None, seed: int
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -50,6 +51,37 @@ class Shard:
                    steps: int = 0) -> None:
         """:meth:`write` of the float32 chains in the caller's mailbox ``box`` (encoded here)."""
         self.buf.write(idx, self._mailboxes().view(box, len(idx), self.buf.shape), reinit, steps)
+
+    # A client on another node gets and sends the chains (in the storage dtype) over a direct TCP
+    # link (ebmscale.buffer.link): only the slot indices travel through Ray.
+    def _links(self) -> link.Served:
+        if self._served is None:
+            self._served = link.Served()
+        return self._served
+
+    def connect_link(self, address: tuple[str, int], secret: bytes, key: str) -> bool:
+        """Open the link to client ``key`` listening at ``address`` (both prove they know
+        ``secret``); False when it cannot."""
+        return self._links().connect(address, secret, key)
+
+    def sample_link(self, n: int, labels: np.ndarray | None, seed: int, key: str, req: int) -> tuple:
+        """:meth:`sample`, the encoded starts and noise sent to client ``key`` as message ``req``;
+        returns (slot indices, reinit mask), or all of :meth:`sample` by value when there is no
+        link (a restarted shard) or it failed."""
+        q, idx, reinit, noise = self.sample(n, labels, seed)
+        if self._links().send(key, req, [q, noise]):
+            return idx, reinit
+        return q, idx, reinit, noise
+
+    def write_link(self, idx: np.ndarray, reinit: np.ndarray | None, steps: int, key: str, req: int) -> str | None:
+        """:meth:`write` of the encoded chains client ``key`` sends as message ``req``; returns
+        :data:`~ebmscale.buffer.link.RESEND` when they did not come (no link, or it failed)."""
+        got = self._links().recv(key, req)
+        if got is None or len(got) != 1 or got[0].shape != (len(idx), *self.buf.shape):
+            self._links().drop(key)
+            return link.RESEND
+        self.buf.write(idx, got[0], reinit, steps)
+        return None
 
     def health(self, subsample: int) -> dict:
         """This shard's health counts (a few numbers: the chains stay here)."""

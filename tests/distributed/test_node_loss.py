@@ -19,7 +19,7 @@ from ebmscale.config import load_config
 
 ray = pytest.importorskip("ray")
 
-from ebmscale.buffer import mailbox, ray_host  # noqa: E402
+from ebmscale.buffer import link, mailbox, ray_host  # noqa: E402
 from ebmscale.buffer.ray_host import RayBuffer  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -43,11 +43,59 @@ def two_node_cluster(tmp_path, monkeypatch):
         cluster.shutdown()
 
 
-def _client(address: str, rank: int, world: int, share, **buffer) -> RayBuffer:
+def _client(address: str, rank: int, world: int, share, num_classes: int = 0, **buffer) -> RayBuffer:
     overrides = [f"buffer.{k}={v}" for k, v in buffer.items()]
     b = load_config(None, ["buffer.backend=ray", "data.batch_size=1", f"buffer.ray_address={address}",
                            *overrides]).buffer
-    return RayBuffer(b, (2,), (5.0, 6.0), 0, rank, world, shard_seed=lambda k: 100 + k, share=share)
+    return RayBuffer(b, (2,), (5.0, 6.0), num_classes, rank, world, shard_seed=lambda k: 100 + k, share=share)
+
+
+@pytest.mark.parametrize("storage", ["fp32", "uint8"])
+def test_chains_to_another_nodes_shard_over_the_direct_link_equal_those_by_value(two_node_cluster, storage,
+                                                                                 monkeypatch):
+    """Draws and write-backs to the worker node's shard go over a direct TCP link (only slot
+    indices through Ray): the same starts, slots and stored chains as by value through Ray (the
+    link switched off by hand), back-to-back write-backs landing in order; uint8 with labels."""
+    from tests.distributed.test_ray_buffer import _fill
+
+    cluster, worker = two_node_cluster
+    monkeypatch.setattr(mailbox, "MIN_BYTES", 0)  # these toy batches would go by value
+    labelled = storage == "uint8"
+    c = _client(cluster.address, 0, 1, lambda o: o, num_classes=3 * labelled, capacity=60, shards=2,
+                reinit_prob=0.3, storage=storage)
+    try:
+        assert [i["node"] for i in c.shard_info()][1] == worker.node_id  # shard 1 on the other node
+        labels = np.array([0, 2, 1, 1, 0] * 6) if labelled else None
+        draws, stored = [], []
+        for direct in (True, False):
+            if not direct:
+                used = c._links.links[1]
+                c._links.close()
+                c._links.links = {1: False}  # by value, as before the links
+            _fill(c, 5.5)
+            drawn = [c.draw(30, labels, np.random.default_rng(3 + j)) for j in range(3)]
+            for j, (x, handle) in enumerate(drawn):  # back to back, each to its own slots
+                c.write_back(handle, x * np.float32(0.5) + np.float32(3.0 - 0.2 * j))
+            c.flush()
+            draws.append(drawn)
+            stored.append([s["data"] for s in c.state_dict()["shards"]])
+        assert isinstance(used, link.Link) and used.received >= 3 and used.sent == 3  # every draw, every write
+        assert not c._payloads and not c._links._of
+        for (x1, h1), (x2, h2) in zip(*draws, strict=True):
+            assert np.array_equal(x1, x2) and len(np.unique(x1, axis=0)) > 1  # stored chains and fresh starts
+            for (k1, p1, i1, r1), (k2, p2, i2, r2) in zip(h1, h2, strict=True):
+                assert k1 == k2 and np.array_equal(p1, p2) and np.array_equal(i1, i2) and np.array_equal(r1, r2)
+        for a, b in zip(*stored, strict=True):
+            assert np.array_equal(a, b)
+        if storage == "fp32":  # every write-back landed on its own slots, in order
+            expected = [np.full_like(a, 5.5) for a in stored[0]]
+            for j, (x, handle) in enumerate(draws[0]):
+                for k, pos, idx, _ in handle:
+                    expected[k][idx] = x[pos] * np.float32(0.5) + np.float32(3.0 - 0.2 * j)
+            for a, b in zip(stored[0], expected):
+                assert np.array_equal(a, b)
+    finally:
+        c.close()
 
 
 def test_a_dead_nodes_shard_comes_back_on_a_live_node_from_the_restore_point(two_node_cluster, tmp_path,
@@ -72,6 +120,8 @@ def test_a_dead_nodes_shard_comes_back_on_a_live_node_from_the_restore_point(two
         x, handle = b.draw(16, None, np.random.default_rng(0))
         b.write_back(handle, np.full_like(x, 7.5))  # after the restore point: lost with the node
         b.flush()
+        assert b._links.links[1].sent == 1  # to the worker node's shard over the direct link
+
 
         cluster.remove_node(worker)
         # Rank 1 notices first (a draw), re-creates the shard; rank 0's write-backs and reads go on.
