@@ -13,10 +13,11 @@ draw, encodes a write-back), travel raw on a TCP connection the shard opens to t
   (authenticated) Ray call, and the shard connects. Both prove they know the secret (HMAC-SHA256
   of the other's nonce) before anything else passes: a peer that cannot is dropped and the
   client keeps waiting for the right one.
-* A draw: the shard writes the message (request id, then the arrays) on the link and returns the
-  slot indices through Ray; a reader thread on the client takes every message off the socket as it
-  comes (so a shard never waits on a client busy elsewhere, e.g. with a prefetched draw it has
-  not asked for yet) and the draw picks its message by request id.
+* A draw: the shard queues the message (request id, then the arrays) for its sender thread and
+  returns the slot indices through Ray, so that the reply and the bytes travel at once; a reader
+  thread on the client takes every message off the socket as it comes (so a shard never waits on
+  a client busy elsewhere, e.g. with a prefetched draw it has not asked for yet) and the draw
+  picks its message by request id.
 * A write-back: a writer thread on the client sends the message (fire-and-forget, as by value)
   and the shard's call reads it; calls from one client to one shard run in order, and so do the
   messages on the link (each carries the id the call expects).
@@ -340,12 +341,48 @@ class ClientLinks:
             self.drop(k)
 
 
+class _Peer:
+    """One client's link at the shard: the socket, and a sender thread that writes the draws'
+    messages in order while the shard answers the call (the reply through Ray and the bytes on
+    the link travel at once) and goes on to its next call."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.alive = sock, True
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._send, daemon=True, name="ebmscale-link-send")
+        self._thread.start()
+
+    def _send(self) -> None:
+        while (item := self._out.get()) is not None:
+            if not self.alive:
+                continue
+            try:
+                send_arrays(self.sock, *item)
+            except OSError:
+                self.close()  # the client sees the link die and asks again by value
+
+    def send(self, req: int, arrays: list[np.ndarray]) -> None:
+        self._out.put((req, arrays))
+
+    def close(self) -> None:
+        if self.alive:
+            self.alive = False
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._out.put(None)
+
+    def join(self) -> None:
+        self._thread.join(timeout=5)  # the shut-down socket stops a send under way at once
+
+
 class Served:
-    """The shard's side: its links to clients, by client key. Sending or reading that fails drops
-    the link (the shard answers by value, or :data:`RESEND`)."""
+    """The shard's side: its links to clients, by client key. A message that cannot be read, or
+    a link whose sending failed, drops the link (the shard answers by value, or :data:`RESEND`)."""
 
     def __init__(self):
-        self._socks: dict[str, socket.socket] = {}
+        self._peers: dict[str, _Peer] = {}
 
     def connect(self, address: tuple[str, int], secret: bytes, key: str) -> bool:
         """Open client ``key``'s link (replacing an older one); False when it cannot."""
@@ -355,27 +392,32 @@ class Served:
         except OSError:
             return False
         sock.settimeout(IO_TIMEOUT_S)
-        self._socks[key] = sock
+        self._peers[key] = _Peer(sock)
         return True
 
-    def send(self, key: str, req: int, arrays: list[np.ndarray]) -> bool:
-        sock = self._socks.get(key)
-        if sock is None:
-            return False
-        try:
-            send_arrays(sock, req, arrays)
-        except OSError:
+    def _live(self, key: str) -> _Peer | None:
+        peer = self._peers.get(key)
+        if peer is not None and not peer.alive:
             self.drop(key)
+            return None
+        return peer
+
+    def send(self, key: str, req: int, arrays: list[np.ndarray]) -> bool:
+        """Queue message ``req`` (the arrays must not change) for client ``key``; False when there
+        is no live link (the caller answers by value)."""
+        peer = self._live(key)
+        if peer is None:
             return False
+        peer.send(req, arrays)
         return True
 
     def recv(self, key: str, req: int) -> list[np.ndarray] | None:
         """Message ``req`` from client ``key``, or None (no link, or it failed: dropped)."""
-        sock = self._socks.get(key)
-        if sock is None:
+        peer = self._live(key)
+        if peer is None:
             return None
         try:
-            got, arrays = recv_arrays(sock)
+            got, arrays = recv_arrays(peer.sock)
             if got != req:
                 raise LinkError(f"link message {got} where {req} was expected")
         except OSError:
@@ -384,10 +426,8 @@ class Served:
         return arrays
 
     def drop(self, key: str) -> None:
-        sock = self._socks.pop(key, None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+        peer = self._peers.pop(key, None)
+        if peer is not None:
+            peer.close()
+            peer.join()
+            peer.sock.close()

@@ -375,7 +375,7 @@ class RayBuffer:
                 result = self._get([self._send(k, "sample", job[4][:3])])[0]
             else:
                 q, noise = got
-                return starts_from_encoded(q, reinit, noise, self.storage, self.bounds), idx, reinit
+                return starts_from_encoded(q, reinit, noise, self.storage, self.bounds, reuse=True), idx, reinit
         if len(result) == 2:
             idx, reinit = result
             return self._mail.boxes[(k, "draw")].view(len(pos), self.shape), idx, reinit

@@ -41,10 +41,11 @@ def decode(q: np.ndarray, storage: str, bounds: tuple[float, float], out: np.nda
 
 
 def starts_from_encoded(q: np.ndarray, reinit: np.ndarray, noise: np.ndarray, storage: str,
-                        bounds: tuple[float, float]) -> np.ndarray:
+                        bounds: tuple[float, float], reuse: bool = False) -> np.ndarray:
     """Chain starts (float32) from an encoded draw: the stored chains decoded, with the
-    re-initialised positions replaced by their noise (see :meth:`ReplayBuffer.sample_encoded`)."""
-    x = decode(q, storage, bounds)
+    re-initialised positions replaced by their noise (see :meth:`ReplayBuffer.sample_encoded`).
+    ``reuse``: ``q`` is the caller's to overwrite, so float32 chains become the starts in place."""
+    x = q if reuse and q.dtype == np.float32 and q.flags.writeable else decode(q, storage, bounds)
     if len(noise):
         x[reinit] = noise
     return x

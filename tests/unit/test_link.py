@@ -116,7 +116,7 @@ def test_client_links_only_to_other_nodes_for_big_batches_and_fall_back_once(cap
             return lambda timeout: False
         t = threading.Thread(target=lambda: served.connect(address, secret, key))
         t.start()
-        return lambda timeout: None if (t.join(timeout), t.is_alive())[1] else served._socks.get(key) is not None
+        return lambda timeout: None if (t.join(timeout), t.is_alive())[1] else served._peers.get(key) is not None
 
     links = link.ClientLinks(4 * 48, "127.0.0.1", remote=lambda k: k != 0, open=open_, min_bytes=lambda: 1024)
     try:
