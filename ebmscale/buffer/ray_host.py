@@ -17,11 +17,9 @@ holds a :class:`RayBuffer` client with the interface of :class:`ebmscale.buffer.
 * chains to and from a shard on the client's node go through shared memory
   (:mod:`ebmscale.buffer.mailbox`: the shard writes a draw's float32 starts into the client's
   mailbox and reads write-backs from it, encoding and decoding on its side; only slot indices
-  travel through Ray). To a shard on another node they go in the storage dtype (fp16/uint8
-  halve/quarter the transfer; the client decodes draws, fresh-noise starts stay float32) over a
-  direct TCP link the shard opens to the client (:mod:`ebmscale.buffer.link`: authenticated with
-  a per-link secret passed in the Ray call; again only slot indices travel through Ray), or by
-  value through Ray where no link can be had (and for small batches, which Ray inlines).
+  travel through Ray). To a shard on another node they go in the storage dtype (fp16/uint8 halve/
+  quarter the transfer; the client decodes draws) over a direct, authenticated TCP link
+  (:mod:`ebmscale.buffer.link`), else by value through Ray (the choice: :mod:`ebmscale.buffer.route`).
   Write-backs are sent without waiting; at most ``max_inflight`` requests stay in flight per rank
   (and two per shard through its write mailboxes: a third waits until the first has landed).
 * faults: shard actors restart automatically (Ray retries the calls in flight); a restarted shard
@@ -61,12 +59,13 @@ import ray  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from ebmscale.buffer import health, link, mailbox, shardfile  # noqa: E402
+from ebmscale.buffer.route import Routes  # noqa: E402
 from ebmscale.buffer.client import as_numpy  # noqa: E402
 from ebmscale.buffer.cluster import (TOKEN_FILE, cluster_address, use_cluster_token, use_token_file,  # noqa: E402
                                      write_token)
 from ebmscale.buffer.placement import (ShardLayout, by_shard, check_layout, gather, same_labels,  # noqa: E402
                                        shard_states)
-from ebmscale.buffer.replay import STORAGE_DTYPES, ReplayBuffer, encode, starts_from_encoded  # noqa: E402
+from ebmscale.buffer.replay import STORAGE_DTYPES, ReplayBuffer  # noqa: E402
 from ebmscale.buffer.shard import Registry, Shard  # noqa: E402
 from ebmscale.config import ConfigError  # noqa: E402
 from ebmscale.utils import hash_seed  # noqa: E402
@@ -287,30 +286,30 @@ class RayBuffer:
         self._restart_poll = None
         self._restarts_seen = 0
         self._snapshot_refs: list = []
-        # Shared-memory mailboxes to the shards on this node (see ebmscale.buffer.mailbox).
+        # Shared-memory mailboxes to the shards on this node (see ebmscale.buffer.mailbox), direct
+        # links from this node's address as Ray knows it to those on others (ebmscale.buffer.link).
         chain_bytes = int(np.prod(self.shape)) * np.dtype(STORAGE_DTYPES[self.storage]).itemsize
-        self._mail = mailbox.ClientBoxes(self.shape, chain_bytes, local=lambda k: self._shard_nodes[k] == self.node,
+        local = lambda k: self._shard_nodes[k] == self.node  # noqa: E731
+        self._mail = mailbox.ClientBoxes(self.shape, chain_bytes, local=local,
                                          probe=lambda k, address: self._call_each("probe", [(k, (address,))])[0])
         mailbox.sweep_stale()
-        # Direct links to the shards on other nodes (see ebmscale.buffer.link), from this node's
-        # address as Ray knows it.
         host = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == self.node)
-        self._links = link.ClientLinks(chain_bytes, host, remote=lambda k: self._shard_nodes[k] != self.node,
-                                       open=self._open_link, min_bytes=lambda: mailbox.MIN_BYTES)
-        self._payloads: dict[int, np.ndarray] = {}  # link write-backs in flight: their chains, to resend
+        self._links = link.ClientLinks(chain_bytes, host, remote=lambda k: not local(k), open=self._open_link,
+                                       min_bytes=lambda: mailbox.MIN_BYTES)
+        self._route = Routes(self._mail, self._links, local, self.shape, self.storage, self.bounds)
 
     def _open_link(self, k: int, address: tuple[str, int], secret: bytes, key: str) -> Callable[[float], bool | None]:
-        """Ask shard ``k`` to open its link to this client (:class:`~ebmscale.buffer.link.ClientLinks`)."""
+        """Ask shard ``k`` to link to this client; returns the wait for its answer (link.ClientLinks)."""
         ref = self.shards[k].connect_link.remote(address, secret, key)
+        return lambda timeout: (None if not ray.wait([ref], timeout=timeout)[0]
+                                else bool(self._get_quietly(ref)))
 
-        def answer(timeout: float) -> bool | None:
-            if not ray.wait([ref], timeout=timeout)[0]:
-                return None
-            try:
-                return bool(ray.get(ref))
-            except ray.exceptions.RayError:
-                return False
-        return answer
+    @staticmethod
+    def _get_quietly(ref: Any) -> Any:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError:
+            return None
 
     def _set_capacities(self, capacities: list[int]) -> None:
         """The draw arithmetic over ``capacities`` and the shards' nodes (ebmscale.buffer.placement)."""
@@ -354,33 +353,8 @@ class RayBuffer:
         parts = []
         for k, pos in by_shard(shard):
             args = (len(pos), None if labels is None else labels[pos], int(seeds[k]))
-            box = self._mail.get(k, "draw", len(pos))
-            if box is not None:  # the shard writes the float32 starts into this node's shared memory
-                parts.append((k, pos, self._send(k, "sample_into", (*args, box.address))))
-            elif self._links.get(k, len(pos)) is not None:  # the encoded starts come over the link
-                parts.append((k, pos, self._send(k, "sample_link", (*args, self._links.key, self._links.request(k)))))
-            else:
-                parts.append((k, pos, self._send(k, "sample", args)))
+            parts.append((k, pos, self._send(k, *self._route.draw(k, args))))  # see ebmscale.buffer.route
         return parts
-
-    def _starts(self, k: int, pos: np.ndarray, job: tuple, result: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(float32 starts, slots, reinit mask) of shard ``k``'s answer to draw ``job``: in this
-        client's mailbox (``sample_into``: a view, valid until the next draw from that shard), on
-        the link (``sample_link``: the storage dtype, asked again by value if the link died before
-        it came) or by value, in the storage dtype (``sample``)."""
-        if len(result) == 2 and job[3] == "sample_link":
-            idx, reinit = result
-            got = self._links.take(job[4][-1])
-            if got is None:
-                result = self._get([self._send(k, "sample", job[4][:3])])[0]
-            else:
-                q, noise = got
-                return starts_from_encoded(q, reinit, noise, self.storage, self.bounds, reuse=True), idx, reinit
-        if len(result) == 2:
-            idx, reinit = result
-            return self._mail.boxes[(k, "draw")].view(len(pos), self.shape), idx, reinit
-        q, idx, reinit, noise = result
-        return starts_from_encoded(q, reinit, noise, self.storage, self.bounds), idx, reinit
 
     def draw(self, n: int, labels: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, list]:
         """``n`` chain starts drawn across the shards; the handle lists (shard, positions, slots,
@@ -394,7 +368,9 @@ class RayBuffer:
         else:
             parts = self._submit(plan, labels)
         results = self._get([job for _, _, job in parts])
-        starts = [self._starts(k, pos, job, res) for (k, pos, job), res in zip(parts, results)]
+        starts = [self._route.starts(k, len(pos), job[3], job[4], res,
+                                     lambda k=k, args=job[4]: self._get([self._send(k, "sample", args[:3])])[0])
+                  for (k, pos, job), res in zip(parts, results)]
         x = gather(len(plan[0]), self.shape, [pos for _, pos, _ in parts], [s for s, _, _ in starts])
         return x, [(k, pos, idx, reinit) for (k, pos, _), (_, idx, reinit) in zip(parts, starts)]
 
@@ -428,18 +404,9 @@ class RayBuffer:
         x = np.asarray(x)
         for k, pos, idx, reinit in handle:
             free = self._free_write_box(k, len(pos)) if x.dtype == np.float32 else None
-            if free is not None:  # float32 chains into this node's shared memory; the shard encodes them
-                kind, box = free
-                np.take(x, pos, axis=0, out=box.view(len(pos), self.shape), mode="clip")
-                job = self._mail.writes[(k, kind)] = self._send(k, "write_from", (idx, box.address, reinit,
-                                                                                 self.chain_steps))
-            elif self._links.get(k, len(pos)) is not None:  # the encoded chains go over the link
-                req = self._links.request(k)
-                self._payloads[req] = q = encode(x[pos], self.storage, self.bounds)
-                self._links.links[k].send(req, [q])
-                job = self._send(k, "write_link", (idx, reinit, self.chain_steps, self._links.key, req))
-            else:
-                job = self._send(k, "write", (idx, encode(x[pos], self.storage, self.bounds), reinit, self.chain_steps))
+            job = self._send(k, *self._route.write(k, pos, idx, reinit, self.chain_steps, x, free and free[1]))
+            if free is not None:
+                self._mail.writes[(k, free[0])] = job
             self._inflight.append(job)
         if len(self._inflight) > self.max_inflight:
             done = set(ray.wait([job[2] for job in self._inflight],
@@ -494,34 +461,14 @@ class RayBuffer:
                     if attempt == 2:
                         raise
                     self._rehome(k, generation)
-                    job = self._send(k, *self._portable(k, method, args))
+                    job = self._send(k, *self._route.portable(k, method, args))
                     continue
-                if method == "write_link":
-                    if res == link.RESEND:  # the chains did not come over the link: send them by value
-                        res = self._get([self._send(k, *self._portable(k, method, args))])[0]
-                    self._payloads.pop(args[-1], None)
-                    self._links.forget(args[-1])  # landed
+                if method == "write_link" and res == link.RESEND:  # not over the link: send them by value
+                    res = self._get([self._send(k, *self._route.portable(k, method, args))])[0]
+                self._route.landed(method, args)
                 out.append(res)
                 break
         return out
-
-    def _portable(self, k: int, method: str, args: tuple) -> tuple[str, tuple]:
-        """A call to send again to shard ``k``'s re-created actor (or a link write-back the shard
-        did not get): one through a mailbox goes by value when the shard is no longer on this
-        node, one over a link by value."""
-        if method in ("sample_link", "write_link"):
-            self._links.forget(args[-1])
-            if method == "sample_link":
-                return "sample", args[:3]
-            idx, reinit, steps, _, req = args
-            return "write", (idx, self._payloads.pop(req), reinit, steps)
-        if method not in ("sample_into", "write_from") or self._shard_nodes[k] == self.node:
-            return method, args
-        if method == "sample_into":
-            return "sample", args[:3]
-        idx, address, reinit, steps = args
-        chains = self._mail.by_key(address[0]).view(len(idx), self.shape)
-        return "write", (idx, encode(chains, self.storage, self.bounds), reinit, steps)
 
     def _call_each(self, method: str, calls: list[tuple[int, tuple]]) -> list:
         """``shards[k].method(*args)`` for each ``(k, args)`` at once, surviving node loss (see _get)."""
@@ -640,8 +587,7 @@ class RayBuffer:
                 for a in [*self.shards, self.registry]:  # a Ray we did not start keeps running: free its actors
                     ray.kill(a, no_restart=True)
         finally:
-            self._mail.close()
-            self._links.close()
+            self._route.close()
             if self._session is not None:
                 self._session.close()
 

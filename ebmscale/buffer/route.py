@@ -1,0 +1,103 @@
+"""Which way a buffer client's chains travel to and from a shard, without Ray.
+
+Three ways, chosen per call: a shard on the client's node through the client's shared-memory
+mailboxes (:mod:`ebmscale.buffer.mailbox`), a shard on another node over a direct TCP link
+(:mod:`ebmscale.buffer.link`), and by value through Ray where neither can be had (and for small
+batches, which Ray inlines into the call). :class:`Routes` turns a draw or write-back into the
+shard method and arguments to call, a draw's answer into float32 starts, and a call into one that
+can be sent again by value (a shard that moved to another node, a link write-back the shard did
+not get). The Ray calls stay in :mod:`ebmscale.buffer.ray_host`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ebmscale.buffer import link, mailbox
+from ebmscale.buffer.replay import encode, starts_from_encoded
+
+
+class Routes:
+    """A client's routes to the shards: ``mail`` (:class:`~ebmscale.buffer.mailbox.ClientBoxes`),
+    ``links`` (:class:`~ebmscale.buffer.link.ClientLinks`), ``local(k)``: shard ``k`` runs on
+    this node; chains of ``shape`` stored as ``storage`` within ``bounds``."""
+
+    def __init__(self, mail: mailbox.ClientBoxes, links: link.ClientLinks, local: Callable[[int], bool],
+                 shape: tuple[int, ...], storage: str, bounds: tuple[float, float]):
+        self.mail, self.links, self._local = mail, links, local
+        self.shape, self.storage, self.bounds = tuple(shape), storage, tuple(bounds)
+        self._payloads: dict[int, np.ndarray] = {}  # link write-backs in flight: their chains, to resend
+
+    def draw(self, k: int, args: tuple) -> tuple[str, tuple]:
+        """The call for a draw ``args = (n, labels, seed)`` from shard ``k``."""
+        box = self.mail.get(k, "draw", args[0])
+        if box is not None:  # the shard writes the float32 starts into this node's shared memory
+            return "sample_into", (*args, box.address)
+        if self.links.get(k, args[0]) is not None:  # the encoded starts come over the link
+            return "sample_link", (*args, self.links.key, self.links.request(k))
+        return "sample", args
+
+    def starts(self, k: int, n: int, method: str, args: tuple, result: tuple,
+               by_value: Callable[[], tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(float32 starts, slots, reinit mask) of shard ``k``'s ``result`` to the draw call
+        ``method(*args)`` of ``n`` chains: in this client's mailbox (``sample_into``: a view, valid
+        until the next draw from that shard), on the link (``sample_link``: the storage dtype;
+        ``by_value()`` asks again by value if the link died before they came) or by value, in the
+        storage dtype (``sample``)."""
+        if len(result) == 2 and method == "sample_link":
+            idx, reinit = result
+            got = self.links.take(args[-1])
+            if got is not None:
+                q, noise = got
+                return starts_from_encoded(q, reinit, noise, self.storage, self.bounds, reuse=True), idx, reinit
+            result = by_value()
+        if len(result) == 2:
+            idx, reinit = result
+            return self.mail.boxes[(k, "draw")].view(n, self.shape), idx, reinit
+        q, idx, reinit, noise = result
+        return starts_from_encoded(q, reinit, noise, self.storage, self.bounds), idx, reinit
+
+    def write(self, k: int, pos: np.ndarray, idx: np.ndarray, reinit: np.ndarray, steps: int, x: np.ndarray,
+              box: mailbox.Mailbox | None) -> tuple[str, tuple]:
+        """The call writing back chains ``x[pos]`` to slots ``idx`` of shard ``k``: through the
+        free write mailbox ``box`` (float32; the shard encodes them), over the link, or by value."""
+        if box is not None:
+            np.take(x, pos, axis=0, out=box.view(len(pos), self.shape), mode="clip")
+            return "write_from", (idx, box.address, reinit, steps)
+        q = encode(x[pos], self.storage, self.bounds)
+        if self.links.get(k, len(pos)) is None:
+            return "write", (idx, q, reinit, steps)
+        req = self.links.request(k)
+        self._payloads[req] = q
+        self.links.links[k].send(req, [q])
+        return "write_link", (idx, reinit, steps, self.links.key, req)
+
+    def landed(self, method: str, args: tuple) -> None:
+        """Call ``method(*args)`` has landed (or was replaced by one by value)."""
+        if method in ("sample_link", "write_link"):
+            self.links.forget(args[-1])
+            self._payloads.pop(args[-1], None)
+
+    def portable(self, k: int, method: str, args: tuple) -> tuple[str, tuple]:
+        """A call to send again to shard ``k``'s re-created actor, or a link write-back the shard
+        did not get: one through a mailbox goes by value when the shard is no longer on this
+        node, one over a link by value."""
+        if method in ("sample_link", "write_link"):
+            payload = self._payloads.get(args[-1])
+            self.landed(method, args)
+            if method == "sample_link":
+                return "sample", args[:3]
+            idx, reinit, steps = args[:3]
+            return "write", (idx, payload, reinit, steps)
+        if method not in ("sample_into", "write_from") or self._local(k):
+            return method, args
+        if method == "sample_into":
+            return "sample", args[:3]
+        idx, address, reinit, steps = args
+        chains = self.mail.by_key(address[0]).view(len(idx), self.shape)
+        return "write", (idx, encode(chains, self.storage, self.bounds), reinit, steps)
+
+    def close(self) -> None:
+        self.mail.close()
+        self.links.close()
