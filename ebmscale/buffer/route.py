@@ -74,8 +74,9 @@ class Routes:
         return "write_link", (idx, reinit, steps, self.links.key, req)
 
     def landed(self, method: str, args: tuple) -> None:
-        """Call ``method(*args)`` has landed (or was replaced by one by value)."""
-        if method in ("sample_link", "write_link"):
+        """Write-back ``method(*args)`` has landed (or was replaced by one by value). (A draw over
+        the link is done once :meth:`starts` has taken its message.)"""
+        if method == "write_link":
             self.links.forget(args[-1])
             self._payloads.pop(args[-1], None)
 
@@ -84,12 +85,11 @@ class Routes:
         did not get: one through a mailbox goes by value when the shard is no longer on this
         node, one over a link by value."""
         if method in ("sample_link", "write_link"):
-            payload = self._payloads.get(args[-1])
-            self.landed(method, args)
+            self.links.forget(args[-1])
             if method == "sample_link":
                 return "sample", args[:3]
-            idx, reinit, steps = args[:3]
-            return "write", (idx, payload, reinit, steps)
+            idx, reinit, steps, _, req = args
+            return "write", (idx, self._payloads.pop(req), reinit, steps)
         if method not in ("sample_into", "write_from") or self._local(k):
             return method, args
         if method == "sample_into":
