@@ -2,7 +2,8 @@
 
 For score-based checkpoints (``objective.kind`` lsd, dsm, ssm, ...) on image data: ``--n`` training
 images x, Gaussian noise n of std ``--sigma`` (seeded, so every checkpoint sees the same x and n),
-the model's score s = -grad E(x + n) against the denoising target -n / sigma^2: cosine and mean
+the model's score s = -grad E(x + n) (-grad E / sigma for a noise-conditional energy, whose
+energies are also given at level sigma) against the denoising target -n / sigma^2: cosine and mean
 squared error (the error has an irreducible floor, so compare checkpoints, lower is better).
 Then the mean energy of the images, the noisy images, uniform noise over the pixel range and the
 blank image (every pixel at the range's low end) -- a score-based energy can put its minimum where
@@ -42,12 +43,14 @@ def score_fit(path: str, sigma: float = 0.3, n: int = 128, seed: int = 0) -> dic
     noise = sigma * torch.randn(x.shape, generator=g)
     z = (x + noise).requires_grad_(True)
     (grad,) = torch.autograd.grad(model(z).sum(), z)
-    s, target = -grad.flatten(1), (-noise / sigma ** 2).flatten(1)
+    # A noise-conditional energy is E(x) / sigma at level sigma (objective.noise_conditional).
+    scale = sigma if cfg.objective.noise_conditional else 1.0
+    s, target = -grad.flatten(1) / scale, (-noise / sigma ** 2).flatten(1)
     lo, hi = data_bounds(cfg.data.range)
     probes = {"data": x, "noisy": x + noise, "uniform": lo + (hi - lo) * torch.rand(x.shape, generator=g),
               "blank": torch.full_like(x, lo)}
     with torch.no_grad():
-        energies = {k: float(model(v).mean()) for k, v in probes.items()}
+        energies = {k: float(model(v).mean()) / scale for k, v in probes.items()}
     return {"checkpoint": path, "step": state.get("step"), "objective": cfg.objective.kind, "sigma": sigma,
             "score_cosine": float(torch.nn.functional.cosine_similarity(s, target).mean()),
             "score_mse": float(((s - target) ** 2).sum(1).mean()), "target_norm": float(target.norm(dim=1).mean()),

@@ -41,6 +41,7 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"sampler.noise_std is only used by kind=sgld; {s.kind}'s noise is step_size itself")
     if s.kind == "mala" and not (0.0 < s.step_size < math.inf):
         raise ConfigError(f"sampler.step_size must be a positive finite number for sampler.kind=mala, got {s.step_size}")
+    _check_noise_conditional(cfg)
     if d.dataset in ("shards", "folder", "cifar10", "cifar100", "npz") and not d.path:
         raise ConfigError(f"data.path is required for dataset '{d.dataset}'")
     if d.dataset == "folder" and not d.resolution:
@@ -94,6 +95,38 @@ def check(cfg: Config) -> None:
                           f"{bad[0]!r}")
     if t.deepspeed_config and not os.path.isfile(t.deepspeed_config):
         raise ConfigError(f"train.deepspeed_config '{t.deepspeed_config}' does not exist")
+
+
+def _check_noise_conditional(cfg: Config) -> None:
+    """objective.noise_conditional and sampler.kind=annealed: each needs the other's setting."""
+    o, s = cfg.objective, cfg.sampler
+    if o.noise_conditional:
+        if o.kind not in ("dsm", "lsd"):
+            raise ConfigError(f"objective.noise_conditional is read by objective.kind=dsm or lsd, not {o.kind}")
+        if o.sigma_max <= o.sigma_min:
+            raise ConfigError(f"objective.sigma_max ({o.sigma_max}) must exceed objective.sigma_min ({o.sigma_min})")
+        if cfg.data.noise_std:
+            raise ConfigError("objective.noise_conditional draws each example's noise itself (objective.sigma_min.."
+                              "sigma_max); set data.noise_std=0")
+    if (s.sigma_min or s.sigma_max) and s.kind != "annealed":
+        raise ConfigError("sampler.sigma_min / sigma_max are read by sampler.kind=annealed only")
+    if s.kind == "annealed":
+        if not o.noise_conditional:
+            raise ConfigError("sampler.kind=annealed samples a noise-conditional energy E(x)/sigma: set "
+                              "objective.noise_conditional=true (objective.kind=dsm or lsd)")
+        if not (0.0 < s.step_size < math.inf):
+            raise ConfigError(f"sampler.step_size must be a positive finite number for sampler.kind=annealed, "
+                              f"got {s.step_size}")
+        hi, lo = s.sigma_max or o.sigma_max, s.sigma_min or o.sigma_min
+        if s.levels > 1 and hi <= lo:
+            raise ConfigError(f"sampler.sigma_max ({hi}) must exceed sampler.sigma_min ({lo}) "
+                              "(0 = objective.sigma_max / sigma_min)")
+        # The defaults are accepted and unused, as sgld's noise_std is by langevin.
+        if s.noise_std not in (0.0, SamplerConfig.noise_std):
+            raise ConfigError("sampler.noise_std is only used by kind=sgld; annealed's noise is sqrt(alpha_i)")
+        if s.grad_clip not in (0.0, SamplerConfig.grad_clip):
+            raise ConfigError("sampler.grad_clip is not used by kind=annealed (a clipped score is not the score); "
+                              "set it to 0")
 
 
 def _validate_estimator(cfg: Config, toy: bool) -> None:

@@ -72,6 +72,11 @@ def _out_of_time(t_start: float, budget_s: float) -> bool:
     return bool(over.item())
 
 
+def _stream_counts(stream: Any) -> dict[str, int]:
+    """The stream's running counters reported as per-interval metrics (the Stream protocol's)."""
+    return {"data_skipped": stream.skipped, "data_worker_restarts": stream.worker_restarts}
+
+
 def _resume(trainer: Any, resume: str | None) -> None:
     if resume == "auto":
         path = trainer.load_latest()
@@ -106,7 +111,7 @@ def run(trainer: Any, resume: str | None = None, max_steps: int | None = None) -
     ckpt = None
     t_start = time.perf_counter()
     budget_s = t.max_minutes * 60.0
-    skipped_seen = trainer.stream.skipped
+    seen = _stream_counts(trainer.stream)
     try:
         while trainer.step < end:
             if budget_s and trainer.step > 0 and _out_of_time(t_start, budget_s):
@@ -122,7 +127,7 @@ def run(trainer: Any, resume: str | None = None, max_steps: int | None = None) -
             except DivergenceError as exc:
                 # Decided across ranks, so every rank rolls back (or gives up) together.
                 trainer.rollback(exc)
-                skipped_seen = trainer.stream.skipped
+                seen = _stream_counts(trainer.stream)
                 if bar is not None:
                     bar.n = trainer.step
                     bar.refresh()
@@ -131,12 +136,14 @@ def run(trainer: Any, resume: str | None = None, max_steps: int | None = None) -
             for k, v in stats.items():
                 # Weight 0 keeps the name (every rank reports the same set) without a value.
                 trainer.metrics.report(k, 0.0 if v is None else v, weight=0.0 if v is None else 1.0)
-            # Corrupt/undecodable samples the stream skipped this step, summed over ranks.
-            skipped = trainer.stream.skipped
-            trainer.metrics.report("data_skipped", skipped - skipped_seen, kind="sum")
+            # Corrupt/undecodable samples the stream skipped this step and loaders it restarted
+            # after a worker died, summed over ranks.
+            counts = _stream_counts(trainer.stream)
+            for k in counts:
+                trainer.metrics.report(k, counts[k] - seen[k], kind="sum")
+            seen = counts
             for k, v in trainer.buffer.counters().items():  # e.g. buffer_restarts, summed over ranks
                 trainer.metrics.report(k, v, kind="sum")
-            skipped_seen = skipped
             s = trainer.step
             if t.fid_every and (s % t.fid_every == 0 or s == end):
                 _report_fid(trainer)

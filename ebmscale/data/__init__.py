@@ -31,10 +31,13 @@ class Stream(Protocol):
     float32 2-D points for the toy sets, with int64 labels or None. ``state_dict`` is the position
     of the next batch and ``load_state_dict`` continues from one exactly (the trainer checkpoints
     it per rank); ``skipped`` counts the samples this rank dropped as unreadable so far (reported
-    as the ``data_skipped`` metric; 0 for streams that cannot meet bad input).
+    as the ``data_skipped`` metric; 0 for streams that cannot meet bad input), and
+    ``worker_restarts`` the loaders restarted after a worker died (``data_worker_restarts``; 0 for
+    streams without workers).
     """
 
     skipped: int
+    worker_restarts: int
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]: ...
 

@@ -46,5 +46,9 @@ class Lookahead:
     def skipped(self) -> int:
         return self.stream.skipped
 
+    @property
+    def worker_restarts(self) -> int:
+        return self.stream.worker_restarts
+
     def __getattr__(self, name: str) -> Any:  # close, stats, shards, ...
         return getattr(self.stream, name)

@@ -23,7 +23,8 @@ class ArrayStream:
         if len(self.x) // world < batch_size:
             raise ValueError(f"dataset of {len(self.x)} samples is too small for {world} rank(s) x batch {batch_size}")
         self.epoch, self.position = 0, 0
-        self.skipped = 0  # arrays in memory hold no unreadable samples (the Stream protocol's counter)
+        # The Stream protocol's counters: arrays in memory hold no unreadable samples, and no workers.
+        self.skipped, self.worker_restarts = 0, 0
         self._order = self._epoch_order(0)
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:

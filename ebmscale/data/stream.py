@@ -374,4 +374,4 @@ class ShardStream:
     def stats(self) -> dict[str, float]:
         """Counters for the metrics log."""
         return {"data_skipped": float(self.skipped), "data_epoch": float(self.epoch),
-                "data_samples": float(self.samples)}
+                "data_samples": float(self.samples), "data_worker_restarts": float(self.worker_restarts)}

@@ -229,6 +229,10 @@ class Estimator:
         """Standard-normal draws of ``shape`` (first dimension: the batch) from this rank's stream."""
         return torch.randn(shape, generator=gen, device=self.ctx.device)
 
+    def uniform(self, shape: tuple, gen: torch.Generator) -> torch.Tensor:
+        """Uniform [0, 1) draws of ``shape`` (first dimension: the batch) from this rank's stream."""
+        return torch.rand(shape, generator=gen, device=self.ctx.device)
+
     def frozen_energy_and_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.ctx.frozen_energy_and_grad(x)
 

@@ -50,7 +50,7 @@ from ebmscale.objectives.ksd import ksd_loss
 from ebmscale.objectives.lsd import critic_loss, model_loss
 from ebmscale.objectives.nce import GaussianNoise, UniformNoise, nce_loss, noise_from_state
 from ebmscale.objectives.pcd import PersistentCD, pcd_loss
-from ebmscale.objectives.score_matching import dsm_loss, exact_sm_loss, ssm_loss
+from ebmscale.objectives.score_matching import dsm_loss, exact_sm_loss, log_uniform_sigmas, ssm_loss
 from ebmscale.sampling import sampling_mode
 
 # Up to this data dimension the critic's trace is exact (one backward per dimension) under lsd_trace=auto.
@@ -92,7 +92,8 @@ class ScoreMatching(Estimator):
         if o.kind == "sm":
             loss, stats = exact_sm_loss(self.energy, x_pos)
         elif o.kind == "dsm":
-            loss, stats = dsm_loss(self.energy, x_pos, o.dsm_sigmas, gen)
+            loss, stats = dsm_loss(self.energy, x_pos, o.dsm_sigmas, gen,
+                                   sigma_range=(o.sigma_min, o.sigma_max) if o.noise_conditional else None)
         else:
             loss, stats = ssm_loss(self.energy, x_pos, o.ssm_projections, o.ssm_variance_reduced, gen)
         return self._tie_constant(loss), stats, None
@@ -168,11 +169,18 @@ class LearnedStein(Estimator):
         o, c = self.o, self.ctx
         t0 = time.perf_counter()
         normal = lambda shape: self.normal(shape, gen)  # noqa: E731
+        sig = None
+        if o.noise_conditional:
+            # The data smoothed at each example's own level; the model there is E(x) / sigma.
+            sig = log_uniform_sigmas(self.uniform((x_pos.shape[0],), gen), (o.sigma_min, o.sigma_max))
+            view = sig.view(-1, *([1] * (x_pos.dim() - 1)))
+            x_pos = x_pos + view * normal(tuple(x_pos.shape))
         _, grad = self.frozen_energy_and_grad(x_pos)
+        score = -grad if sig is None else -grad / view
         params = list(self.critic.parameters())
         self.critic.train()
         for _ in range(o.lsd_critic_steps):
-            c_loss, c_stats = critic_loss(self.critic_fn, x_pos, -grad, o.lsd_l2, self.exact_trace, normal)
+            c_loss, c_stats = critic_loss(self.critic_fn, x_pos, score, o.lsd_l2, self.exact_trace, normal, sig)
             self.optimizer.zero_grad(set_to_none=True)
             c_loss.backward()
             average_grads(params, c.world)
@@ -180,7 +188,7 @@ class LearnedStein(Estimator):
         with torch.no_grad():
             f = self.critic_fn(x_pos)
         t1 = time.perf_counter()
-        loss, stats = model_loss(self.energy, f, x_pos)
+        loss, stats = model_loss(self.energy, f, x_pos)  # noise-conditional: see model_loss
         return self._tie_constant(loss), {**stats, **c_stats, "sampler_time": t1 - t0}, None
 
     def state_dict(self) -> dict:

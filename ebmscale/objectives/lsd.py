@@ -12,6 +12,14 @@ whose maximum is the Fisher divergence ``E_pD ||s_theta - s_D||^2 / (4 lambda)``
 minimises ``S(theta, f)`` at the current critic (theta enters through s_theta only: one double
 backward, as in score matching).
 
+Noise-conditional (``objective.noise_conditional``): the model at noise std sigma is E(x) / sigma,
+trained on data smoothed at log-uniform sigma. The discrepancy at level sigma is weighted by
+sigma^2 (as denoising score matching's) and the critic written f = g / sigma, so an example's
+terms are ``sigma (s^T g + tr dg/dx) - lambda ||g||^2`` with s = -grad E / sigma: the optimal
+critic is g* = sigma (s_theta - s_D) / (2 lambda) and the maximum the sigma^2-weighted Fisher
+divergence, every level on the same scale with one critic g (which, like the energy, infers the
+level from x).
+
 The trace is exact (one backward per input dimension; low dimension) or Hutchinson's estimate
 ``E_v[v^T (df/dx) v]`` with Rademacher v (one backward; images): unbiased, so the critic's
 stochastic gradient stays unbiased.
@@ -50,14 +58,19 @@ def critic_trace(f: torch.Tensor, x: torch.Tensor, exact: bool, normal: NormalFn
 
 
 def critic_loss(critic: CriticFn, x: torch.Tensor, score: torch.Tensor, l2: float, exact_trace: bool,
-                normal: NormalFn | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                normal: NormalFn | None = None,
+                weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The critic's loss ``-(S(theta, f) - l2 E||f||^2)`` at the batch ``x`` with the model's score
     ``score`` held fixed (detached). ``stats["lsd"]`` is the penalised discrepancy (what the critic
-    maximises; at the optimum the Fisher divergence / (4 l2))."""
+    maximises; at the optimum the Fisher divergence / (4 l2)). ``weight`` (per example) scales each
+    example's Stein term: a noise-conditional model weights level sigma's by sigma (see
+    :func:`model_loss`)."""
     x = x.detach().float().requires_grad_(True)
     f = critic(x).float()
     trace = critic_trace(f, x, exact_trace, normal)
     stein = _flat_sum(score.detach().float() * f) + trace
+    if weight is not None:
+        stein = weight * stein
     penalised = stein.mean() - l2 * _flat_sum(f ** 2).mean()
     return -penalised, {"lsd": penalised.detach(), "lsd_stein": stein.mean().detach(),
                         "critic_norm": _flat_sum(f ** 2).mean().sqrt().detach()}
@@ -65,7 +78,9 @@ def critic_loss(critic: CriticFn, x: torch.Tensor, score: torch.Tensor, l2: floa
 
 def model_loss(energy_fn: EnergyFn, f: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The model's loss ``E_pD[s_theta(x)^T f(x)]`` (the part of S that depends on theta) at the
-    critic's values ``f`` (detached); gradients reach theta through the score (double backward)."""
+    critic's values ``f`` (detached); gradients reach theta through the score (double backward).
+    Noise-conditional models need no change: level sigma's weight sigma cancels the score's
+    1 / sigma, leaving ``-grad E(x)^T g(x)``."""
     x = x.detach().float().requires_grad_(True)
     e, s = energy_and_score(energy_fn, x)
     loss = _flat_sum(s * f.detach().float()).mean()

@@ -23,7 +23,9 @@ Three estimators of it (each differentiable in theta: the input gradients are ta
   so it learns q_sigma, not pD: the documented noise bias. For a Gaussian model with precision
   P it is J(theta) + sigma^2 tr(P^2) / 2. The loss is reported weighted by sigma^2 (the
   weighting of Song & Ermon 2019), which makes levels comparable; with several levels each
-  sample draws its own sigma from the list.
+  sample draws its own sigma from the list. Noise-conditional (``sigma_range``): the energy at
+  level sigma is E(x) / sigma, one network for a continuum of levels (sampled by annealed
+  Langevin, :mod:`ebmscale.sampling.annealed`).
 
 The energy's first derivatives (and the second derivatives inside the loss's backward) go through
 whatever ``energy_fn`` is, e.g. the data-parallel wrapper: DDP's hooks sit on the parameters'
@@ -89,18 +91,34 @@ def ssm_loss(energy_fn: EnergyFn, x: torch.Tensor, n_projections: int = 1, varia
     return loss, _stats(loss, e, sq)
 
 
+def log_uniform_sigmas(u: torch.Tensor, sigma_range: tuple[float, float]) -> torch.Tensor:
+    """Noise stds log-uniform in ``sigma_range`` = (lo, hi) from uniforms ``u`` in [0, 1): every
+    scale of a noise-conditional energy gets the same share of examples per octave."""
+    lo, hi = float(sigma_range[0]), float(sigma_range[1])
+    return lo * (hi / lo) ** u
+
+
 def dsm_loss(energy_fn: EnergyFn, x: torch.Tensor, sigmas: Sequence[float],
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             generator: torch.Generator | None = None, *,
+             sigma_range: tuple[float, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Denoising score matching, sigma^2-weighted: mean of ``1/2 ||sigma s(x + sigma eps) + eps||^2``
-    with each sample's sigma drawn uniformly from ``sigmas``."""
+    with each sample's sigma drawn uniformly from ``sigmas``. With ``sigma_range`` the energy is
+    noise-conditional, E(x) / sigma (score ``-grad E / sigma``), each sample's sigma log-uniform in
+    the range (``sigmas`` unused): the loss is then ``1/2 ||eps - grad E(x~)||^2``, the same scale at
+    every level."""
     x = x.detach().float()
     n = x.shape[0]
-    levels = torch.tensor([float(s) for s in sigmas], device=x.device)
-    pick = torch.randint(len(levels), (n,), generator=generator, device=x.device)
-    sig = levels[pick].view(n, *([1] * (x.dim() - 1)))
+    if sigma_range is not None:
+        sig = log_uniform_sigmas(torch.rand(n, generator=generator, device=x.device), sigma_range)
+    else:
+        levels = torch.tensor([float(s) for s in sigmas], device=x.device)
+        sig = levels[torch.randint(len(levels), (n,), generator=generator, device=x.device)]
+    sig = sig.view(n, *([1] * (x.dim() - 1)))
     eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     xt = (x + sig * eps).requires_grad_(True)
     e, s = energy_and_score(energy_fn, xt)
+    if sigma_range is not None:
+        s = s / sig
     per = 0.5 * _flat_sum((sig * s + eps) ** 2)
     loss = per.mean()
     return loss, _stats(loss, e, 0.5 * _flat_sum(s ** 2))

@@ -12,6 +12,8 @@ Two parametrisations, both common in the literature:
   still works because the model learns to shape its energy for *that* sampler.
 * ``mala`` (Metropolis-adjusted Langevin, :mod:`ebmscale.sampling.mala`): proper Langevin's
   proposal plus an accept/reject test, so exp(-E) is sampled without step-size bias.
+* ``annealed`` (:mod:`ebmscale.sampling.annealed`): proper Langevin on E(x)/sigma_i over a
+  decreasing ladder of noise levels, for noise-conditional energies (score matching, LSD).
 
 The sampler is pure: it never accumulates parameter gradients (only d E / d x is taken, with the
 parameters' ``requires_grad`` switched off by :func:`sampling_mode`), and it never advances the
@@ -45,14 +47,23 @@ class LangevinSettings:
     steps: int = 20
     step_size: float = 1.0
     noise_std: float = 0.01
-    kind: str = "sgld"  # "sgld" | "langevin" | "mala"
+    kind: str = "sgld"  # "sgld" | "langevin" | "mala" | "annealed"
     grad_clip: float = 0.0  # per-step L-inf clip of dE/dx (IGEBM's 0.01); 0 = off
-    clamp: tuple[float, float] | None = None  # data range, applied after every step
+    clamp: tuple[float, float] | None = None  # data range, applied after every step (annealed: at the end)
+    # annealed: noise levels, geometric from sigma_max down to sigma_min (steps = steps per level).
+    levels: int = 10
+    sigma_min: float = 0.01
+    sigma_max: float = 1.0
 
     @classmethod
-    def from_config(cls, cfg, clamp_range: tuple[float, float] | None) -> "LangevinSettings":
+    def from_config(cls, cfg, clamp_range: tuple[float, float] | None,
+                    sigmas: tuple[float, float] = (0.01, 1.0)) -> "LangevinSettings":
+        """From ``SamplerConfig``; ``sigmas`` = (objective.sigma_min, objective.sigma_max), the
+        noise range a noise-conditional energy was trained on: annealed's ladder unless
+        ``sampler.sigma_min`` / ``sigma_max`` set its ends."""
         return cls(steps=cfg.steps, step_size=cfg.step_size, noise_std=cfg.noise_std, kind=cfg.kind,
-                   grad_clip=cfg.grad_clip, clamp=clamp_range if cfg.clamp else None)
+                   grad_clip=cfg.grad_clip, clamp=clamp_range if cfg.clamp else None, levels=cfg.levels,
+                   sigma_min=float(cfg.sigma_min or sigmas[0]), sigma_max=float(cfg.sigma_max or sigmas[1]))
 
     def coefficients(self) -> tuple[float, float]:
         """(gradient weight, noise std) of one step."""
@@ -216,13 +227,17 @@ def langevin(energy_fn: EnergyFn, x0: torch.Tensor, settings: LangevinSettings,
     ``generator`` unless ``noise_fn`` supplies it (tests inject the slice of a global batch's
     noise). ``trajectory`` / ``grads``, when given, collect the chains after each step and the
     (unclipped, fp32) energy gradient of each step. ``settings.kind == "mala"`` runs
-    :func:`ebmscale.sampling.mala.mala` (same arguments; ``stats`` collects its acceptance counts),
-    so every caller of the sampler gets MALA by configuration alone."""
-    if settings.kind == "mala":
-        from ebmscale.sampling.mala import mala  # imports this module: resolved at call time
-
-        return mala(energy_fn, x0, settings, generator, autocast_dtype=autocast_dtype, trajectory=trajectory,
-                    grads=grads, noise_fn=noise_fn, grad_scaler=grad_scaler, stats=stats)
+    :func:`ebmscale.sampling.mala.mala` (same arguments; ``stats`` collects its acceptance counts)
+    and ``"annealed"`` :func:`ebmscale.sampling.annealed.annealed_langevin`, so every caller of the
+    sampler gets them by configuration alone."""
+    if settings.kind in ("mala", "annealed"):
+        # Both import this module: resolved at call time.
+        if settings.kind == "mala":
+            from ebmscale.sampling.mala import mala as kind_fn
+        else:
+            from ebmscale.sampling.annealed import annealed_langevin as kind_fn
+        return kind_fn(energy_fn, x0, settings, generator, autocast_dtype=autocast_dtype, trajectory=trajectory,
+                       grads=grads, noise_fn=noise_fn, grad_scaler=grad_scaler, stats=stats)
     a, sigma = settings.coefficients()
     x = x0.detach().clone()
     device_type = x.device.type

@@ -71,16 +71,17 @@ class GlobalNoiseTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._normal: tuple[int, torch.Generator] | None = None
-        if self.estimator is not None:  # the estimators' own normal draws (mpf, kl_contraction, lsd)
-            self.estimator.normal = self._global_normal
+        if self.estimator is not None:  # the estimators' own draws (mpf, kl_contraction, lsd)
+            self.estimator.normal = lambda shape, gen: self._global_draw(torch.randn, shape)
+            self.estimator.uniform = lambda shape, gen: self._global_draw(torch.rand, shape)
 
-    def _global_normal(self, shape: tuple, gen: torch.Generator) -> torch.Tensor:
-        """Normal draws for the global batch from one stream per step (ignoring the rank). These are
+    def _global_draw(self, draw, shape: tuple) -> torch.Tensor:
+        """Draws for the global batch from one stream per step (ignoring the rank). These are
         paired with data examples, so each rank takes the rows of its own examples: the stream deals
         the global batch out interleaved (rank r holds global rows r, r + world, ...)."""
         if self._normal is None or self._normal[0] != self.step:
             self._normal = (self.step, dist.torch_generator(self.cfg.train.seed, 0, self.step, "objective", self.device))
-        full = torch.randn((shape[0] * self.world, *shape[1:]), generator=self._normal[1])
+        full = draw((shape[0] * self.world, *shape[1:]), generator=self._normal[1])
         return full[self.rank::self.world]
 
     def _slice(self, full: torch.Tensor, n: int) -> torch.Tensor:
@@ -221,6 +222,8 @@ NEW_OBJECTIVES = {
     "mpf": ("objective.kind=mpf", "objective.mpf_step=0.3", "train.precision=fp32"),
     "kl_contraction": ("objective.kind=kl_contraction", "objective.kl_contraction_samples=4", "train.precision=fp32"),
     "lsd": ("objective.kind=lsd", "objective.lsd_critic_steps=2", "train.precision=fp32"),
+    "lsd_noise_conditional": ("objective.kind=lsd", "objective.lsd_critic_steps=2", "objective.noise_conditional=true",
+                              "objective.sigma_min=0.05", "objective.sigma_max=0.5", "train.precision=fp32"),
     "pcd_kl": ("objective.kl_weight=1", "objective.entropy_weight=0", "train.precision=fp32"),
 }
 

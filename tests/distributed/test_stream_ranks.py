@@ -176,6 +176,7 @@ def test_a_dead_loader_worker_is_replaced_and_the_batches_stay_exact(tmp_path, m
         x, y = next(s)
         assert torch.equal(x, reference[i][0]) and torch.equal(y, reference[i][1]), f"batch {i}"
     assert s.worker_restarts == 1 and deaths.read_text() == "x"
+    assert s.stats()["data_worker_restarts"] == 1.0
     s.close()
 
     deaths.unlink()

@@ -27,3 +27,4 @@ def test_training_reports_skipped_samples(tmp_path):
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     # 8 steps x 4 = 32 samples from 15 good ones per epoch: the bad one is met in epochs 0, 1 and 2.
     assert rec["data_skipped"] >= 2 and rec["data_skipped"] == int(rec["data_skipped"])
+    assert rec["data_worker_restarts"] == 0, "a bad PNG is skipped in the worker, which lives on"

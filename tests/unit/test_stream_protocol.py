@@ -1,5 +1,6 @@
 """Every training stream the trainer can get is a ``ebmscale.data.Stream``: batches, a position to
-checkpoint and resume, and the count of skipped samples the trainer reports as ``data_skipped``."""
+checkpoint and resume, and the counts the trainer reports as ``data_skipped`` (skipped samples)
+and ``data_worker_restarts``."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,7 +31,7 @@ def test_every_stream_is_a_stream_and_counts_skips(tmp_path):
         state = stream.state_dict()
         x, y = next(stream)
         assert len(x) == 4
-        assert stream.skipped == 0
+        assert stream.skipped == 0 and stream.worker_restarts == 0
         stream.load_state_dict(state)
         assert np.array_equal(next(stream)[0].numpy(), x.numpy()), "state_dict is the position of the next batch"
 
@@ -52,4 +53,6 @@ def test_an_object_without_the_skip_counter_is_not_a_stream():
     assert not isinstance(NoCounter(), Stream)
     with_counter = NoCounter()
     with_counter.skipped = 0
+    assert not isinstance(with_counter, Stream), "worker_restarts is a counter of the protocol too"
+    with_counter.worker_restarts = 0
     assert isinstance(with_counter, Stream)
