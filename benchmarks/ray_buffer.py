@@ -22,7 +22,7 @@ One run, one process, one local Ray instance:
    object stores (the link switched off).
 
     .venv/bin/python benchmarks/ray_buffer.py [--config configs/mnist_pcd.yaml | --imagenet] [--steps 40]
-        [--blocks 10] [--calls 100] [--no-steps | --no-throughput] [--two-nodes] [key=value ...]
+        [--blocks 10] [--calls 100] [--no-steps | --no-throughput] [--two-nodes | --only-two-nodes] [key=value ...]
 
 Prints a Markdown table and, as its last line, one JSON object with the machine's load average and
 all figures.

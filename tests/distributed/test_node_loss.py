@@ -56,7 +56,7 @@ def test_chains_to_another_nodes_shard_over_the_direct_link_equal_those_by_value
     """Draws and write-backs to the worker node's shard go over a direct TCP link (only slot
     indices through Ray): the same starts, slots and stored chains as by value through Ray (the
     link switched off by hand), back-to-back write-backs landing in order; uint8 with labels."""
-    from tests.distributed.test_ray_buffer import _fill
+    from tests.distributed.test_ray_buffer import assert_same_chains, draw_and_write_back
 
     cluster, worker = two_node_cluster
     monkeypatch.setattr(mailbox, "MIN_BYTES", 0)  # these toy batches would go by value
@@ -72,30 +72,14 @@ def test_chains_to_another_nodes_shard_over_the_direct_link_equal_those_by_value
                 used = c._links.links[1]
                 c._links.close()
                 c._links.links = {1: False}  # by value, as before the links
-            _fill(c, 5.5)
-            drawn = [c.draw(30, labels, np.random.default_rng(3 + j)) for j in range(3)]
-            for j, (x, handle) in enumerate(drawn):  # back to back, each to its own slots
-                c.write_back(handle, x * np.float32(0.5) + np.float32(3.0 - 0.2 * j))
-            c.flush()
+            drawn, after = draw_and_write_back(c, labels)
             draws.append(drawn)
-            stored.append([s["data"] for s in c.state_dict()["shards"]])
+            stored.append(after)
         # Every draw and write-back went over the link, and every draw's message was taken (none
         # was asked again by value).
         assert isinstance(used, link.Link) and used.received >= 3 and used.sent == 3 and not used._got
         assert not c._route._payloads and not c._links._of
-        for (x1, h1), (x2, h2) in zip(*draws, strict=True):
-            assert np.array_equal(x1, x2) and len(np.unique(x1, axis=0)) > 1  # stored chains and fresh starts
-            for (k1, p1, i1, r1), (k2, p2, i2, r2) in zip(h1, h2, strict=True):
-                assert k1 == k2 and np.array_equal(p1, p2) and np.array_equal(i1, i2) and np.array_equal(r1, r2)
-        for a, b in zip(*stored, strict=True):
-            assert np.array_equal(a, b)
-        if storage == "fp32":  # every write-back landed on its own slots, in order
-            expected = [np.full_like(a, 5.5) for a in stored[0]]
-            for j, (x, handle) in enumerate(draws[0]):
-                for k, pos, idx, _ in handle:
-                    expected[k][idx] = x[pos] * np.float32(0.5) + np.float32(3.0 - 0.2 * j)
-            for a, b in zip(stored[0], expected):
-                assert np.array_equal(a, b)
+        assert_same_chains(draws, stored, storage)
     finally:
         c.close()
 

@@ -196,6 +196,35 @@ def test_uint8_draws_are_decoded_by_the_client(ray_session):
         c.close()
 
 
+def draw_and_write_back(c: RayBuffer, labels: np.ndarray | None) -> tuple[list, list]:
+    """Fill ``c`` with 5.5, make three draws of 30 chains, write them back back to back (each
+    to its own slots, changed, inside the bounds), flush; returns the draws and the shards' data."""
+    _fill(c, 5.5)
+    drawn = [c.draw(30, labels, np.random.default_rng(3 + j)) for j in range(3)]
+    for j, (x, handle) in enumerate(drawn):
+        c.write_back(handle, x * np.float32(0.5) + np.float32(3.0 - 0.2 * j))
+    c.flush()
+    return drawn, [s["data"] for s in c.state_dict()["shards"]]
+
+
+def assert_same_chains(draws: list, stored: list, storage: str) -> None:
+    """Two runs of :func:`draw_and_write_back` (two transfer paths) drew the same starts and slots
+    and left the same chains; with fp32 storage every write-back landed on its own slots, in order."""
+    for (x1, h1), (x2, h2) in zip(*draws, strict=True):
+        assert np.array_equal(x1, x2) and len(np.unique(x1, axis=0)) > 1  # stored chains and fresh starts
+        for (k1, p1, i1, r1), (k2, p2, i2, r2) in zip(h1, h2, strict=True):
+            assert k1 == k2 and np.array_equal(p1, p2) and np.array_equal(i1, i2) and np.array_equal(r1, r2)
+    for a, b in zip(*stored, strict=True):
+        assert np.array_equal(a, b)
+    if storage == "fp32":
+        expected = [np.full_like(a, 5.5) for a in stored[0]]
+        for j, (x, handle) in enumerate(draws[0]):
+            for k, pos, idx, _ in handle:
+                expected[k][idx] = x[pos] * np.float32(0.5) + np.float32(3.0 - 0.2 * j)
+        for a, b in zip(stored[0], expected):
+            assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("storage", ["fp32", "uint8"])
 def test_shared_memory_mailboxes_carry_the_same_chains_as_ray_objects(ray_session, storage, monkeypatch):
     """Draws and write-backs between a client and the shards on its node go through /dev/shm
@@ -214,13 +243,9 @@ def test_shared_memory_mailboxes_carry_the_same_chains_as_ray_objects(ray_sessio
             if not use_boxes:  # the by-value path, as to a shard on another node
                 boxes = c._mail.boxes
                 c._mail.boxes = {(k, kind): False for k in range(2) for kind in ("draw", "write")}
-            _fill(c, 5.5)
-            drawn = [c.draw(30, labels, np.random.default_rng(3 + j)) for j in range(3)]
-            for j, (x, handle) in enumerate(drawn):  # back to back, each to its own slots (inside the bounds)
-                c.write_back(handle, x * np.float32(0.5) + np.float32(3.0 - 0.2 * j))
-            c.flush()
+            drawn, after = draw_and_write_back(c, labels)
             draws.append(drawn)
-            stored.append([s["data"] for s in c.state_dict()["shards"]])
+            stored.append(after)
             if use_boxes:
                 # Whether a back-to-back write-back finds the first write mailbox still busy (and
                 # takes the second) depends on timing; that choice is tested without timing in
@@ -228,19 +253,7 @@ def test_shared_memory_mailboxes_carry_the_same_chains_as_ray_objects(ray_sessio
                 assert {(k, kind) for k in range(2) for kind in ("draw", "write")} <= set(c._mail.boxes)
         c._mail.boxes = boxes  # closed by close()
         boxes = list(boxes.values())
-        for (x1, h1), (x2, h2) in zip(*draws, strict=True):
-            assert np.array_equal(x1, x2) and len(np.unique(x1, axis=0)) > 1  # stored chains and fresh starts
-            for (k1, p1, i1, r1), (k2, p2, i2, r2) in zip(h1, h2, strict=True):
-                assert k1 == k2 and np.array_equal(p1, p2) and np.array_equal(i1, i2) and np.array_equal(r1, r2)
-        for a, b in zip(*stored, strict=True):
-            assert np.array_equal(a, b)
-        if storage == "fp32":  # every write-back landed on its own slots, in order
-            expected = [np.full_like(a, 5.5) for a in stored[0]]
-            for j, (x, handle) in enumerate(draws[0]):
-                for k, pos, idx, _ in handle:
-                    expected[k][idx] = x[pos] * np.float32(0.5) + np.float32(3.0 - 0.2 * j)
-            for a, b in zip(stored[0], expected):
-                assert np.array_equal(a, b)
+        assert_same_chains(draws, stored, storage)
     finally:
         c.close()
     assert not [p for p in boxes if os.path.exists(p.address[1]) or p.path]
