@@ -4,7 +4,8 @@
   the metrics like any scalar (every rank reports; one reduction at the flush);
 * every ``train.sample_every`` steps, rank 0 alone logs images -- the latest negatives, a draw of
   stored chains for buffer runs, one row per class for class-conditional chains -- and histograms
-  of the energies of the latest positives, negatives and buffer chains, to TensorBoard (or the
+  of the energies of the latest positives, negatives and buffer chains (class-conditional ones
+  drawn from random classes and scored at their class), to TensorBoard (or the
   trackers) and as PNG files under ``<run_dir>/samples``. The energies are evaluated on the
   unwrapped module in sampling mode (no parameter gradients, no spectral-norm update, no DDP or
   ZeRO collective), so the other ranks never wait for it.
@@ -138,12 +139,19 @@ def log_visuals(trainer: Any, step: int) -> dict[str, str]:
     metrics.histogram("energy/negative", _energies(trainer, trainer.last_negatives, neg_labels), step)
     if persistent_chains(trainer.cfg):
         rng = dist.numpy_rng(trainer.seed, 0, step, "monitor")  # its own stream: training draws are unchanged
-        drawn = torch.from_numpy(trainer.buffer.peek(GRID_IMAGES if not trainer.toy else 512, rng))
+        n = GRID_IMAGES if not trainer.toy else 512
+        labels = None
+        if cond:  # a conditional energy's chains are kept per class
+            # Chains of random classes, each scored at its own class, E(x, y): how they are sampled,
+            # and one forward -- the marginal E(x) costs one pass per class (1,000 on ImageNet).
+            labels = rng.integers(0, trainer.cfg.model.num_classes, size=n)
+        drawn = torch.from_numpy(trainer.buffer.peek(n, rng, labels))
         img = sample_image(trainer, drawn)
         metrics.image("samples/buffer", img, step)
         out["buffer"] = save_png(img, os.path.join(samples_dir, f"buffer-step-{step:07d}.png"))
-        # Stored chains carry no label here: a conditional energy scores them by its marginal E(x).
-        metrics.histogram("energy/buffer", _energies(trainer, drawn, None), step)
+        # Unlabelled stored chains (JEM's p(x) chains) are scored by the marginal E(x).
+        metrics.histogram("energy/buffer", _energies(trainer, drawn, None if labels is None else torch.from_numpy(labels)),
+                          step)
     chains = trainer.last_class_chains
     if chains is not None and not trainer.toy:
         img = class_grid_image(chains[0], chains[1], trainer.cfg.data.range)

@@ -88,7 +88,8 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--class", dest="classes", type=int, action="append",
                    help="condition on a class; repeat for a product of conditions E(x,y1)+E(x,y2)")
     p.add_argument("--n", type=int, default=64, help="number of samples")
-    p.add_argument("--steps", type=int, help="Langevin steps (default: the first checkpoint's sampler.steps)")
+    p.add_argument("--steps", type=int, help="Langevin steps (default: the first checkpoint's sampler.steps; "
+                                             "annealed: steps per noise level)")
     p.add_argument("--step-size", type=float, help="override sampler.step_size")
     p.add_argument("--noise-std", type=float, help="override sampler.noise_std")
     p.add_argument("--init", choices=("noise", "buffer"), default="noise", help="chain starts")
