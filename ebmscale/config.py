@@ -86,17 +86,15 @@ class ModelConfig:
 class SamplerConfig:
     kind: str = _f("sgld", "'sgld' = x - step*grad + noise_std*N (IGEBM/JEM); 'langevin' = x - eps^2/2*grad + eps*N; "
                            "'mala' = langevin's proposal with a Metropolis-Hastings accept/reject (unbiased); "
-                           "'annealed' = annealed Langevin over the noise levels of a noise-conditional energy "
-                           "(objective.noise_conditional), then one denoising step",
+                           "'annealed' = annealed Langevin for noise-conditional energies, then a denoising step",
                    choices=("sgld", "langevin", "mala", "annealed"))
     steps: int = _f(20, "Langevin steps per training step (K); annealed: steps per noise level", min=0)
     step_size: float = _f(10.0, "sgld: gradient step; langevin, mala: eps (gradient weight eps^2/2, noise eps); "
-                                "annealed: r, the step relative to each level's variance (alpha_i = r sigma_i^2; "
-                                "gradient weight alpha_i/2, noise sqrt(alpha_i); 0.1-0.5)", min=0.0)
+                                "annealed: r, level i's eps^2 being r sigma_i^2 (0.1-0.5)", min=0.0)
     levels: int = _f(10, "annealed: noise levels, geometric from sigma_max down to sigma_min", min=1)
     sigma_max: float = _f(0.0, "annealed: the first (largest) noise level; 0 = objective.sigma_max", min=0.0)
-    sigma_min: float = _f(0.0, "annealed: the last noise level, before the denoising step; 0 = objective.sigma_min "
-                               "(a larger one skips levels the model fits poorly)", min=0.0)
+    sigma_min: float = _f(0.0, "annealed: the last noise level, before the denoising step; 0 = objective.sigma_min",
+                          min=0.0)
     noise_std: float = _f(0.005, "sgld only: std of the noise added each step", min=0.0)
     grad_clip: float = _f(0.03, "per-step L-inf clip of the energy gradient (IGEBM: 0.01); 0 = off", min=0.0)
     clamp: bool = _f(True, "clamp chains to the data range after every step")
@@ -146,14 +144,10 @@ class ObjectiveConfig:
     pxy_weight: float = _f(0.0, "jem: weight of the PCD term for p(x, y), E(x, y) = -f(x)[y]", min=0.0)
     cd_steps: int = _f(1, "cd: sampler steps from the data (k of CD-k; the update rule is sampler.kind's)", min=1)
     dsm_sigmas: list = _f([0.1], "dsm: noise levels; each sample draws one (loss weighted by sigma^2)")
-    noise_conditional: bool = _f(False, "dsm, lsd: the energy at noise std sigma is E(x)/sigma (one network for "
-                                        "every scale, score -grad E/sigma); each example's sigma is drawn "
-                                        "log-uniformly in [sigma_min, sigma_max], losses weighted by sigma^2. "
-                                        "Sample with sampler.kind=annealed")
-    sigma_min: float = _f(0.01, "noise_conditional: smallest noise std (and sampler.kind=annealed's last level)",
-                          min=0.0, min_exclusive=True)
-    sigma_max: float = _f(1.0, "noise_conditional: largest noise std (and sampler.kind=annealed's first level)",
-                          min=0.0, min_exclusive=True)
+    noise_conditional: bool = _f(False, "dsm, lsd: the energy at noise std sigma is E(x)/sigma, sigma log-uniform "
+                                        "in [sigma_min, sigma_max] per example (sample: sampler.kind=annealed)")
+    sigma_min: float = _f(0.01, "noise_conditional: smallest noise std", min=0.0, min_exclusive=True)
+    sigma_max: float = _f(1.0, "noise_conditional: largest noise std", min=0.0, min_exclusive=True)
     ssm_projections: int = _f(1, "ssm: random projections v ~ N(0, I) per sample", min=1)
     ssm_variance_reduced: bool = _f(True, "ssm: keep 1/2 ||s||^2 exact (SSM-VR) instead of 1/2 (v^T s)^2")
     nce_noise: str = _f("gaussian", "nce: noise distribution: gaussian (fitted to the first batch) or uniform "
@@ -446,16 +440,3 @@ def from_dict(data: dict) -> Config:
 def dump_yaml(cfg: Config) -> str:
     """The resolved config as YAML, sections in declaration order."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
-
-
-def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted key, default, help) for every leaf field: used by docs and ``ebmscale info``."""
-    rows: list[tuple[str, Any, str]] = []
-    inst = cls()
-    for f in dataclasses.fields(cls):
-        val = getattr(inst, f.name)
-        if dataclasses.is_dataclass(val):
-            rows += describe(type(val), f"{prefix}{f.name}.")
-        else:
-            rows.append((f"{prefix}{f.name}", val, f.metadata.get("help", "")))
-    return rows

@@ -36,7 +36,7 @@ resolved config is written to `<run_dir>/config.yaml`, and what the `auto` setti
 the machine to `<run_dir>/runtime.yaml`. Cross-field rules (which objectives allow which
 backends and precisions, for instance) are checked by `ebmscale.config.validate`; the
 columns below give each field's own type, choices and range. The same keys, defaults and help texts
-as Python tuples: `python -c "from ebmscale.config import describe; [print(*r) for r in describe()]"`.
+as Python tuples: `python -c "from ebmscale.config_docs import describe; [print(*r) for r in describe()]"`.
 
 """
 
@@ -59,6 +59,11 @@ def _sections(cls: type, prefix: str = "") -> list[tuple[str, list[tuple[datacla
 def config_fields(cls: type = Config) -> list[tuple[str, dataclasses.Field, Any]]:
     """(dotted key, field, default) of every leaf field of the config tree, in page order."""
     return [(prefix + f.name, f, default) for prefix, leaves in _sections(cls) for f, default in leaves]
+
+
+def describe(cls: type = Config) -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every leaf field, in page order."""
+    return [(key, default, f.metadata.get("help", "")) for key, f, default in config_fields(cls)]
 
 
 def _number(v: float | int) -> str:

@@ -90,8 +90,7 @@ class Trainer:
                                    cfg.model.num_classes if class_conditional_chains(cfg) else 0, self.rank,
                                    self.world, cfg.train.seed, keeps_chains=objective.keeps_chains)
         # Toy chains are clamped to the quadrature box: the exact evaluation normalises over it.
-        self.settings = LangevinSettings.from_config(cfg.sampler, self.init_bounds if self.toy else self.bounds,
-                                                     (cfg.objective.sigma_min, cfg.objective.sigma_max))
+        self.settings = LangevinSettings.from_config(cfg, self.init_bounds if self.toy else self.bounds)
         self.step = 0
         self.micro = 0  # index of the micro-batch within the step (optim.accumulate)
         self.metrics = MetricLogger(self.run_dir if dist.is_main() else None,

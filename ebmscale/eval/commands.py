@@ -155,8 +155,7 @@ def sampler_settings(cfg, steps: int | None, step_size: float | None = None, noi
     """The checkpoint's sampler settings, with the step count (and step size, noise) overridden."""
     from ebmscale.sampling import LangevinSettings
 
-    base = LangevinSettings.from_config(cfg.sampler, data_bounds(cfg.data.range),
-                                       (cfg.objective.sigma_min, cfg.objective.sigma_max))
+    base = LangevinSettings.from_config(cfg, data_bounds(cfg.data.range))
     overrides = {"steps": None if steps is None else int(steps),
                  "step_size": None if step_size is None else float(step_size),
                  "noise_std": None if noise_std is None else float(noise_std)}

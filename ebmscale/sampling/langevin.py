@@ -56,14 +56,14 @@ class LangevinSettings:
     sigma_max: float = 1.0
 
     @classmethod
-    def from_config(cls, cfg, clamp_range: tuple[float, float] | None,
-                    sigmas: tuple[float, float] = (0.01, 1.0)) -> "LangevinSettings":
-        """From ``SamplerConfig``; ``sigmas`` = (objective.sigma_min, objective.sigma_max), the
-        noise range a noise-conditional energy was trained on: annealed's ladder unless
-        ``sampler.sigma_min`` / ``sigma_max`` set its ends."""
+    def from_config(cls, config, clamp_range: tuple[float, float] | None) -> "LangevinSettings":
+        """From a run's ``Config``: its ``sampler`` settings, and for annealed the noise range the
+        noise-conditional energy was trained on (``objective.sigma_min/max``) unless
+        ``sampler.sigma_min`` / ``sigma_max`` set the ladder's ends."""
+        cfg, o = config.sampler, config.objective
         return cls(steps=cfg.steps, step_size=cfg.step_size, noise_std=cfg.noise_std, kind=cfg.kind,
                    grad_clip=cfg.grad_clip, clamp=clamp_range if cfg.clamp else None, levels=cfg.levels,
-                   sigma_min=float(cfg.sigma_min or sigmas[0]), sigma_max=float(cfg.sigma_max or sigmas[1]))
+                   sigma_min=float(cfg.sigma_min or o.sigma_min), sigma_max=float(cfg.sigma_max or o.sigma_max))
 
     def coefficients(self) -> tuple[float, float]:
         """(gradient weight, noise std) of one step."""

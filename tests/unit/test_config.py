@@ -1,6 +1,7 @@
 import pytest
 
-from ebmscale.config import Config, ConfigError, describe, dump_yaml, from_dict, load_config, to_dict
+from ebmscale.config import Config, ConfigError, dump_yaml, from_dict, load_config, to_dict
+from ebmscale.config_docs import describe
 import yaml
 
 

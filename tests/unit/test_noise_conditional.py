@@ -195,7 +195,7 @@ def test_the_ladder_is_the_objectives_range_unless_the_sampler_sets_its_ends():
     for extra, ends in (([], (0.02, 3.0)), (["sampler.sigma_min=0.1"], (0.1, 3.0)),
                         (["sampler.sigma_max=5", "sampler.sigma_min=0.05"], (0.05, 5.0))):
         cfg = load_config(None, [*base, *extra])
-        st = LangevinSettings.from_config(cfg.sampler, (-1.0, 1.0), (cfg.objective.sigma_min, cfg.objective.sigma_max))
+        st = LangevinSettings.from_config(cfg, (-1.0, 1.0))
         assert (st.sigma_min, st.sigma_max) == ends
         levels = noise_levels(st)
         assert levels[0] == pytest.approx(ends[1]) and levels[-1] == pytest.approx(ends[0]) and len(levels) == 10
