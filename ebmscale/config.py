@@ -392,9 +392,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
             where = f" (line {line + 1})" if line is not None else ""
             raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
         _apply(cfg, data)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """``cfg`` with dotted ``key=value`` overrides applied (in place), then validated."""
     for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(cfg, key, value)
+        _set_dotted(cfg, *parse_override(text))
     validate(cfg)
     return cfg
 

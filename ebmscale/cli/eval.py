@@ -92,6 +92,9 @@ def add_sample_parser(sub) -> None:
                                              "annealed: steps per noise level)")
     p.add_argument("--step-size", type=float, help="override sampler.step_size")
     p.add_argument("--noise-std", type=float, help="override sampler.noise_std")
+    p.add_argument("--sampler", action="append", metavar="KEY=VALUE",
+                   help="override any sampler.KEY of the checkpoint's config, e.g. --sampler levels=30 "
+                        "--sampler sigma_min=0.05; repeat for several")
     p.add_argument("--init", choices=("noise", "buffer"), default="noise", help="chain starts")
     p.add_argument("--name", default="samples", help="file stem of the outputs")
     p.add_argument("--grid", type=int, default=64, help="images in the PNG grid")

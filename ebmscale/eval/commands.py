@@ -260,10 +260,18 @@ def eval_fid(checkpoint: str, ref: str, *, n: int = 10000, steps: int | None = N
 def sample_checkpoints(checkpoint: list[str], *, classes: list[int] | None = None, n: int = 64,
                        steps: int | None = None, step_size: float | None = None, noise_std: float | None = None,
                        init: str = "noise", name: str = "samples", grid: int = 64, seed: int = 0, batch: int = 100,
-                       device: str = "auto", out: str | None = None) -> dict:
-    """N samples (optionally class-conditional, optionally a product of experts) as .npz + PNG."""
+                       device: str = "auto", out: str | None = None, sampler: list[str] | None = None) -> dict:
+    """N samples (optionally class-conditional, optionally a product of experts) as .npz + PNG.
+    ``sampler``: ``KEY=VALUE`` overrides of the checkpoints' ``sampler.*`` settings (validated
+    against each run's config, e.g. an annealed ladder's ``levels`` or ``sigma_min``)."""
     device = eval_device(device)
     models = load_models(checkpoint, device)
+    if sampler:
+        from ebmscale.config import apply_overrides
+
+        keys = ["sampler." + t.removeprefix("sampler.") for t in sampler]
+        for cfg, _, _ in models:
+            apply_overrides(cfg, keys)
     classes = list(classes or [])
     from ebmscale.data import data_shape
     cfg0 = models[0][0]
@@ -285,6 +293,8 @@ def sample_checkpoints(checkpoint: list[str], *, classes: list[int] | None = Non
     result = {"n": n, "checkpoints": [os.path.abspath(p) for p in checkpoint], "classes": classes,
               "steps": steps if steps is not None else cfg0.sampler.steps, "init": init,
               "product_of_experts": len(checkpoint) * max(1, len(classes)) > 1, **extra}
+    if sampler:
+        result["sampler_overrides"] = keys
     if dist.is_main():
         os.makedirs(out_dir, exist_ok=True)
         stem = os.path.join(out_dir, name)

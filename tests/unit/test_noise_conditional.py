@@ -154,6 +154,8 @@ def test_trainer_trains_a_noise_conditional_image_energy_and_resumes_exactly(tmp
 
 
 def test_sample_command_runs_the_annealed_sampler_of_a_noise_conditional_run(tmp_path, capsys):
+    import json
+
     import numpy as np
 
     from ebmscale.cli import main
@@ -165,6 +167,19 @@ def test_sample_command_runs_the_annealed_sampler_of_a_noise_conditional_run(tmp
     with np.load(tmp_path / "s" / "samples.npz") as f:
         x = next(iter(f.values()))
     assert len(x) == 6 and (tmp_path / "s" / "samples.png").stat().st_size > 100
+    # The ladder from the command line: a one-level ladder at sigma_min = 2 without steps is just
+    # the denoising step from uniform noise, x - 2 grad E(x), so changing it changes the samples.
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(run), "--n", "6", "--out", str(tmp_path / "t"), "--sampler", "levels=1",
+                 "--sampler", "sampler.sigma_min=2", "--steps", "0"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["sampler_overrides"] == [
+        "sampler.levels=1", "sampler.sigma_min=2"]
+    with np.load(tmp_path / "t" / "samples.npz") as f:
+        assert not np.array_equal(next(iter(f.values())), x)
+    # A bad override is one line naming the key, exit 2, as in a config file.
+    assert main(["sample", "--checkpoint", str(run), "--sampler", "levels=0", "--out", str(tmp_path / "u")]) == 2
+    assert "sampler.levels" in capsys.readouterr().err
+    assert not (tmp_path / "u").exists()
 
 
 @pytest.mark.parametrize("override,key", [
