@@ -46,6 +46,7 @@ sys.path.insert(0, ROOT)
 from benchmarks._report import cpu_name, print_report  # noqa: E402
 from ebmscale.buffer import mailbox  # noqa: E402
 from ebmscale.buffer.ray_host import RayBuffer, start_embedded  # noqa: E402
+from ebmscale.buffer.replay import STORAGE_DTYPES  # noqa: E402
 from ebmscale.config import load_config  # noqa: E402
 from ebmscale.trainer import Trainer  # noqa: E402
 
@@ -183,7 +184,7 @@ def two_node_throughput(cluster: Any, worker: Any, cases: list[tuple[tuple[int, 
                 if not direct:
                     client._links.links = {0: False}
                 figures = client_throughput(client, batch, n)
-                if direct and batch * np.prod(shape) * np.dtype(storage.replace("fp", "float")).itemsize >= mailbox.MIN_BYTES:
+                if direct and batch * np.prod(shape) * np.dtype(STORAGE_DTYPES[storage]).itemsize >= mailbox.MIN_BYTES:
                     if not getattr(client._links.links.get(0), "sent", 0):
                         raise RuntimeError("the chains did not go over the direct link")
                 return figures

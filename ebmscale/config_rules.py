@@ -37,10 +37,12 @@ def check(cfg: Config) -> None:
     if d.noise_std_max and d.noise_std_max <= d.noise_std:
         raise ConfigError(f"data.noise_std_max ({d.noise_std_max}) must exceed data.noise_std ({d.noise_std}) "
                           "(or be 0: one noise std)")
-    if s.kind in ("langevin", "mala") and s.noise_std not in (0.0, SamplerConfig.noise_std):
-        raise ConfigError(f"sampler.noise_std is only used by kind=sgld; {s.kind}'s noise is step_size itself")
-    if s.kind == "mala" and not (0.0 < s.step_size < math.inf):
-        raise ConfigError(f"sampler.step_size must be a positive finite number for sampler.kind=mala, got {s.step_size}")
+    # The default noise_std is accepted and unused by the kinds whose noise follows from the step.
+    if s.kind in ("langevin", "mala", "annealed") and s.noise_std not in (0.0, SamplerConfig.noise_std):
+        raise ConfigError(f"sampler.noise_std is only used by kind=sgld; {s.kind}'s noise follows from step_size")
+    if s.kind in ("mala", "annealed") and not (0.0 < s.step_size < math.inf):
+        raise ConfigError(f"sampler.step_size must be a positive finite number for sampler.kind={s.kind}, "
+                          f"got {s.step_size}")
     _check_noise_conditional(cfg)
     if d.dataset in ("shards", "folder", "cifar10", "cifar100", "npz") and not d.path:
         raise ConfigError(f"data.path is required for dataset '{d.dataset}'")
@@ -114,16 +116,11 @@ def _check_noise_conditional(cfg: Config) -> None:
         if not o.noise_conditional:
             raise ConfigError("sampler.kind=annealed samples a noise-conditional energy E(x)/sigma: set "
                               "objective.noise_conditional=true (objective.kind=dsm or lsd)")
-        if not (0.0 < s.step_size < math.inf):
-            raise ConfigError(f"sampler.step_size must be a positive finite number for sampler.kind=annealed, "
-                              f"got {s.step_size}")
         hi, lo = s.sigma_max or o.sigma_max, s.sigma_min or o.sigma_min
         if s.levels > 1 and hi <= lo:
             raise ConfigError(f"sampler.sigma_max ({hi}) must exceed sampler.sigma_min ({lo}) "
                               "(0 = objective.sigma_max / sigma_min)")
-        # The defaults are accepted and unused, as sgld's noise_std is by langevin.
-        if s.noise_std not in (0.0, SamplerConfig.noise_std):
-            raise ConfigError("sampler.noise_std is only used by kind=sgld; annealed's noise is sqrt(alpha_i)")
+        # The default clip is accepted and unused, as the default noise_std is (above).
         if s.grad_clip not in (0.0, SamplerConfig.grad_clip):
             raise ConfigError("sampler.grad_clip is not used by kind=annealed (a clipped score is not the score); "
                               "set it to 0")
