@@ -87,7 +87,15 @@ def same_labels(a: np.ndarray | None, b: np.ndarray | None) -> bool:
 
 
 def gather(m: int, shape: tuple[int, ...], positions: list[np.ndarray], values: list[np.ndarray]) -> np.ndarray:
-    """The ``m`` chains of a draw or peek in the caller's order: ``values[i]`` goes to ``positions[i]``."""
+    """The ``m`` chains of a draw or peek in the caller's order: ``values[i]`` goes to ``positions[i]``.
+    One part holding them all in order, in an array of its own (from a link or by value: not a
+    shared-memory view, which the next draw overwrites), is returned as it is: no 6 MB copy for an
+    ImageNet-128 draw from one shard."""
+    if len(values) == 1 and values[0].dtype == np.float32 and values[0].shape == (m, *shape):
+        v = values[0]
+        own = v.flags.owndata and v.flags.writeable and v.flags.c_contiguous
+        if own and np.array_equal(positions[0], np.arange(m)):
+            return v
     x = np.empty((m, *shape), dtype=np.float32)
     for pos, v in zip(positions, values):
         x[pos] = v

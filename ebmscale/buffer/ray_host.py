@@ -301,8 +301,7 @@ class RayBuffer:
     def _open_link(self, k: int, address: tuple[str, int], secret: bytes, key: str) -> Callable[[float], bool | None]:
         """Ask shard ``k`` to link to this client; returns the wait for its answer (link.ClientLinks)."""
         ref = self.shards[k].connect_link.remote(address, secret, key)
-        return lambda timeout: (None if not ray.wait([ref], timeout=timeout)[0]
-                                else bool(self._get_quietly(ref)))
+        return lambda timeout: None if not ray.wait([ref], timeout=timeout)[0] else bool(self._get_quietly(ref))
 
     @staticmethod
     def _get_quietly(ref: Any) -> Any:
@@ -433,9 +432,10 @@ class RayBuffer:
 
     # ------------------------------------------------------------------ node loss
     def _send(self, k: int, method: str, args: tuple) -> tuple:
-        """Call ``shards[k].method(*args)``; the job ``(shard, generation, ref, method, args)``
-        remembers which actor of the shard it went to, so that it can be sent again (see _get)."""
-        return k, self._generation[k], getattr(self.shards[k], method).remote(*args), method, args
+        """Call ``shards[k].method(*args)`` (``link_draw``: no call, ref None; it went over a link); the job
+        ``(shard, generation, ref, method, args)`` remembers the shard's actor, to send it again (see _get)."""
+        ref = None if method == "link_draw" else getattr(self.shards[k], method).remote(*args)
+        return k, self._generation[k], ref, method, args
 
     def _rehome(self, k: int, generation: int) -> None:
         """Shard ``k``'s actor of ``generation`` is gone for good (its node died): have the
@@ -456,7 +456,7 @@ class RayBuffer:
             for attempt in range(3):
                 k, generation, ref, method, args = job
                 try:
-                    res = ray.get(ref)
+                    res = None if ref is None else ray.get(ref)
                 except _SHARD_LOST:
                     if attempt == 2:
                         raise

@@ -28,15 +28,28 @@ class Routes:
         self.mail, self.links, self._local = mail, links, local
         self.shape, self.storage, self.bounds = tuple(shape), storage, tuple(bounds)
         self._payloads: dict[int, np.ndarray] = {}  # link write-backs in flight: their chains, to resend
+        # By shard: (link, request id) of this client's last write-back over that link, which a
+        # draw over the same link waits for at the shard; None when it went by value through Ray,
+        # whose order the link cannot see (the draws go through Ray too until the next write-back
+        # over the link, as they do after one over a link since replaced).
+        self._after: dict[int, tuple[link.Link, int] | None] = {}
 
     def draw(self, k: int, args: tuple) -> tuple[str, tuple]:
         """The call for a draw ``args = (n, labels, seed)`` from shard ``k``."""
         box = self.mail.get(k, "draw", args[0])
         if box is not None:  # the shard writes the float32 starts into this node's shared memory
             return "sample_into", (*args, box.address)
-        if self.links.get(k, args[0]) is not None:  # the encoded starts come over the link
-            return "sample_link", (*args, self.links.key, self.links.request(k))
-        return "sample", args
+        if self.links.get(k, args[0]) is None:
+            return "sample", args
+        req, now = self.links.request(k), self.links.links[k]
+        last = self._after.get(k, (now, 0))
+        if last is None or last[0] is not now:  # the encoded starts come over the link, the call through Ray
+            return "sample_link", (*args, self.links.key, req)
+        # Request and answer over the link alone: no Ray call (see ebmscale.buffer.link).
+        n, labels, seed = args
+        meta = {"op": "draw", "n": int(n), "seed": int(seed), "after": last[1], "labels": labels is not None}
+        now.send(req, [] if labels is None else [np.asarray(labels, dtype=np.int64)], meta)
+        return "link_draw", (*args, self.links.key, req)
 
     def starts(self, k: int, n: int, method: str, args: tuple, result: tuple,
                by_value: Callable[[], tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -44,8 +57,15 @@ class Routes:
         ``method(*args)`` of ``n`` chains: in this client's mailbox (``sample_into``: a view, valid
         until the next draw from that shard), on the link (``sample_link``: the storage dtype;
         ``by_value()`` asks again by value if the link died before they came) or by value, in the
-        storage dtype (``sample``)."""
-        if len(result) == 2 and method == "sample_link":
+        storage dtype (``sample``); ``link_draw`` (no Ray call, ``result`` None): all of it on the
+        link, or by value when it did not come."""
+        if method == "link_draw":
+            got = self.links.take(args[-1])
+            if got is not None and len(got) == 4:
+                q, noise, idx, reinit = got
+                return starts_from_encoded(q, reinit, noise, self.storage, self.bounds, reuse=True), idx, reinit
+            result = by_value()  # the link died, or the shard could not serve it (Ray says why)
+        elif len(result) == 2 and method == "sample_link":
             idx, reinit = result
             got = self.links.take(args[-1])
             if got is not None:
@@ -69,8 +89,10 @@ class Routes:
             return "write_from", (idx, box.address, reinit, steps)
         q = encode(x[pos], self.storage, self.bounds)
         if self.links.get(k, len(pos)) is None:
+            self._after[k] = None
             return "write", (idx, q, reinit, steps)
         req = self.links.request(k)
+        self._after[k] = (self.links.links[k], req)
         self._payloads[req] = q
         self.links.links[k].send(req, [q])
         return "write_link", (idx, reinit, steps, self.links.key, req)
@@ -86,11 +108,12 @@ class Routes:
         """A call to send again to shard ``k``'s re-created actor, or a link write-back the shard
         did not get: one through a mailbox goes by value when the shard is no longer on this
         node, one over a link by value."""
-        if method in ("sample_link", "write_link"):
+        if method in ("sample_link", "link_draw", "write_link"):
             self.links.forget(args[-1])
-            if method == "sample_link":
+            if method != "write_link":
                 return "sample", args[:3]
             idx, reinit, steps, _, req = args
+            self._after[k] = None
             return "write", (idx, self._payloads.pop(req), reinit, steps)
         if method not in ("sample_into", "write_from") or self._local(k):
             return method, args

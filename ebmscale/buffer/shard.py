@@ -4,27 +4,44 @@ needs Ray). NumPy only, no torch: the actors import this module.
 """
 from __future__ import annotations
 
+import functools
+import threading
+from typing import Callable
+
 import numpy as np
 
 from ebmscale.buffer import link, mailbox, shardfile
 from ebmscale.buffer.replay import ReplayBuffer
 
 
+def _locked(method: Callable) -> Callable:
+    """Run a :class:`Shard` method under the shard's lock: draws over a direct link are served on
+    the link's thread (ebmscale.buffer.link) while the host's thread serves the other calls."""
+    @functools.wraps(method)
+    def run(self: "Shard", *args, **kwargs):
+        with self.__dict__.setdefault("_lock", threading.RLock()):  # setdefault: atomic in CPython
+            return method(self, *args, **kwargs)
+    return run
+
+
 class Shard:
     """One shard: a :class:`ReplayBuffer` (``self.buf``, set by the host) served by its methods;
-    draws take their seed from the caller, so the shard's own RNG is never used for them."""
+    draws take their seed from the caller, so the shard's own RNG is never used for them. The
+    methods that touch the buffer hold the shard's lock (see :func:`_locked`)."""
 
     shard_id: int
     buf: ReplayBuffer
     _attached: mailbox.Attached | None = None  # the callers' mailboxes mapped here, on first use
     _served: link.Served | None = None  # direct links to callers on other nodes, on first use
 
+    @_locked
     def sample(self, n: int, labels: np.ndarray | None, seed: int
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Encoded starts (the client decodes): fp16/uint8 storage halves/quarters the transfer."""
         q, idx, _, reinit, noise = self.buf.sample_encoded(n, labels=labels, rng=np.random.default_rng(seed))
         return q, idx, reinit, noise
 
+    @_locked
     def write(self, idx: np.ndarray, q: np.ndarray, reinit: np.ndarray | None = None, steps: int = 0) -> None:
         self.buf.write(idx, q, reinit, steps)
 
@@ -39,6 +56,7 @@ class Shard:
         """Whether this shard can map the caller's mailbox ``box`` (it shares the host)."""
         return self._mailboxes().probe(box)
 
+    @_locked
     def sample_into(self, n: int, labels: np.ndarray | None, seed: int, box: tuple[str, str, int]
                     ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`sample`, the float32 starts written into the caller's mailbox ``box``; returns
@@ -47,6 +65,7 @@ class Shard:
         out = self._mailboxes().view(box, m, self.buf.shape)
         return self.buf.sample_into(out, m, labels=labels, rng=np.random.default_rng(seed))
 
+    @_locked
     def write_from(self, idx: np.ndarray, box: tuple[str, str, int], reinit: np.ndarray | None = None,
                    steps: int = 0) -> None:
         """:meth:`write` of the float32 chains in the caller's mailbox ``box`` (encoded here)."""
@@ -56,13 +75,18 @@ class Shard:
     # link (ebmscale.buffer.link): only the slot indices travel through Ray.
     def _links(self) -> link.Served:
         if self._served is None:
-            self._served = link.Served()
+            self._served = link.Served(serve=self._serve_draw)
         return self._served
 
     def connect_link(self, address: tuple[str, int], secret: bytes, key: str) -> bool:
         """Open the link to client ``key`` listening at ``address`` (both prove they know
         ``secret``); False when it cannot."""
         return self._links().connect(address, secret, key)
+
+    def _serve_draw(self, n: int, labels: np.ndarray | None, seed: int) -> list[np.ndarray]:
+        """A draw requested over a link: the encoded starts, their noise, slots and reinit mask."""
+        q, idx, reinit, noise = self.sample(n, labels, seed)
+        return [q, noise, np.asarray(idx, dtype=np.int64), np.asarray(reinit, dtype=np.bool_)]
 
     def sample_link(self, n: int, labels: np.ndarray | None, seed: int, key: str, req: int) -> tuple:
         """:meth:`sample`, the encoded starts and noise sent to client ``key`` as message ``req``;
@@ -78,24 +102,30 @@ class Shard:
         :data:`~ebmscale.buffer.link.RESEND` when they did not come (no link, or it failed)."""
         got = self._links().recv(key, req)
         if got is None or len(got) != 1 or got[0].shape != (len(idx), *self.buf.shape):
-            self._links().drop(key)
+            self._links().drop(key)  # its draws waiting for this one fail, and are asked by value
             return link.RESEND
-        self.buf.write(idx, got[0], reinit, steps)
+        self.write(idx, got[0], reinit, steps)
+        self._links().landed(key, req)
         return None
 
+    @_locked
     def health(self, subsample: int) -> dict:
         """This shard's health counts (a few numbers: the chains stay here)."""
         return self.buf.health(subsample)
 
+    @_locked
     def peek(self, n: int, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
         return self.buf.peek(n, np.random.default_rng(seed), labels)
 
+    @_locked
     def state_dict(self) -> dict:
         return self.buf.state_dict()
 
+    @_locked
     def load_state_dict(self, state: dict) -> None:
         self.buf.load_state_dict(state)
 
+    @_locked
     def save(self, step_path: str) -> dict:
         """Write this shard's files into the checkpoint (straight from here, in parallel with the
         other shards); returns their marker entries."""
@@ -110,6 +140,7 @@ class Shard:
             return str(exc)
         return None
 
+    @_locked
     def load(self, step_path: str, parts: list, rng_from: int) -> str | None:
         """Replace this shard's chains with the saved slices ``parts`` (read here, memory-mapped)."""
         try:

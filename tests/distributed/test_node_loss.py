@@ -75,9 +75,18 @@ def test_chains_to_another_nodes_shard_over_the_direct_link_equal_those_by_value
             drawn, after = draw_and_write_back(c, labels)
             draws.append(drawn)
             stored.append(after)
-        # Every draw and write-back went over the link, and every draw's message was taken (none
-        # was asked again by value).
-        assert isinstance(used, link.Link) and used.received >= 3 and used.sent == 3 and not used._got
+            if direct:  # a draw sent while the write-back before it is in flight sees that write-back
+                x, handle = c.draw(30, labels, np.random.default_rng(11))
+                c.write_back(handle, np.full_like(x, 5.25))
+                y, again = c.draw(30, labels, np.random.default_rng(12))
+                written = {(k, int(slot)) for k, _, idx, _ in handle for slot in idx}
+                seen = [y[p] for k, pos, idx, reinit in again for p, slot, r in zip(pos, idx, reinit)
+                        if k == 1 and (k, int(slot)) in written and not r]
+                assert seen and np.allclose(seen, 5.25, atol=1 / 255)
+                c.flush()
+        # Every draw (request and answer: no Ray call) and write-back went over the link (5 and 4 to
+        # shard 1), and every draw's answer was taken (none was asked again by value).
+        assert isinstance(used, link.Link) and used.received == 5 and used.sent == 5 + 4 and not used._got
         assert not c._route._payloads and not c._links._of
         assert_same_chains(draws, stored, storage)
     finally:
@@ -106,7 +115,7 @@ def test_a_dead_nodes_shard_comes_back_on_a_live_node_from_the_restore_point(two
         x, handle = b.draw(16, None, np.random.default_rng(0))
         b.write_back(handle, np.full_like(x, 7.5))  # after the restore point: lost with the node
         b.flush()
-        assert b._links.links[1].sent == 1  # to the worker node's shard over the direct link
+        assert b._links.links[1].sent == 2  # the draw and write-back to the worker node's shard over the direct link
 
 
         cluster.remove_node(worker)

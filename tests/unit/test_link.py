@@ -14,9 +14,10 @@ import pytest
 from ebmscale.buffer import link
 
 
-def _pair(secret: bytes = b"s" * 32) -> tuple[link.Link, link.Served, str]:
-    """A client Link and the shard's Served end joined by an authenticated link."""
-    served, key = link.Served(), "client-1"
+def _pair(secret: bytes = b"s" * 32, serve=None) -> tuple[link.Link, link.Served, str]:
+    """A client Link and the shard's Served end (answering draws with ``serve``) joined by an
+    authenticated link."""
+    served, key = link.Served(serve), "client-1"
     with socket.create_server(("127.0.0.1", 0)) as listener:
         ok: list = []
         t = threading.Thread(target=lambda: ok.append(served.connect(listener.getsockname(), secret, key)))
@@ -48,6 +49,44 @@ def test_messages_carry_raw_arrays_both_ways_in_order():
     finally:
         client.close()
         served.drop(key)
+
+
+def test_a_draw_request_is_answered_on_the_link_once_the_write_back_it_follows_has_landed(monkeypatch):
+    served_draws = []
+
+    def serve(n, labels, seed):
+        served_draws.append((n, None if labels is None else labels.tolist(), seed))
+        if seed < 0:
+            raise ValueError("a draw the shard cannot serve")
+        return [np.full((n, 2), seed, np.float32), np.arange(n)]
+
+    client, served, key = _pair(serve=serve)
+    try:
+        chains = np.ones((4, 2), np.uint8)
+        client.send(1, [chains])  # a write-back's chains; its Ray call has not run at the shard yet
+        client.send(2, [], {"op": "draw", "n": 3, "seed": 7, "after": 1, "labels": False})
+        assert client.take(2, timeout=0.3) is None and served_draws == []  # waits for write-back 1
+        assert np.array_equal(served.recv(key, 1)[0], chains)
+        served.landed(key, 1)  # the shard's call for write-back 1 has written them
+        got = client.take(2)
+        assert served_draws == [(3, None, 7)] and np.array_equal(got[0], np.full((3, 2), 7, np.float32))
+        client.send(3, [np.array([2, 0])], {"op": "draw", "n": 2, "seed": 5, "after": 1, "labels": True})
+        assert client.take(3)[1].tolist() == [0, 1] and served_draws[-1] == (2, [2, 0], 5)
+        # A draw the shard cannot serve: an empty answer (the client asks by value, where Ray
+        # carries the error), and the link lives on.
+        client.send(4, [], {"op": "draw", "n": 1, "seed": -1, "after": 1, "labels": False})
+        assert client.take(4) == [] and client.alive
+    finally:
+        client.close()
+        served.drop(key)
+    # A write-back that never lands (its call refused it, say): the draw after it gives up at
+    # the I/O timeout and the link dies, so the client asks by value.
+    monkeypatch.setattr(link, "IO_TIMEOUT_S", 0.5)
+    client, served, key = _pair(serve=serve)
+    client.send(9, [], {"op": "draw", "n": 1, "seed": 1, "after": 8, "labels": False})
+    assert client.take(9, timeout=10) is None and not client.alive
+    client.close()
+    served.drop(key)
 
 
 def test_an_unauthenticated_peer_is_refused_and_the_right_one_still_gets_in():
