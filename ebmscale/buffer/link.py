@@ -339,8 +339,10 @@ class Served:
         self._serve = serve
 
     def connect(self, address: tuple[str, int], secret: bytes, key: str) -> bool:
-        """Open client ``key``'s link (replacing an older one); False when it cannot."""
-        self.drop(key)
+        """Open client ``key``'s link (replacing an older one); False when it cannot. Links whose
+        client went away (their reader saw the socket close) are closed here too."""
+        for gone in [k for k, peer in self._peers.items() if k == key or not peer.alive]:
+            self.drop(gone)
         try:
             sock = connect_peer(address, secret)
         except OSError:

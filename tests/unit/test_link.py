@@ -143,6 +143,23 @@ def test_a_broken_link_fails_cleanly_on_both_ends():
     client, served, key = _pair()
     client.close()  # the client went away: a write-back's message never comes
     assert served.recv(key, 1) is None and served.send(key, 2, [np.ones(2, np.float32)]) is False
+    # A client that went away without anyone asking its shard for anything: its link is closed
+    # when the next client links to the shard (its socket is not kept open for ever).
+    client, served, key = _pair()
+    gone = served._peers[key]
+    client.close()
+    for _ in range(100):
+        if not gone.alive:
+            break
+        time.sleep(0.05)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        t = threading.Thread(target=lambda: served.connect(listener.getsockname(), b"s" * 32, "client-2"))
+        t.start()
+        other = link.Link(link.accept_peer(listener, b"s" * 32, time.monotonic() + 10))
+        t.join()
+    assert list(served._peers) == ["client-2"] and gone.sock.fileno() == -1
+    other.close()
+    served.drop("client-2")
 
 
 def test_client_links_only_to_other_nodes_for_big_batches_and_fall_back_once(caplog):
