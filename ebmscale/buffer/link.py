@@ -33,7 +33,8 @@ draw, encodes a write-back), travel raw on a TCP connection the shard opens to t
   most :data:`MAX_OPENS` times per shard, and otherwise (or when the first set-up fails) goes by
   value with one log line.
 
-NumPy and the standard library only (no Ray, no torch): the shard actors import this module.
+The handshake and the framing of a message: :mod:`ebmscale.buffer.wire`. NumPy and the standard
+library only (no Ray, no torch): the shard actors import this module.
 """
 from __future__ import annotations
 
@@ -276,7 +277,7 @@ class _Peer:
                 with self._cond:
                     self._got[req] = arrays
                     self._cond.notify_all()
-        except OSError:
+        except (OSError, KeyError, TypeError, ValueError):  # the socket, or a request without its words
             self.close()
 
     def _answer(self, req: int, arrays: list[np.ndarray], meta: dict) -> None:

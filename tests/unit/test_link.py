@@ -76,6 +76,10 @@ def test_a_draw_request_is_answered_on_the_link_once_the_write_back_it_follows_h
         # carries the error), and the link lives on.
         client.send(4, [], {"op": "draw", "n": 1, "seed": -1, "after": 1, "labels": False})
         assert client.take(4) == [] and client.alive
+        # A request without its words (a bug at the other end): the link is closed, not left
+        # without a reader, so the client asks by value at once.
+        client.send(5, [], {"op": "draw", "n": 1})
+        assert client.take(5, timeout=10) is None and not client.alive
     finally:
         client.close()
         served.drop(key)
