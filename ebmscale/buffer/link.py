@@ -61,6 +61,15 @@ SETUP_TIMEOUT_S = 30.0  # a whole set-up: the shard's call queued behind others,
 IO_TIMEOUT_S = 60.0  # a shard waiting for a write-back's message, or on a client that stopped reading
 
 
+def _wait(cond: threading.Condition, done: Callable[[], bool], live: Callable[[], bool], timeout: float) -> bool:
+    """Wait on ``cond`` (held by the caller) until ``done()``, the link dies (``live()`` False) or
+    ``timeout`` seconds pass; returns ``done()``."""
+    deadline = time.monotonic() + timeout
+    while not done() and live() and (left := deadline - time.monotonic()) > 0:
+        cond.wait(left)
+    return done()
+
+
 class Link:
     """The client's end of one link to a shard: a reader thread that keeps every message it
     receives until :meth:`take` asks for it, and a writer thread that sends queued messages in
@@ -122,10 +131,8 @@ class Link:
         """The arrays of message ``req`` (waiting for them), or None when the link died first or
         they did not come within ``timeout``. Messages older than ``req`` (draws prefetched and
         then not asked for) are dropped."""
-        deadline = time.monotonic() + timeout
         with self._cond:
-            while req not in self._got and self.error is None and (left := deadline - time.monotonic()) > 0:
-                self._cond.wait(left)
+            _wait(self._cond, lambda: req in self._got, lambda: self.error is None, timeout)
             arrays = self._got.pop(req, None)
             for old in [r for r in self._got if r < req]:
                 del self._got[old]
@@ -283,11 +290,10 @@ class _Peer:
     def _answer(self, req: int, arrays: list[np.ndarray], meta: dict) -> None:
         """Serve draw request ``req`` once write-back ``meta["after"]`` has landed; an answer
         without arrays tells the client to ask by value (which raises what went wrong here)."""
-        deadline = time.monotonic() + IO_TIMEOUT_S
+        after = int(meta["after"])
         with self._cond:
-            while self._landed < int(meta["after"]) and self.alive and (left := deadline - time.monotonic()) > 0:
-                self._cond.wait(left)
-        if self._landed < int(meta["after"]):
+            landed = _wait(self._cond, lambda: self._landed >= after, lambda: self.alive, IO_TIMEOUT_S)
+        if not landed:
             raise LinkError("a draw waited in vain for the write-back before it")
         try:
             labels = arrays[0] if meta.get("labels") else None
@@ -302,10 +308,8 @@ class _Peer:
     def take(self, req: int) -> list[np.ndarray] | None:
         """The chains of write-back ``req`` (waiting for them), or None when the link died first
         or they did not come in time."""
-        deadline = time.monotonic() + IO_TIMEOUT_S
         with self._cond:
-            while req not in self._got and self.alive and (left := deadline - time.monotonic()) > 0:
-                self._cond.wait(left)
+            _wait(self._cond, lambda: req in self._got, lambda: self.alive, IO_TIMEOUT_S)
             return self._got.pop(req, None)
 
     def landed(self, req: int) -> None:

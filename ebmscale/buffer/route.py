@@ -59,19 +59,14 @@ class Routes:
         ``by_value()`` asks again by value if the link died before they came) or by value, in the
         storage dtype (``sample``); ``link_draw`` (no Ray call, ``result`` None): all of it on the
         link, or by value when it did not come."""
-        if method == "link_draw":
+        if method == "link_draw" or (method == "sample_link" and len(result) == 2):
+            # On the link: (chains, noise) after a Ray call that gave (slots, reinit mask), or all four.
             got = self.links.take(args[-1])
-            if got is not None and len(got) == 4:
-                q, noise, idx, reinit = got
+            if got is not None and len(got) == (4 if result is None else 2):
+                q, noise = got[:2]
+                idx, reinit = got[2:] if result is None else result
                 return starts_from_encoded(q, reinit, noise, self.storage, self.bounds, reuse=True), idx, reinit
             result = by_value()  # the link died, or the shard could not serve it (Ray says why)
-        elif len(result) == 2 and method == "sample_link":
-            idx, reinit = result
-            got = self.links.take(args[-1])
-            if got is not None:
-                q, noise = got
-                return starts_from_encoded(q, reinit, noise, self.storage, self.bounds, reuse=True), idx, reinit
-            result = by_value()
         elif method == "sample_link":  # answered by value (a restarted shard has no link)
             self.links.forget(args[-1])
         if len(result) == 2:
