@@ -189,8 +189,9 @@ class ObjectiveConfig:
     lsd_critic_activation: str = _f("", "lsd: the critic's nonlinearity; '' = model.activation. leaky_relu cannot "
                                         "saturate: a swish critic pushed by its L2 penalty can go dead (output ~0)",
                                     choices=("", "swish", "leaky_relu", "relu", "elu", "softplus"))
-    lsd_trace: str = _f("auto", "lsd: tr(df/dx) exact (one backward per dimension) or hutchinson (one "
-                                "Rademacher probe); auto = exact up to 16 dimensions", choices=("auto", "exact", "hutchinson"))
+    lsd_trace: str = _f("auto", "lsd: tr(df/dx) exact (one backward per dimension) or hutchinson (one Rademacher "
+                                "probe); auto = exact up to 16 dimensions; denoising = no trace: E[(eps/sigma)^T f] "
+                                "(noise_conditional)", choices=("auto", "exact", "hutchinson", "denoising"))
 
 
 @dataclass

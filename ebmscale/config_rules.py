@@ -102,6 +102,9 @@ def check(cfg: Config) -> None:
 def _check_noise_conditional(cfg: Config) -> None:
     """objective.noise_conditional and sampler.kind=annealed: each needs the other's setting."""
     o, s = cfg.objective, cfg.sampler
+    if o.kind == "lsd" and o.lsd_trace == "denoising" and not o.noise_conditional:
+        raise ConfigError("objective.lsd_trace=denoising needs each example's noise: set objective.noise_conditional"
+                          "=true (data.noise_std's noise is added before the objective sees it)")
     if o.noise_conditional:
         if o.kind not in ("dsm", "lsd"):
             raise ConfigError(f"objective.noise_conditional is read by objective.kind=dsm or lsd, not {o.kind}")

@@ -169,18 +169,22 @@ class LearnedStein(Estimator):
         o, c = self.o, self.ctx
         t0 = time.perf_counter()
         normal = lambda shape: self.normal(shape, gen)  # noqa: E731
-        sig = None
+        sig = kernel_score = None
         if o.noise_conditional:
             # The data smoothed at each example's own level; the model there is E(x) / sigma.
             sig = log_uniform_sigmas(self.uniform((x_pos.shape[0],), gen), (o.sigma_min, o.sigma_max))
             view = sig.view(-1, *([1] * (x_pos.dim() - 1)))
-            x_pos = x_pos + view * normal(tuple(x_pos.shape))
+            eps = normal(tuple(x_pos.shape))
+            x_pos = x_pos + view * eps
+            if o.lsd_trace == "denoising":  # the trace by the denoising identity (lsd.py)
+                kernel_score = -eps / view
         _, grad = self.frozen_energy_and_grad(x_pos)
         score = -grad if sig is None else -grad / view
         params = list(self.critic.parameters())
         self.critic.train()
         for _ in range(o.lsd_critic_steps):
-            c_loss, c_stats = critic_loss(self.critic_fn, x_pos, score, o.lsd_l2, self.exact_trace, normal, sig)
+            c_loss, c_stats = critic_loss(self.critic_fn, x_pos, score, o.lsd_l2, self.exact_trace, normal, sig,
+                                          kernel_score)
             self.optimizer.zero_grad(set_to_none=True)
             c_loss.backward()
             average_grads(params, c.world)

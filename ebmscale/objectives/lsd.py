@@ -22,7 +22,14 @@ level from x).
 
 The trace is exact (one backward per input dimension; low dimension) or Hutchinson's estimate
 ``E_v[v^T (df/dx) v]`` with Rademacher v (one backward; images): unbiased, so the critic's
-stochastic gradient stays unbiased.
+stochastic gradient stays unbiased. When the data were noised by a known Gaussian kernel,
+x~ = x + sigma eps (noise-conditional training), the trace is not needed at all: Stein's identity
+for the smoothed data q and Vincent's denoising identity give
+``E_q[tr(df/dx)] = -E_q[s_q^T f] = E[(eps / sigma)^T f(x~)]``, so the Stein term is estimated as
+``(s_theta + eps / sigma)^T f`` (``objective.lsd_trace=denoising``). The expectation, and so the
+critic's optimum and value, are the same; the critic's step is then a regression onto the
+noisy residual (sigma s_theta + eps) / (2 lambda) with no second derivative through the critic,
+as denoising score matching is to implicit score matching.
 """
 from __future__ import annotations
 
@@ -58,16 +65,20 @@ def critic_trace(f: torch.Tensor, x: torch.Tensor, exact: bool, normal: NormalFn
 
 
 def critic_loss(critic: CriticFn, x: torch.Tensor, score: torch.Tensor, l2: float, exact_trace: bool,
-                normal: NormalFn | None = None,
-                weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                normal: NormalFn | None = None, weight: torch.Tensor | None = None,
+                kernel_score: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The critic's loss ``-(S(theta, f) - l2 E||f||^2)`` at the batch ``x`` with the model's score
     ``score`` held fixed (detached). ``stats["lsd"]`` is the penalised discrepancy (what the critic
     maximises; at the optimum the Fisher divergence / (4 l2)). ``weight`` (per example) scales each
     example's Stein term: a noise-conditional model weights level sigma's by sigma (see
-    :func:`model_loss`)."""
-    x = x.detach().float().requires_grad_(True)
+    :func:`model_loss`). ``kernel_score``, the noising kernel's score grad log q(x | x_clean) =
+    -eps / sigma at each example, replaces the trace by the denoising identity (module docstring)."""
+    x = x.detach().float().requires_grad_(kernel_score is None)  # only a trace differentiates f in x
     f = critic(x).float()
-    trace = critic_trace(f, x, exact_trace, normal)
+    if kernel_score is None:
+        trace = critic_trace(f, x, exact_trace, normal)
+    else:
+        trace = -_flat_sum(kernel_score.detach().float() * f)
     stein = _flat_sum(score.detach().float() * f) + trace
     if weight is not None:
         stein = weight * stein

@@ -89,12 +89,14 @@ class RadialCritic(nn.Module):
         return self.c * v / v.norm(dim=1, keepdim=True)
 
 
-def test_noise_conditional_lsd_calibrates_the_radial_energy_across_levels():
+@pytest.mark.parametrize("trace", ["hutchinson", "denoising"])
+def test_noise_conditional_lsd_calibrates_the_radial_energy_across_levels(trace):
     """The estimator's noise-conditional step on the analytic pair (centre known, b = mu): data
     smoothed at log-uniform sigma, the critic's Stein term weighted by sigma against the score
-    -grad E / sigma (Hutchinson trace), the model's loss -grad E^T g. The scale a converges to a*,
-    the one that fits every level at once, and the critic to zero. (The centre itself is learnt in
-    the DSM test; a minimax over it with Adam wanders once the critic is ~0.)"""
+    -grad E / sigma (Hutchinson's trace, or none: the denoising identity with the noise's score
+    -eps / sigma), the model's loss -grad E^T g. The scale a converges to a*, the one that fits
+    every level at once, and the critic to zero. (The centre itself is learnt in the DSM test; a
+    minimax over it with Adam wanders once the critic is ~0.)"""
     mu = _mu()
     model, critic = RadialEnergy(1.0, mu), RadialCritic(mu)
     model.b.requires_grad_(False)
@@ -105,12 +107,14 @@ def test_noise_conditional_lsd_calibrates_the_radial_energy_across_levels():
     a_seen, c_seen = [], []
     for _ in range(600):
         sig = log_uniform_sigmas(torch.rand(256, generator=g), (0.05, 2.0))
-        x = mu + sig[:, None] * normal((256, D))
+        eps = normal((256, D))
+        x = mu + sig[:, None] * eps
+        kernel_score = -eps / sig[:, None] if trace == "denoising" else None
         z = x.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(model(z).sum(), z)
         for _ in range(2):
             c_loss, _ = critic_loss(critic, x, -grad / sig[:, None], 0.5, exact_trace=False, normal=normal,
-                                    weight=sig)
+                                    weight=sig, kernel_score=kernel_score)
             c_opt.zero_grad()
             c_loss.backward()
             c_opt.step()
@@ -127,6 +131,27 @@ def test_noise_conditional_lsd_calibrates_the_radial_energy_across_levels():
     assert c_seen[0] > 0.0  # at a = 1 < a* the critic first points outwards: the model is too narrow
 
 
+def test_denoising_identity_estimates_the_critics_trace():
+    """For noised data x~ = x + sigma eps, E[(eps / sigma)^T f(x~)] = E[tr df/dx~] (Stein's identity
+    for the smoothed data with Vincent's): on a linear critic f = A x + c, whose trace is tr A
+    exactly, the denoising Stein term and the exact one agree within Monte-Carlo error, per level."""
+    g = torch.Generator().manual_seed(3)
+    d, n = 8, 200_000
+    lin = nn.Linear(d, d)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(d, d, generator=g) + 2 * torch.eye(d))
+    clean = torch.rand(n, d, generator=g) * 2 - 1
+    score = torch.zeros(n, d)  # the model's part of the Stein term is the same in both estimators
+    for sigma in (0.1, 1.0):
+        eps = torch.randn(n, d, generator=g)
+        x = clean + sigma * eps
+        _, exact = critic_loss(lin, x, score, 1e-9, exact_trace=True)
+        _, den = critic_loss(lin, x, score, 1e-9, exact_trace=False, kernel_score=-eps / sigma)
+        spread = float(((eps / sigma) * lin(x)).sum(1).std()) / math.sqrt(n)
+        assert float(exact["lsd_stein"]) == pytest.approx(float(lin.weight.trace()), rel=1e-5)
+        assert abs(float(den["lsd_stein"]) - float(exact["lsd_stein"])) < 4 * spread
+
+
 TINY = ["data.dataset=digits", "model.arch=cnn", "model.width=4", "model.depth=2", "data.batch_size=8",
         "data.noise_std=0", "objective.noise_conditional=true", "objective.sigma_min=0.05",
         "objective.sigma_max=2", "sampler.kind=annealed", "sampler.steps=2", "sampler.levels=3",
@@ -135,8 +160,10 @@ TINY = ["data.dataset=digits", "model.arch=cnn", "model.width=4", "model.depth=2
 
 
 @pytest.mark.parametrize("extra", [["objective.kind=dsm"],
-                                   ["objective.kind=lsd", "objective.lsd_critic=unet", "objective.lsd_critic_steps=1"]],
-                         ids=["dsm", "lsd"])
+                                   ["objective.kind=lsd", "objective.lsd_critic=unet", "objective.lsd_critic_steps=1"],
+                                   ["objective.kind=lsd", "objective.lsd_critic=unet", "objective.lsd_critic_steps=1",
+                                    "objective.lsd_trace=denoising"]],
+                         ids=["dsm", "lsd", "lsd-denoising"])
 def test_trainer_trains_a_noise_conditional_image_energy_and_resumes_exactly(tmp_path, extra):
     import copy
 
@@ -197,6 +224,7 @@ def test_sample_command_runs_the_annealed_sampler_of_a_noise_conditional_run(tmp
     (["objective.kind=dsm", "objective.noise_conditional=true", "sampler.kind=annealed", "sampler.sigma_min=2"],
      "sampler.sigma_max"),
     (["objective.kind=dsm", "sampler.sigma_min=0.1"], "sampler.sigma_min"),
+    (["objective.kind=lsd", "objective.lsd_trace=denoising", "data.noise_std=0.3"], "objective.lsd_trace=denoising"),
 ])
 def test_noise_conditional_config_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
