@@ -192,6 +192,8 @@ class ObjectiveConfig:
     lsd_trace: str = _f("auto", "lsd: tr(df/dx) exact (one backward per dimension) or hutchinson (one Rademacher "
                                 "probe); auto = exact up to 16 dimensions; denoising = no trace: E[(eps/sigma)^T f] "
                                 "(noise_conditional)", choices=("auto", "exact", "hutchinson", "denoising"))
+    lsd_critic_skip: bool = _f(False, "lsd (lsd_trace=denoising): critic g = (u - grad E) / (2 lsd_l2), the network u "
+                                      "learning E[eps | x~]; the model's own score reaches g by a skip, not re-learnt")
 
 
 @dataclass

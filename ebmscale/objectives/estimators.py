@@ -47,7 +47,7 @@ from ebmscale.objectives.base import Context, Estimator, average_grads
 from ebmscale.objectives.jem import JEM
 from ebmscale.objectives.kl_tricks import kl_contraction_loss, mpf_loss
 from ebmscale.objectives.ksd import ksd_loss
-from ebmscale.objectives.lsd import critic_loss, model_loss
+from ebmscale.objectives.lsd import critic_loss, model_loss, skip_critic
 from ebmscale.objectives.nce import GaussianNoise, UniformNoise, nce_loss, noise_from_state
 from ebmscale.objectives.pcd import PersistentCD, pcd_loss
 from ebmscale.objectives.score_matching import dsm_loss, exact_sm_loss, log_uniform_sigmas, ssm_loss
@@ -180,17 +180,19 @@ class LearnedStein(Estimator):
                 kernel_score = -eps / view
         _, grad = self.frozen_energy_and_grad(x_pos)
         score = -grad if sig is None else -grad / view
+        # With the skip the network learns E[eps | x~] and the model's score reaches g exactly (lsd.py).
+        critic = skip_critic(self.critic_fn, grad, o.lsd_l2) if o.lsd_critic_skip else self.critic_fn
         params = list(self.critic.parameters())
         self.critic.train()
         for _ in range(o.lsd_critic_steps):
-            c_loss, c_stats = critic_loss(self.critic_fn, x_pos, score, o.lsd_l2, self.exact_trace, normal, sig,
+            c_loss, c_stats = critic_loss(critic, x_pos, score, o.lsd_l2, self.exact_trace, normal, sig,
                                           kernel_score)
             self.optimizer.zero_grad(set_to_none=True)
             c_loss.backward()
             average_grads(params, c.world)
             self.optimizer.step()
         with torch.no_grad():
-            f = self.critic_fn(x_pos)
+            f = critic(x_pos)
         t1 = time.perf_counter()
         loss, stats = model_loss(self.energy, f, x_pos)  # noise-conditional: see model_loss
         return self._tie_constant(loss), {**stats, **c_stats, "sampler_time": t1 - t0}, None

@@ -87,6 +87,17 @@ def critic_loss(critic: CriticFn, x: torch.Tensor, score: torch.Tensor, l2: floa
                         "critic_norm": _flat_sum(f ** 2).mean().sqrt().detach()}
 
 
+def skip_critic(field: CriticFn, grad: torch.Tensor, l2: float) -> CriticFn:
+    """The noise-conditional critic with a skip, ``g(x) = (u(x) - grad E(x)) / (2 l2)`` at the batch
+    whose energy gradient is ``grad`` (held fixed), ``u = field``. The optimum g* = sigma (s_theta -
+    s_D) / (2 l2) = (E[eps | x~] - grad E) / (2 l2) then needs u* = E[eps | x~], a target that does
+    not move with the model, instead of a network re-learning the model's score after every model
+    step (the critic's lag). The same Stein objective and optimum; with the denoising identity the
+    network's step is a denoising regression, and the model's step pulls grad E towards u."""
+    fixed = grad.detach().float()
+    return lambda x: (field(x) - fixed) / (2 * l2)
+
+
 def model_loss(energy_fn: EnergyFn, f: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The model's loss ``E_pD[s_theta(x)^T f(x)]`` (the part of S that depends on theta) at the
     critic's values ``f`` (detached); gradients reach theta through the score (double backward).

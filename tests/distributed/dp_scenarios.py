@@ -224,6 +224,9 @@ NEW_OBJECTIVES = {
     "lsd": ("objective.kind=lsd", "objective.lsd_critic_steps=2", "train.precision=fp32"),
     "lsd_noise_conditional": ("objective.kind=lsd", "objective.lsd_critic_steps=2", "objective.noise_conditional=true",
                               "objective.sigma_min=0.05", "objective.sigma_max=0.5", "train.precision=fp32"),
+    "lsd_denoising_skip": ("objective.kind=lsd", "objective.lsd_critic_steps=2", "objective.noise_conditional=true",
+                           "objective.lsd_trace=denoising", "objective.lsd_critic_skip=true", "objective.sigma_min=0.05",
+                           "objective.sigma_max=0.5", "train.precision=fp32"),
     "pcd_kl": ("objective.kl_weight=1", "objective.entropy_weight=0", "train.precision=fp32"),
 }
 
