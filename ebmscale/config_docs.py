@@ -1,4 +1,4 @@
-"""The configuration reference, docs/config.md, rendered from the dataclasses in :mod:`ebmscale.config`.
+"""The configuration reference, docs/config.md, rendered from the dataclasses in :mod:`ebmscale.config_schema`.
 
 The page is generated, never edited by hand: ``ebmscale config-docs --out docs/config.md`` (or
 ``make docs``) rewrites it, and ``tests/unit/test_config_docs.py`` fails when the checked-in page
@@ -15,11 +15,11 @@ from typing import Any
 from ebmscale.config import Config
 
 _HEADER = """\
-<!-- Generated from ebmscale/config.py by `ebmscale config-docs --out docs/config.md` (`make docs`).
+<!-- Generated from ebmscale/config_schema.py by `ebmscale config-docs --out docs/config.md` (`make docs`).
      Do not edit: tests/unit/test_config_docs.py fails when this page and the dataclasses differ. -->
 # Configuration reference
 
-A typed dataclass tree (`ebmscale/config.py`) with one section per table below. Every field has a
+A typed dataclass tree (`ebmscale/config_schema.py`) with one section per table below. Every field has a
 default and a help text. Recipes are YAML files in `configs/`; any field can be overridden with
 dotted `key=value` arguments anywhere on the command line, parsed as YAML (`optim.lr=1e-4`,
 `optim.betas=[0,0.999]`, `model.spectral_norm=true`):

@@ -18,7 +18,7 @@ def test_docs_config_md_matches_the_dataclasses():
     actual, expected = PAGE.read_text(encoding="utf-8"), render_config_docs()
     if actual != expected:
         diff = "".join(list(difflib.unified_diff(actual.splitlines(True), expected.splitlines(True),
-                                                 "docs/config.md (checked in)", "rendered from ebmscale/config.py"))[:40])
+                                                 "docs/config.md (checked in)", "rendered from ebmscale/config_schema.py"))[:40])
         raise AssertionError("docs/config.md is stale: the config dataclasses changed. Run `make docs` "
                              "(ebmscale config-docs --out docs/config.md) and commit the result.\n" + diff)
 

@@ -19,7 +19,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "ebmscale"
 # Top-level module or subpackage of ebmscale -> layer. A new top-level module must be given one here.
 LAYERS: dict[str, int] = {
     # base: configuration, process group, resolved runtime, small helpers
-    **dict.fromkeys(["config", "config_rules", "config_docs", "dist", "performance", "utils", "metrics",
+    **dict.fromkeys(["config", "config_schema", "config_rules", "config_docs", "dist", "performance", "utils", "metrics",
                      "runguard"], 0),
     # components
     **dict.fromkeys(["models", "sampling", "objectives", "buffer", "data", "optim"], 1),
