@@ -105,9 +105,6 @@ def _check_noise_conditional(cfg: Config) -> None:
     if o.kind == "lsd" and o.lsd_trace == "denoising" and not o.noise_conditional:
         raise ConfigError("objective.lsd_trace=denoising needs each example's noise: set objective.noise_conditional"
                           "=true (data.noise_std's noise is added before the objective sees it)")
-    if o.kind == "lsd" and o.lsd_critic_skip and o.lsd_trace != "denoising":
-        raise ConfigError("objective.lsd_critic_skip needs objective.lsd_trace=denoising (a trace of the skip "
-                          "would need the model's Hessian)")
     if o.noise_conditional:
         if o.kind not in ("dsm", "lsd"):
             raise ConfigError(f"objective.noise_conditional is read by objective.kind=dsm or lsd, not {o.kind}")
@@ -162,6 +159,9 @@ def _validate_estimator(cfg: Config, toy: bool) -> None:
         raise ConfigError(f"objective.kind=lsd builds its critic from model.arch with a d-way output head; "
                           f"model.arch={cfg.model.arch} cannot take one (use one of {', '.join(LSD_CRITIC_ARCHS)}, "
                           "or objective.lsd_critic=unet)")
+    if o.kind == "lsd" and o.lsd_critic_skip and o.lsd_trace != "denoising":
+        raise ConfigError("objective.lsd_critic_skip needs objective.lsd_trace=denoising (a trace of the skip "
+                          "would need the model's Hessian)")
     if o.kind == "lsd" and o.lsd_critic == "unet" and toy:
         raise ConfigError(f"objective.lsd_critic=unet is a per-pixel field for images; dataset '{cfg.data.dataset}' is "
                           "2-D (use objective.lsd_critic=head)")
