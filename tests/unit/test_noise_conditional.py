@@ -190,6 +190,23 @@ def test_trainer_trains_a_noise_conditional_image_energy_and_resumes_exactly(tmp
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("extra", [["objective.kind=dsm"],
+                                   ["objective.kind=lsd", "objective.lsd_critic=unet", "objective.lsd_critic_steps=1"],
+                                   ["objective.kind=lsd", "objective.lsd_critic=unet", "objective.lsd_critic_steps=1",
+                                    "objective.lsd_trace=denoising", "objective.lsd_critic_skip=true"]],
+                         ids=["dsm", "lsd", "lsd-skip"])
+def test_noise_conditional_image_energies_train_with_bf16_forced(tmp_path, extra):
+    """The bf16 path (train.precision=auto on bf16 GPUs and AMX CPUs), forced whatever this CPU has:
+    the precision canary passes and loss, LSD value and gradient norm stay finite."""
+    cfg = load_config(None, [*TINY, *extra, "train.precision=bf16"])
+    tr = Trainer(cfg, str(tmp_path / "run"))
+    for _ in range(2):
+        stats = tr.train_step()
+        assert math.isfinite(stats["loss"]) and math.isfinite(stats.get("lsd", 0.0))
+        assert stats["grad_norm"] is not None and math.isfinite(stats["grad_norm"])
+    assert tr.precision_checked and tr.runtime.precision == "bf16"
+
+
 def test_sample_command_runs_the_annealed_sampler_of_a_noise_conditional_run(tmp_path, capsys):
     import json
 
